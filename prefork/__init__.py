@@ -1,0 +1,43 @@
+"""prefork: a pre-forking server runtime with a drop-in ``socketserver``.
+
+This module only re-exports; the implementation lives in private modules.
+"""
+
+from prefork.handlers import BaseRequestHandler, DatagramRequestHandler, StreamRequestHandler
+from prefork.mixins import (
+    ForkingMixIn,
+    ForkingTCPServer,
+    ForkingUDPServer,
+    ForkingUnixDatagramServer,
+    ForkingUnixStreamServer,
+    ThreadingMixIn,
+    ThreadingTCPServer,
+    ThreadingUDPServer,
+    ThreadingUnixDatagramServer,
+    ThreadingUnixStreamServer,
+)
+from prefork.servers import BaseServer, TCPServer, UDPServer, UnixDatagramServer, UnixStreamServer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BaseRequestHandler",
+    "BaseServer",
+    "DatagramRequestHandler",
+    "ForkingMixIn",
+    "ForkingTCPServer",
+    "ForkingUDPServer",
+    "ForkingUnixDatagramServer",
+    "ForkingUnixStreamServer",
+    "StreamRequestHandler",
+    "TCPServer",
+    "ThreadingMixIn",
+    "ThreadingTCPServer",
+    "ThreadingUDPServer",
+    "ThreadingUnixDatagramServer",
+    "ThreadingUnixStreamServer",
+    "UDPServer",
+    "UnixDatagramServer",
+    "UnixStreamServer",
+    "__version__",
+]

@@ -1,0 +1,232 @@
+"""Per-request concurrency mixins and the ready-made servers built on them. Runs in: worker.
+
+``ForkingMixIn`` serves each request in a child process, ``ThreadingMixIn`` in a thread. Both
+have the names, attributes and defaults of the standard library's mixins; two details differ
+on purpose, and neither changes a documented meaning:
+
+- ``ForkingMixIn`` reaps only its own children. When ``max_children`` is reached it waits for
+  one of *them* (through pidfds on Linux) instead of ``waitpid(-1)``, which would steal the exit
+  status of any other child of the process, a worker's supervisor thread or a test harness.
+- ``ThreadingMixIn`` threads remove themselves from the tracked set when they end, so forgetting
+  finished threads costs nothing per request.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import threading
+import time
+from typing import Any
+
+from prefork.servers import TCPServer, UDPServer
+
+__all__ = [
+    "ThreadingMixIn",
+    "ThreadingTCPServer",
+    "ThreadingUDPServer",
+]
+
+# Longest pause between two looks at our children when pidfds are not available.
+_CHILD_POLL_MAX = 0.05
+
+
+class ThreadingMixIn:
+    """Mix-in class to handle each request in a new thread.
+
+    ``daemon_threads``: whether request threads are daemonic (do not block interpreter exit).
+    ``block_on_close``: whether ``server_close()`` waits for the request threads to end.
+    """
+
+    daemon_threads = False
+    block_on_close = True
+    # Tracked request threads; a class-level empty tuple means "not tracking" until the first
+    # request of a server with block_on_close gives the instance a set of its own.
+    _threads: Any = ()
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """Serve one request in this thread; the same as BaseServer.process_request, in a thread."""
+        try:
+            self.finish_request(request, client_address)  # type: ignore[attr-defined]
+        except Exception:
+            self.handle_error(request, client_address)  # type: ignore[attr-defined]
+        finally:
+            self.shutdown_request(request)  # type: ignore[attr-defined]
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Start a thread to serve the request."""
+        if not self.block_on_close:
+            target, tracked = self.process_request_thread, None
+        else:
+            tracked = self.__dict__.get("_threads")
+            if tracked is None:
+                tracked = self._threads = set()
+            target = self._tracked_request_thread
+        thread = threading.Thread(target=target, args=(request, client_address))
+        thread.daemon = self.daemon_threads
+        if tracked is not None:
+            tracked.add(thread)
+        thread.start()
+
+    def _tracked_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            self.process_request_thread(request, client_address)
+        finally:
+            self._threads.discard(threading.current_thread())
+
+    def server_close(self) -> None:
+        """Close the server, then wait for the request threads if block_on_close is set."""
+        super().server_close()  # type: ignore[misc]
+        tracked = self.__dict__.get("_threads")
+        if tracked:
+            for thread in list(tracked):
+                thread.join()
+
+
+class ThreadingUDPServer(ThreadingMixIn, UDPServer):
+    pass
+
+
+class ThreadingTCPServer(ThreadingMixIn, TCPServer):
+    pass
+
+
+if hasattr(os, "fork"):
+    __all__ += ["ForkingMixIn", "ForkingTCPServer", "ForkingUDPServer"]
+
+    class ForkingMixIn:
+        """Mix-in class to handle each request in a new process.
+
+        ``max_children``: at most this many children at once; the server waits for one to end
+        before forking more. ``block_on_close``: whether ``server_close()`` waits for the
+        children. ``active_children``: the set of pids not yet reaped (None before the first).
+        Children are reaped in ``handle_timeout()`` and ``service_actions()``.
+        """
+
+        timeout: float | None = 300
+        active_children: set[int] | None = None
+        max_children = 40
+        block_on_close = True
+
+        def collect_children(self, *, blocking: bool = False) -> None:
+            """Reap finished children; wait for one while there are max_children of them."""
+            if self.active_children is None:
+                return
+            while len(self.active_children) >= self.max_children:
+                if not _wait_for_any(self.active_children):
+                    break
+            for pid in list(self.active_children):
+                _reap(self.active_children, pid, blocking)
+
+        def handle_timeout(self) -> None:
+            """No request came in time: reap what has finished."""
+            self.collect_children()
+
+        def service_actions(self) -> None:
+            """Reap finished children on every turn of serve_forever()."""
+            self.collect_children()
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            """Fork a child to serve the request; the child leaves only through os._exit()."""
+            pid = os.fork()
+            if pid:
+                if self.active_children is None:
+                    self.active_children = set()
+                self.active_children.add(pid)
+                self.close_request(request)  # type: ignore[attr-defined]
+                return
+            self._serve_in_child(request, client_address)
+
+        def _serve_in_child(self, request: Any, client_address: Any) -> None:
+            """Called in the child. Never returns: a child must not run its parent's loop."""
+            status = 1
+            try:
+                self.finish_request(request, client_address)  # type: ignore[attr-defined]
+                status = 0
+            except Exception:
+                self.handle_error(request, client_address)  # type: ignore[attr-defined]
+            finally:
+                try:
+                    self.shutdown_request(request)  # type: ignore[attr-defined]
+                finally:
+                    os._exit(status)
+
+        def server_close(self) -> None:
+            """Close the server, then reap the children (waiting for them if block_on_close)."""
+            super().server_close()  # type: ignore[misc]
+            self.collect_children(blocking=self.block_on_close)
+
+    class ForkingUDPServer(ForkingMixIn, UDPServer):
+        pass
+
+    class ForkingTCPServer(ForkingMixIn, TCPServer):
+        pass
+
+
+if hasattr(socket, "AF_UNIX"):
+    from prefork.servers import UnixDatagramServer, UnixStreamServer
+
+    __all__ += ["ThreadingUnixStreamServer", "ThreadingUnixDatagramServer"]
+
+    class ThreadingUnixStreamServer(ThreadingMixIn, UnixStreamServer):
+        pass
+
+    class ThreadingUnixDatagramServer(ThreadingMixIn, UnixDatagramServer):
+        pass
+
+    if hasattr(os, "fork"):
+        __all__ += ["ForkingUnixStreamServer", "ForkingUnixDatagramServer"]
+
+        class ForkingUnixStreamServer(ForkingMixIn, UnixStreamServer):
+            pass
+
+        class ForkingUnixDatagramServer(ForkingMixIn, UnixDatagramServer):
+            pass
+
+
+def _reap(children: set[int], pid: int, blocking: bool) -> bool:
+    """Reap *pid* if it has ended (or wait for it if *blocking*); True if it is gone."""
+    try:
+        done, _ = os.waitpid(pid, 0 if blocking else os.WNOHANG)
+    except ChildProcessError:
+        done = pid  # already reaped elsewhere, or not our child after all: forget it
+    if done:
+        children.discard(pid)
+        return True
+    return False
+
+
+def _wait_for_any(children: set[int]) -> bool:
+    """Block until one of *children* ends and reap it. False if none can be waited for."""
+    if not children:
+        return False
+    if hasattr(os, "pidfd_open"):
+        return _wait_with_pidfds(children)
+    return _wait_by_polling(children)
+
+
+def _wait_with_pidfds(children: set[int]) -> bool:
+    fds: dict[int, int] = {}
+    try:
+        for pid in list(children):
+            try:
+                fds[os.pidfd_open(pid)] = pid
+            except ProcessLookupError:
+                children.discard(pid)  # gone and reaped already: room has been made
+                return True
+        ready, _, _ = select.select(list(fds), [], [])
+        return any(_reap(children, fds[fd], blocking=True) for fd in ready)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _wait_by_polling(children: set[int]) -> bool:
+    pause = 0.001
+    while children:
+        if any(_reap(children, pid, blocking=False) for pid in list(children)):
+            return True
+        time.sleep(pause)
+        pause = min(pause * 2, _CHILD_POLL_MAX)
+    return False

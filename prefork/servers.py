@@ -1,0 +1,581 @@
+"""The server classes of the compatible core: BaseServer, TCP, UDP and Unix servers. Runs in: both.
+
+Rules of this module:
+
+1. Public names, signatures, class attributes, defaults and the order in which hooks are called
+   are those of the standard library's ``socketserver`` (Python 3.11 to 3.13). Code written for
+   the stdlib must not be able to tell the difference through any documented hook.
+2. What is added never changes an existing meaning:
+   - ``shutdown()`` wakes ``serve_forever()`` at once through a wake-up channel instead of
+     waiting for the next ``poll_interval``;
+   - a server can adopt a socket that is already bound (``adopt_socket`` / ``from_socket``) and
+     the subclass's ``server_bind`` and ``server_activate`` bookkeeping still runs;
+   - listeners are waited on so that many processes can share one (``EPOLLEXCLUSIVE`` on Linux)
+     and a connection taken by another process is a silent non-event, not a blocked worker.
+3. The request path is lean: one ``epoll_wait`` per turn on a registration made once per
+   ``serve_forever`` call, no selector objects built per turn.
+
+This module never imports the standard library's ``socketserver``.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+import sys
+import threading
+import time
+import traceback
+from types import TracebackType
+from typing import Any, Callable
+
+__all__ = ["BaseServer", "TCPServer", "UDPServer"]
+
+log = logging.getLogger("prefork.server")
+
+_RequestType = Any  # a connected socket for stream servers, (data, socket) for datagram servers
+_AddressType = Any  # (host, port) tuples, (host, port, flowinfo, scope_id) or a Unix path
+
+# Failures of accept()/recvfrom() that only mean "another process took it first" or "the
+# client gave up before we got to it". They are normal on a shared listener and never logged.
+_LOST_RACE_ERRNOS = frozenset(
+    {errno.EAGAIN, errno.EWOULDBLOCK, errno.ECONNABORTED, errno.EPROTO, errno.EINTR}
+)
+
+# Failures that mean the process (or the machine) is out of a resource. Retrying at once would
+# spin at 100% CPU because the listener stays readable, so we log and back off briefly.
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+# How long to stop accepting after a resource failure: long enough that a busy loop cannot
+# form, short enough that service resumes promptly once descriptors are released.
+_RESOURCE_BACKOFF = 0.05
+
+# At most one log line per this many seconds about resource failures (the rest are counted).
+_RESOURCE_LOG_INTERVAL = 5.0
+
+# On Linux an accepted socket never inherits O_NONBLOCK from the listener; on the BSDs and
+# macOS it does, so there the accepted socket is put back in blocking mode explicitly.
+_ACCEPT_INHERITS_NONBLOCK = not sys.platform.startswith("linux")
+
+
+class _Poller:
+    """Waits for readability on a handful of file descriptors.
+
+    epoll on Linux, where a shared listener is registered with ``EPOLLEXCLUSIVE`` so that one
+    idle process wakes per connection instead of all of them; ``poll()`` elsewhere.
+    """
+
+    def __init__(self) -> None:
+        self._epoll: Any = select.epoll() if hasattr(select, "epoll") else None
+        self._poll: Any = None if self._epoll is not None else select.poll()
+
+    def add(self, fd: int, *, shared: bool = False) -> None:
+        """Watch *fd* for readability; *shared* marks a listener other processes wait on too."""
+        if self._epoll is None:
+            self._poll.register(fd, select.POLLIN)
+            return
+        mask = select.EPOLLIN
+        if shared and hasattr(select, "EPOLLEXCLUSIVE"):
+            try:
+                self._epoll.register(fd, mask | select.EPOLLEXCLUSIVE)
+                return
+            except OSError as exc:
+                # Kernels before 4.5 refuse the flag with EINVAL: fall back to a plain watch.
+                if exc.errno != errno.EINVAL:
+                    raise
+        self._epoll.register(fd, mask)
+
+    def wait(self, timeout: float | None) -> list[int]:
+        """Return the descriptors that are readable, waiting at most *timeout* seconds."""
+        if self._epoll is not None:
+            events = self._epoll.poll(-1 if timeout is None else timeout)
+        else:
+            events = self._poll.poll(None if timeout is None else timeout * 1000.0)
+        return [fd for fd, _ in events]
+
+    def close(self) -> None:
+        if self._epoll is not None:
+            self._epoll.close()
+
+    def __enter__(self) -> _Poller:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class _WakeupChannel:
+    """A socket pair that lets another thread wake a waiting loop.
+
+    Socket objects are used instead of raw pipe descriptors on purpose: writing to a closed
+    socket object raises OSError instead of writing into whatever file reused the number.
+    """
+
+    def __init__(self) -> None:
+        self._reader, self._writer = socket.socketpair()
+        self._reader.setblocking(False)
+        self._writer.setblocking(False)
+
+    def fileno(self) -> int:
+        return self._reader.fileno()
+
+    def wake(self) -> None:
+        try:
+            self._writer.send(b"\0")
+        except OSError:
+            # Full (a wake-up is already pending) or closed (the server is gone): either way
+            # there is nothing left to wake.
+            pass
+
+    def drain(self) -> None:
+        try:
+            while self._reader.recv(4096):
+                pass
+        except OSError:
+            pass  # BlockingIOError: empty now, which is the point
+
+    def close(self) -> None:
+        self._reader.close()
+        self._writer.close()
+
+
+class BaseServer:
+    """Base class for server classes.
+
+    Methods for the caller:
+
+    - __init__(server_address, RequestHandlerClass)
+    - serve_forever(poll_interval=0.5)
+    - shutdown()
+    - handle_request()  # if you do not use serve_forever()
+    - fileno() -> int   # for selector
+
+    Methods that may be overridden:
+
+    - server_bind()
+    - server_activate()
+    - get_request() -> request, client_address
+    - handle_timeout()
+    - verify_request(request, client_address)
+    - server_close()
+    - process_request(request, client_address)
+    - shutdown_request(request)
+    - close_request(request)
+    - service_actions()
+    - handle_error()
+
+    Methods for derived classes:
+
+    - finish_request(request, client_address)
+
+    Class variables that may be overridden by derived classes or instances:
+
+    - timeout
+    - address_family
+    - socket_type
+    - allow_reuse_address
+    - allow_reuse_port
+
+    Instance variables:
+
+    - RequestHandlerClass
+    - socket
+    """
+
+    timeout: float | None = None
+
+    # prefork addition: the wake-up channel of serve_forever(), made on first use.
+    _wakeup: _WakeupChannel | None = None
+
+    def __init__(self, server_address: _AddressType, RequestHandlerClass: Callable[..., Any]) -> None:
+        """Constructor. May be extended, do not override."""
+        self.server_address = server_address
+        self.RequestHandlerClass = RequestHandlerClass
+        self.__is_shut_down = threading.Event()
+        self.__shutdown_request = False
+
+    def server_activate(self) -> None:
+        """Called by the constructor to activate the server. May be overridden."""
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Handle one request at a time until shutdown.
+
+        Polls for shutdown every poll_interval seconds, and also wakes at once when
+        shutdown() is called from another thread. Ignores self.timeout. Calls
+        service_actions() on every turn of the loop.
+        """
+        self.__is_shut_down.clear()
+        try:
+            wakeup = self._wakeup_channel()
+            with _Poller() as poller:
+                listener = self.fileno()
+                self._prepare_listener()
+                poller.add(listener, shared=True)
+                poller.add(wakeup.fileno())
+                while not self.__shutdown_request:
+                    ready = poller.wait(poll_interval)
+                    if self.__shutdown_request:
+                        break
+                    if listener in ready:
+                        self._handle_request_noblock()
+                    elif ready:
+                        wakeup.drain()
+                    self.service_actions()
+        finally:
+            self.__shutdown_request = False
+            self.__is_shut_down.set()
+
+    def shutdown(self) -> None:
+        """Stop serve_forever() and wait until it has stopped.
+
+        Must be called from another thread than the one running serve_forever(), or it
+        deadlocks (as in the standard library).
+        """
+        self.__shutdown_request = True
+        wakeup = self._wakeup
+        if wakeup is not None:
+            wakeup.wake()
+        self.__is_shut_down.wait()
+
+    def service_actions(self) -> None:
+        """Called by serve_forever() on every turn of its loop. May be overridden."""
+
+    def handle_request(self) -> None:
+        """Handle one request, waiting at most the smaller of the socket's and self's timeout."""
+        timeout = self._request_timeout()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        listener = self.fileno()
+        self._prepare_listener()
+        with _Poller() as poller:
+            poller.add(listener, shared=True)
+            while True:
+                if poller.wait(timeout):
+                    return self._handle_request_noblock()
+                if deadline is not None:
+                    timeout = deadline - time.monotonic()
+                    if timeout < 0:
+                        return self.handle_timeout()
+
+    def _request_timeout(self) -> float | None:
+        """The wait of handle_request(): the socket's timeout bounded by self.timeout."""
+        sock_timeout = self.socket.gettimeout()  # type: ignore[attr-defined]
+        if sock_timeout is None:
+            return self.timeout
+        if self.timeout is None:
+            return sock_timeout
+        return min(sock_timeout, self.timeout)
+
+    def _handle_request_noblock(self) -> None:
+        """Handle one request, without blocking: the caller knows the listener is readable."""
+        try:
+            request, client_address = self.get_request()
+        except OSError as exc:
+            self._request_failed(exc)
+            return
+        if not self.verify_request(request, client_address):
+            self.shutdown_request(request)
+            return
+        try:
+            self.process_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+            self.shutdown_request(request)
+        except BaseException:
+            self.shutdown_request(request)
+            raise
+
+    def _request_failed(self, exc: OSError) -> None:
+        """get_request() failed: silent after a lost race, logged and backed off when out of resources."""
+        if exc.errno in _RESOURCE_ERRNOS:
+            _resource_limiter.report(exc, self)
+            self._pause(_RESOURCE_BACKOFF)
+        # Everything else (a lost race, a client that reset before accept) is not an error of
+        # this server; the standard library ignores it too.
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep *seconds*, but return early if shutdown() is called meanwhile."""
+        wakeup = self._wakeup
+        if wakeup is None:
+            time.sleep(seconds)
+        else:
+            select.select([wakeup], [], [], seconds)
+
+    def handle_timeout(self) -> None:
+        """Called if no new request arrives within self.timeout. May be overridden."""
+
+    def verify_request(self, request: _RequestType, client_address: _AddressType) -> bool:
+        """Return True to process the request, False to refuse it. May be overridden."""
+        return True
+
+    def process_request(self, request: _RequestType, client_address: _AddressType) -> None:
+        """Call finish_request() and then shutdown_request(). Overridden by the mixins."""
+        self.finish_request(request, client_address)
+        self.shutdown_request(request)
+
+    def server_close(self) -> None:
+        """Clean up the server. May be overridden."""
+        wakeup, self._wakeup = self._wakeup, None
+        if wakeup is not None:
+            wakeup.close()
+
+    def finish_request(self, request: _RequestType, client_address: _AddressType) -> None:
+        """Finish one request by instantiating RequestHandlerClass."""
+        self.RequestHandlerClass(request, client_address, self)
+
+    def shutdown_request(self, request: _RequestType) -> None:
+        """Called to shut down and close an individual request."""
+        self.close_request(request)
+
+    def close_request(self, request: _RequestType) -> None:
+        """Called to clean up an individual request."""
+
+    def handle_error(self, request: _RequestType, client_address: _AddressType) -> None:
+        """Handle an error raised by a handler gracefully. May be overridden.
+
+        The default prints the traceback to standard error and the server goes on.
+        """
+        rule = "-" * 40
+        print(rule, file=sys.stderr)
+        print("Exception occurred during processing of request from", client_address, file=sys.stderr)
+        traceback.print_exc()
+        print(rule, file=sys.stderr)
+
+    def __enter__(self) -> BaseServer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.server_close()
+
+    # -- prefork additions (private to the core) -----------------------------------------------
+
+    def _wakeup_channel(self) -> _WakeupChannel:
+        if self._wakeup is None:
+            self._wakeup = _WakeupChannel()
+        return self._wakeup
+
+    def _prepare_listener(self) -> None:
+        """Make the listener safe to share between processes. Socket servers override this."""
+
+    def fileno(self) -> int:  # pragma: no cover - overridden by every concrete server
+        raise NotImplementedError("a server used with serve_forever() must define fileno()")
+
+
+class TCPServer(BaseServer):
+    """Base class for various socket-based server classes; defaults to TCP over IPv4.
+
+    prefork additions: ``adopt_socket(sock)`` and ``from_socket(sock, handler)`` serve on a
+    socket that is already bound and listening (inherited from the master or from systemd).
+    """
+
+    address_family = socket.AF_INET
+    socket_type = socket.SOCK_STREAM
+    request_queue_size = 5
+    allow_reuse_address = False
+    allow_reuse_port = False
+
+    # True while the socket in use was adopted rather than bound by this server.
+    _adopted = False
+    # The descriptor already put in non-blocking mode, so that is done once per socket.
+    _nonblocking_fd = -1
+
+    def __init__(
+        self,
+        server_address: _AddressType,
+        RequestHandlerClass: Callable[..., Any],
+        bind_and_activate: bool = True,
+    ) -> None:
+        """Constructor. May be extended, do not override."""
+        BaseServer.__init__(self, server_address, RequestHandlerClass)
+        self.socket = socket.socket(self.address_family, self.socket_type)
+        if bind_and_activate:
+            try:
+                self.server_bind()
+                self.server_activate()
+            except BaseException:
+                self.server_close()
+                raise
+
+    def server_bind(self) -> None:
+        """Called by the constructor to bind the socket. May be overridden.
+
+        On an adopted socket nothing is bound again; only server_address is read back, so
+        the bookkeeping of subclasses that extend this method still runs.
+        """
+        if not self._adopted:
+            self._set_reuse_options()
+            self.socket.bind(self.server_address)
+        self.server_address = self.socket.getsockname()
+
+    def _set_reuse_options(self) -> None:
+        if self.allow_reuse_address and hasattr(socket, "SO_REUSEADDR"):
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self.allow_reuse_port and hasattr(socket, "SO_REUSEPORT"):
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+
+    def server_activate(self) -> None:
+        """Called by the constructor to activate the server. May be overridden."""
+        if not self._adopted:
+            self.socket.listen(self.request_queue_size)
+
+    def server_close(self) -> None:
+        """Called to clean up the server. May be overridden."""
+        self.socket.close()
+        BaseServer.server_close(self)
+
+    def fileno(self) -> int:
+        """Return the socket's file descriptor, for selectors."""
+        return self.socket.fileno()
+
+    def get_request(self) -> tuple[Any, _AddressType]:
+        """Accept a new connection. May be overridden."""
+        conn, address = self.socket.accept()
+        if _ACCEPT_INHERITS_NONBLOCK:
+            conn.setblocking(True)
+        return conn, address
+
+    def shutdown_request(self, request: _RequestType) -> None:
+        """Half-close the connection for writing, then close it."""
+        try:
+            # Sending FIN explicitly tells the client the reply is complete, even if a forked
+            # child or another reference still keeps the descriptor open.
+            request.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the client may already have gone; closing is all that is left to do
+        self.close_request(request)
+
+    def close_request(self, request: _RequestType) -> None:
+        """Close the connection."""
+        request.close()
+
+    # -- prefork additions -----------------------------------------------------------------------
+
+    def adopt_socket(self, sock: socket.socket) -> None:
+        """Serve on *sock*, a socket that is already bound (and, for streams, listening).
+
+        The socket this server created in ``__init__`` is closed. ``server_bind()`` and
+        ``server_activate()`` are called as usual, so subclass bookkeeping runs (http.server
+        sets ``server_name`` there, wsgiref its base environ), but nothing is bound or
+        listened to again. Use with ``bind_and_activate=False``.
+        """
+        self.socket.close()
+        self.socket = sock
+        self.address_family = sock.family
+        self._adopted = True
+        if sock.type == socket.SOCK_STREAM and not _is_listening(sock):
+            sock.listen(self.request_queue_size)
+        self.server_bind()
+        self.server_activate()
+
+    @classmethod
+    def from_socket(
+        cls, sock: socket.socket, RequestHandlerClass: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> Any:
+        """Build a server of this class around *sock* (see ``adopt_socket``).
+
+        Extra arguments go to the class's constructor, which must accept ``bind_and_activate``.
+        """
+        server = cls(sock.getsockname(), RequestHandlerClass, *args, bind_and_activate=False, **kwargs)
+        try:
+            server.adopt_socket(sock)
+        except BaseException:
+            server.server_close()
+            raise
+        return server
+
+    def _prepare_listener(self) -> None:
+        """Put the listening descriptor in non-blocking mode, once per socket.
+
+        Python's socket object keeps its own notion of a timeout (so ``gettimeout()`` still
+        answers as before) while accept() on a connection another process took returns EAGAIN
+        instead of blocking this one until the next connection.
+        """
+        fd = self.socket.fileno()
+        if fd != self._nonblocking_fd and fd >= 0:
+            os.set_blocking(fd, False)
+            self._nonblocking_fd = fd
+
+
+class UDPServer(TCPServer):
+    """UDP server class."""
+
+    allow_reuse_address = False
+    allow_reuse_port = False
+    socket_type = socket.SOCK_DGRAM
+    max_packet_size = 8192
+
+    def get_request(self) -> tuple[tuple[bytes, socket.socket], _AddressType]:
+        # MSG_DONTWAIT makes only this read non-blocking: replies sent on the same socket by
+        # the handler keep blocking semantics (a full send buffer waits instead of failing).
+        data, client_addr = self.socket.recvfrom(self.max_packet_size, _DONTWAIT)
+        return (data, self.socket), client_addr
+
+    def server_activate(self) -> None:
+        """A datagram socket does not listen."""
+
+    def shutdown_request(self, request: _RequestType) -> None:
+        """Nothing to shut down: the socket is shared by every datagram."""
+        self.close_request(request)
+
+    def close_request(self, request: _RequestType) -> None:
+        """Nothing to close: the socket is shared by every datagram."""
+
+    def _prepare_listener(self) -> None:
+        """Datagram sockets stay blocking; get_request() reads with MSG_DONTWAIT instead."""
+
+
+_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+
+
+if hasattr(socket, "AF_UNIX"):
+    __all__ += ["UnixStreamServer", "UnixDatagramServer"]
+
+    class UnixStreamServer(TCPServer):
+        address_family = socket.AF_UNIX
+
+    class UnixDatagramServer(UDPServer):
+        address_family = socket.AF_UNIX
+
+
+def _is_listening(sock: socket.socket) -> bool:
+    try:
+        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+    except OSError:
+        return True  # the platform cannot tell; assume the owner made it listen
+
+
+class _RateLimitedReporter:
+    """Logs resource failures at most once per interval, with a count of those suppressed."""
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._next = 0.0
+        self._suppressed = 0
+        self._lock = threading.Lock()
+
+    def report(self, exc: OSError, server: BaseServer) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next:
+                self._suppressed += 1
+                return
+            suppressed, self._suppressed = self._suppressed, 0
+            self._next = now + self._interval
+        log.error(
+            "cannot take new requests on %s: %s (%d similar errors suppressed); backing off %.0f ms",
+            getattr(server, "server_address", "?"),
+            exc.strerror or exc,
+            suppressed,
+            _RESOURCE_BACKOFF * 1000,
+        )
+
+
+_resource_limiter = _RateLimitedReporter(_RESOURCE_LOG_INTERVAL)
+

@@ -1,0 +1,67 @@
+"""Shared fixtures: every test is checked for leaked child processes and threads."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import psutil
+import pytest
+
+from tests.support import wait_until
+
+# How long a test's children and threads get to finish after the test body returns.
+_LEAK_GRACE = 5.0
+
+
+def _live_children() -> set[psutil.Process]:
+    return {p for p in psutil.Process().children(recursive=True) if _alive(p)}
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    """Fail the test if it leaves a child process or a thread behind (and clean them up)."""
+    threads_before = set(threading.enumerate())
+    children_before = _live_children()
+    yield
+    new_threads = lambda: [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
+    new_children = lambda: [p for p in _live_children() if p not in children_before]
+    wait_until(lambda: not new_threads() and not new_children(), timeout=_LEAK_GRACE, fail=False)
+    leaked_children = new_children()
+    for proc in leaked_children:
+        try:
+            proc.kill()
+            proc.wait(timeout=5)
+        except psutil.Error:
+            pass
+    _reap_zombies()
+    leaked_threads = new_threads()
+    assert not leaked_children, f"test leaked child processes: {leaked_children}"
+    assert not leaked_threads, f"test leaked threads: {leaked_threads}"
+
+
+def _reap_zombies() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _default_sigpipe():
+    """Tests write to sockets whose peer is gone; make that an exception, never a kill."""
+    previous = signal.getsignal(signal.SIGPIPE)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    yield
+    signal.signal(signal.SIGPIPE, previous)

@@ -1,0 +1,72 @@
+"""Helpers for tests: deadlines instead of sleeps, servers in threads, loopback clients."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+# Every socket a test opens gets this timeout, so no test can hang on the network.
+SOCKET_TIMEOUT = 10.0
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01,
+               fail: bool = True, message: str = "") -> Any:
+    """Poll *predicate* until it returns a true value or *timeout* passes.
+
+    Returns the value; on timeout raises AssertionError (or returns the false value if not *fail*).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            if fail:
+                raise AssertionError(message or f"condition not met within {timeout}s: {predicate}")
+            return value
+        time.sleep(interval)
+
+
+@contextlib.contextmanager
+def serving(server: Any, poll_interval: float = 0.5) -> Iterator[Any]:
+    """Run server.serve_forever() in a thread for the duration of the block, then stop and close."""
+    thread = threading.Thread(target=server.serve_forever, args=(poll_interval,), name="serve_forever")
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        thread.join(timeout=SOCKET_TIMEOUT)
+        server.server_close()
+        assert not thread.is_alive(), "serve_forever() did not return after shutdown()"
+
+
+def stream_request(address: Any, payload: bytes, family: int = socket.AF_INET) -> bytes:
+    """Connect, send *payload*, half-close, and read the reply until the server closes."""
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(SOCKET_TIMEOUT)
+        sock.connect(address)
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        return recv_all(sock)
+
+
+def recv_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def datagram_request(address: Any, payload: bytes, family: int = socket.AF_INET,
+                     bind: Any = None) -> bytes:
+    """Send one datagram and return the one reply."""
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(SOCKET_TIMEOUT)
+        if bind is not None:
+            sock.bind(bind)
+        sock.sendto(payload, address)
+        return sock.recv(65536)
