@@ -16,6 +16,14 @@ from prefork.mixins import (
     ThreadingUnixDatagramServer,
     ThreadingUnixStreamServer,
 )
+from prefork.master import (
+    PreforkMixIn,
+    PreforkTCPServer,
+    PreforkUDPServer,
+    PreforkUnixDatagramServer,
+    PreforkUnixStreamServer,
+    serve,
+)
 from prefork.servers import BaseServer, TCPServer, UDPServer, UnixDatagramServer, UnixStreamServer
 
 __version__ = "0.1.0"
@@ -29,6 +37,11 @@ __all__ = [
     "ForkingUDPServer",
     "ForkingUnixDatagramServer",
     "ForkingUnixStreamServer",
+    "PreforkMixIn",
+    "PreforkTCPServer",
+    "PreforkUDPServer",
+    "PreforkUnixDatagramServer",
+    "PreforkUnixStreamServer",
     "StreamRequestHandler",
     "TCPServer",
     "ThreadingMixIn",
@@ -40,4 +53,5 @@ __all__ = [
     "UnixDatagramServer",
     "UnixStreamServer",
     "__version__",
+    "serve",
 ]

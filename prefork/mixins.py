@@ -56,24 +56,27 @@ class ThreadingMixIn:
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Start a thread to serve the request."""
-        if not self.block_on_close:
-            target, tracked = self.process_request_thread, None
+        args = (request, client_address)
+        tracked = self._tracked_threads()
+        if tracked is None:
+            thread = threading.Thread(target=self.process_request_thread, args=args)
         else:
-            tracked = self.__dict__.get("_threads")
-            if tracked is None:
-                tracked = self._threads = set()
-            target = self._tracked_request_thread
-        thread = threading.Thread(target=target, args=(request, client_address))
-        thread.daemon = self.daemon_threads
-        if tracked is not None:
+            thread = _TrackedThread(tracked, target=self.process_request_thread, args=args)
             tracked.add(thread)
+        thread.daemon = self.daemon_threads
         thread.start()
 
-    def _tracked_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            self.process_request_thread(request, client_address)
-        finally:
-            self._threads.discard(threading.current_thread())
+    def _tracked_threads(self) -> set[threading.Thread] | None:
+        """The set server_close() joins, or None when request threads are not waited for.
+
+        As in the stdlib, daemon threads are never waited for, whatever block_on_close says.
+        """
+        if not self.block_on_close or self.daemon_threads:
+            return None
+        tracked = self.__dict__.get("_threads")
+        if tracked is None:
+            tracked = self._threads = set()
+        return tracked
 
     def server_close(self) -> None:
         """Close the server, then wait for the request threads if block_on_close is set."""
@@ -82,6 +85,24 @@ class ThreadingMixIn:
         if tracked:
             for thread in list(tracked):
                 thread.join()
+
+
+class _TrackedThread(threading.Thread):
+    """A request thread that leaves its server's tracked set when it ends.
+
+    The target stays ``process_request_thread`` so the default thread name is the stdlib's,
+    "Thread-N (process_request_thread)", which handlers may show (the documented example does).
+    """
+
+    def __init__(self, tracked: set[threading.Thread], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._prefork_tracked = tracked
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            self._prefork_tracked.discard(self)
 
 
 class ThreadingUDPServer(ThreadingMixIn, UDPServer):

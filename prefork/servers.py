@@ -29,7 +29,6 @@ import sys
 import threading
 import time
 import traceback
-from types import TracebackType
 from typing import Any, Callable
 
 __all__ = ["BaseServer", "TCPServer", "UDPServer"]
@@ -211,7 +210,7 @@ class BaseServer:
         try:
             wakeup = self._wakeup_channel()
             with _Poller() as poller:
-                listener = self.fileno()
+                listener = self.fileno()  # type: ignore[attr-defined]
                 self._prepare_listener()
                 poller.add(listener, shared=True)
                 poller.add(wakeup.fileno())
@@ -247,7 +246,7 @@ class BaseServer:
         """Handle one request, waiting at most the smaller of the socket's and self's timeout."""
         timeout = self._request_timeout()
         deadline = None if timeout is None else time.monotonic() + timeout
-        listener = self.fileno()
+        listener = self.fileno()  # type: ignore[attr-defined]
         self._prepare_listener()
         with _Poller() as poller:
             poller.add(listener, shared=True)
@@ -346,12 +345,8 @@ class BaseServer:
     def __enter__(self) -> BaseServer:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_value: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *args: object) -> None:
+        # The stdlib's signature, so subclasses that forward *args keep working unchanged.
         self.server_close()
 
     # -- prefork additions (private to the core) -----------------------------------------------
@@ -364,8 +359,8 @@ class BaseServer:
     def _prepare_listener(self) -> None:
         """Make the listener safe to share between processes. Socket servers override this."""
 
-    def fileno(self) -> int:  # pragma: no cover - overridden by every concrete server
-        raise NotImplementedError("a server used with serve_forever() must define fileno()")
+    # fileno() is left to the concrete servers on purpose: the stdlib's BaseServer has none,
+    # and code written for it may test hasattr(server, "fileno").
 
 
 class TCPServer(BaseServer):

@@ -1,0 +1,44 @@
+"""Load application objects named by 'module:attribute' strings. Runs in: both.
+
+Used for the app (a handler class, a server class, a WSGI callable or a bundled service module)
+and for hooks. Every failure is an AppLoadError that names the string, the module and the cause.
+"""
+
+from __future__ import annotations
+
+import importlib
+import traceback
+from typing import Any
+
+from prefork.errors import AppLoadError
+
+__all__ = ["load_object", "split_target"]
+
+
+def split_target(target: str) -> tuple[str, str]:
+    """'pkg.mod:attr.sub' -> ('pkg.mod', 'attr.sub'); a bare module name gives ('pkg.mod', '')."""
+    module, _, attr = target.partition(":")
+    if not module or not all(part.isidentifier() for part in module.split(".")):
+        raise AppLoadError(f"cannot load {target!r}: expected 'module' or 'module:attribute'")
+    return module, attr
+
+
+def load_object(target: str) -> Any:
+    """Import the module of *target* and return the named attribute (or the module itself)."""
+    module_name, attr = split_target(target)
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        if getattr(exc, "name", None) == module_name:
+            raise AppLoadError(f"cannot load {target!r}: no module named {module_name!r}") from exc
+        raise AppLoadError(f"cannot load {target!r}: importing {module_name!r} failed:\n"
+                           f"{traceback.format_exc()}") from exc
+    except Exception as exc:
+        raise AppLoadError(f"cannot load {target!r}: importing {module_name!r} raised:\n"
+                           f"{traceback.format_exc()}") from exc
+    for part in filter(None, attr.split(".")):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise AppLoadError(f"cannot load {target!r}: module {module_name!r} has no attribute {attr!r}") from None
+    return obj

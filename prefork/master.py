@@ -1,0 +1,248 @@
+"""The Python API of the master: PreforkMixIn, the ready-made Prefork servers, and serve(). Runs in: master.
+
+``PreforkMixIn`` turns any server class of the core into a supervised pool:
+
+    with PreforkTCPServer(("127.0.0.1", 9000), Handler, workers=4) as server:
+        server.serve_forever()
+
+binds in the master (the class's own ``server_bind`` runs there), forks the workers, and each
+worker serves the inherited socket with the same server object, through the synchronous loop
+(or the ThreadingMixIn / ForkingMixIn placed after PreforkMixIn in the bases).
+
+``serve(app, bind=[...], workers=N, ...)`` is the entry point of the CLI: one service, any
+number of listeners (TCP and UDP on one port, Unix sockets, inherited fds, systemd sockets),
+each worker serving all of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import types
+from typing import Any, Callable, Sequence
+
+from prefork.arbiter import Arbiter, Hooks
+from prefork.config import Settings, make_settings
+from prefork.errors import AppLoadError, ConfigError
+from prefork.handlers import DatagramRequestHandler, StreamRequestHandler
+from prefork.listeners import Listener, bind_all, inherited_listeners, listener_for_socket, rebind_reuse_port
+from prefork.loader import load_object
+from prefork.modes import server_class_for
+from prefork.servers import BaseServer, TCPServer, UDPServer
+from prefork.worker import WorkerSpec
+
+__all__ = [
+    "PreforkMixIn",
+    "PreforkTCPServer",
+    "PreforkUDPServer",
+    "PreforkUnixStreamServer",
+    "PreforkUnixDatagramServer",
+    "serve",
+]
+
+log = logging.getLogger("prefork.master")
+
+# Hook names, in the order of a service's life.
+_HOOKS = ("on_starting", "when_ready", "pre_fork", "post_fork", "worker_exit", "on_exit")
+
+
+class PreforkMixIn:
+    """Mix-in that serves with a supervised pool of pre-forked workers.
+
+    Keyword arguments of the constructor (and class attributes of the same names) are prefork
+    settings, e.g. ``workers=4, timeout=30, max_requests=1000``; see ``prefork.config.Settings``.
+    After ``serve_forever()`` returns, ``exit_code`` holds the master's exit code.
+    """
+
+    prefork_settings: dict[str, Any] = {}
+    exit_code: int | None = None
+    _arbiter: Arbiter | None = None
+
+    def __init__(self, server_address: Any, RequestHandlerClass: Any, *args: Any, **kwargs: Any) -> None:
+        names = {name for name in Settings.__dataclass_fields__}
+        options = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+        self.settings = make_settings({**self.prefork_settings, **options})
+        self._stopped = threading.Event()
+        super().__init__(server_address, RequestHandlerClass, *args, **kwargs)  # type: ignore[call-arg]
+
+    def server_bind(self) -> None:
+        """Bind as the server class does, unless a master we replace (USR2) handed us the socket."""
+        inherited = _take_inherited(self)
+        if inherited is not None:
+            self.socket.close()  # type: ignore[attr-defined]
+            self.socket = inherited
+            self._adopted = True
+        super().server_bind()  # type: ignore[misc]
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Fork the workers and supervise them until a stop signal or shutdown()."""
+        listener = listener_for_socket(self.socket)  # type: ignore[attr-defined]
+        spec = _worker_spec(self.settings, [listener], lambda listeners: [self], self._service_name())
+        self._arbiter = Arbiter(self.settings, [listener], spec, _hooks(self.settings))
+        try:
+            self.exit_code = self._arbiter.run()
+        finally:
+            self._stopped.set()
+
+    def shutdown(self) -> None:
+        """Stop the workers gracefully and wait until serve_forever() has returned."""
+        arbiter = self._arbiter
+        if arbiter is not None and arbiter.signals is not None:
+            arbiter.signals.push(15)  # SIGTERM, as an operator would send it
+        self._stopped.wait()
+
+    def _service_name(self) -> str:
+        return self.settings.name or type(self).__name__
+
+
+class PreforkTCPServer(PreforkMixIn, TCPServer):
+    pass
+
+
+class PreforkUDPServer(PreforkMixIn, UDPServer):
+    pass
+
+
+if hasattr(__import__("socket"), "AF_UNIX"):
+    from prefork.servers import UnixDatagramServer, UnixStreamServer
+
+    class PreforkUnixStreamServer(PreforkMixIn, UnixStreamServer):
+        pass
+
+    class PreforkUnixDatagramServer(PreforkMixIn, UnixDatagramServer):
+        pass
+
+
+def serve(app: Any, bind: Sequence[str] | str | None = None, *, settings: Settings | None = None,
+          server_class: type[BaseServer] | None = None,
+          reload_settings: Callable[[], Settings] | None = None, **options: Any) -> int:
+    """Run one service until it is stopped; returns the master's exit code.
+
+    *app* is a request handler class, an object or module with ``StreamHandler`` and/or
+    ``DatagramHandler`` attributes, or a 'module:attribute' string naming one of those (loaded
+    in each worker, so that a reload loads new code, unless ``preload`` is set).
+    """
+    if settings is None:
+        settings = make_settings({**options, **({"bind": bind} if bind is not None else {})})
+    if not settings.bind:
+        raise ConfigError("setting 'bind': no listener given; for example tcp://127.0.0.1:8000")
+    if settings.umask is not None:
+        os.umask(settings.umask)
+    hooks = _hooks(settings)
+    if hooks.on_starting is not None:
+        hooks.on_starting(settings)
+    if settings.preload and isinstance(app, str):
+        app = load_object(app)
+    listeners = bind_all(settings.bind, backlog=settings.backlog or None, reuse_port=settings.reuse_port,
+                         unix_mode=settings.unix_mode, unix_owner=settings.unix_owner,
+                         unix_group=settings.unix_group, inherited=inherited_listeners(os.environ))
+    for name in ("PREFORK_FDS", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)  # adopted: workers and their children must not see them
+    builder = _ServerBuilder(app, server_class, settings.mode, settings.threads)
+    if not isinstance(app, str):
+        builder.check(listeners)  # a mismatch is reported before any fork
+    spec = _worker_spec(settings, listeners, builder, settings.name or _app_name(app))
+    return Arbiter(settings, listeners, spec, hooks, reload_settings).run()
+
+
+class _ServerBuilder:
+    """Builds, in a worker, one server per listener around the inherited sockets."""
+
+    def __init__(self, app: Any, server_class: type[BaseServer] | None, mode: str, threads: int) -> None:
+        self.app = app
+        self.server_class = server_class
+        self.mode = mode
+        self.threads = threads
+
+    def __call__(self, listeners: Sequence[Listener]) -> list[BaseServer]:
+        app = load_object(self.app) if isinstance(self.app, str) else self.app
+        return [self._build(app, listener) for listener in listeners]
+
+    def check(self, listeners: Sequence[Listener]) -> None:
+        for listener in listeners:
+            handler_for(self.app, listener)
+
+    def _build(self, app: Any, listener: Listener) -> BaseServer:
+        handler = handler_for(app, listener)
+        base = self.server_class if self.server_class and listener.is_stream else None
+        base = base or (TCPServer if listener.is_stream else UDPServer)
+        cls = server_class_for(self.mode, base, self.threads)
+        return cls.from_socket(listener.sock, handler)  # type: ignore[attr-defined,no-any-return]
+
+
+def handler_for(app: Any, listener: Listener) -> Any:
+    """The request handler class that *app* offers for *listener*, or AppLoadError saying why not."""
+    kind, attr = ("stream", "StreamHandler") if listener.is_stream else ("datagram", "DatagramHandler")
+    if isinstance(app, type):
+        wrong = DatagramRequestHandler if listener.is_stream else StreamRequestHandler
+        if issubclass(app, wrong):
+            raise AppLoadError(f"{app.__module__}.{app.__qualname__} is a {wrong.__name__}; it cannot "
+                               f"serve the {kind} listener {listener.name}")
+        return app
+    handler = getattr(app, attr, None)
+    if handler is None:
+        raise AppLoadError(f"{_app_name(app)} has no {attr}, so it cannot serve the {kind} listener {listener.name}")
+    return handler
+
+
+def _worker_spec(settings: Settings, listeners: Sequence[Listener], build: Callable[..., list[BaseServer]],
+                 name: str) -> WorkerSpec:
+    from prefork.proctitle import set_title
+    from prefork.privileges import privilege_dropper
+
+    set_title("master", name)
+    return WorkerSpec(
+        listeners=listeners,
+        build_servers=build,
+        name=name,
+        graceful_timeout=settings.graceful_timeout,
+        master_pid=os.getpid(),
+        reuse_port=settings.reuse_port,
+        rebind=rebind_reuse_port,
+        drop_privileges=privilege_dropper(settings.user, settings.group),
+        post_fork=_hooks(settings).post_fork,
+        set_title=lambda number, generation: set_title("worker", name, number, generation),
+    )
+
+
+def _hooks(settings: Settings) -> Hooks:
+    resolved = {}
+    for name in _HOOKS:
+        value = getattr(settings, name)
+        resolved[name] = load_object(value) if isinstance(value, str) else value
+    return Hooks(**resolved)
+
+
+def _app_name(app: Any) -> str:
+    if isinstance(app, str):
+        return app.partition(":")[2].rpartition(".")[2] or app.rpartition(".")[2]
+    if isinstance(app, types.ModuleType):
+        return app.__name__.rpartition(".")[2]
+    return getattr(app, "__name__", type(app).__name__)
+
+
+# Sockets handed over by the master we replace (USR2), read once per process and taken by the
+# servers that match them.
+_inherited: dict[str, Any] | None = None
+
+
+def _take_inherited(server: Any) -> Any:
+    """The socket a replaced master handed over for this server's address, if any."""
+    global _inherited
+    if _inherited is None:
+        _inherited = dict(inherited_listeners(os.environ))
+        os.environ.pop("PREFORK_FDS", None)
+    for key, sock in list(_inherited.items()):
+        if sock.family == server.address_family and sock.type == server.socket_type \
+                and _same_address(sock.getsockname(), server.server_address):
+            return _inherited.pop(key)
+    return None
+
+
+def _same_address(bound: Any, wanted: Any) -> bool:
+    """True if a socket bound to *bound* is what binding *wanted* gave (port 0 took any port)."""
+    if isinstance(wanted, tuple) and isinstance(bound, tuple):
+        host_ok = wanted[0] in ("", bound[0])
+        return host_ok and wanted[1] in (0, bound[1])
+    return bool(bound == wanted)

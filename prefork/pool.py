@@ -1,0 +1,431 @@
+"""The pool policy: which workers to start, stop and kill. Runs in: master.
+
+Rules:
+
+1. Pure: no system calls, no clock, no randomness of its own. Events come in (``start``,
+   ``spawned``, ``exited``, ``tick`` with scoreboard readings, operator requests) with the
+   current time; actions go out (``Spawn``, ``Stop``, ``Kill``, ``Halt``, ``Notify``). The arbiter
+   carries the actions out. Tests drive it with plain values.
+2. Capacity never dips for a replacement: a worker to be replaced (new generation after a
+   reload, or recycled) is stopped only once its successor reports that it accepts, and only
+   one replacement is in flight at a time.
+3. A worker that cannot boot the app stops the service (exit code 3); workers that die young
+   are restarted with exponential back-off, never in a tight fork loop.
+4. Idle workers are never killed for the request timeout; busy ones are first sent SIGABRT
+   (their tracebacks are dumped), then SIGKILL after a short grace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import signal
+from typing import Any, Mapping, Union
+
+from prefork.errors import EXIT_APP_LOAD, EXIT_OK
+from prefork.scoreboard import BOOTING, BUSY, IDLE, STOP_RETIRE, STOP_SHUTDOWN, SlotView
+
+__all__ = ["Pool", "PoolConfig", "WorkerRecord", "Spawn", "Stop", "Kill", "Halt", "Notify",
+           "WORKER_BOOT_FAILED"]
+
+# Exit status of a worker that could not load the app. Distinct from anything an app's
+# sys.exit() is likely to use by accident; the master turns it into its own exit code 3.
+WORKER_BOOT_FAILED = 86
+
+# A worker that dies within this many seconds of its start "died young": the next start waits.
+YOUNG_AGE = 5.0
+# Back-off after the n-th young death in a row: BACKOFF_BASE * 2**(n-1), at most BACKOFF_MAX.
+BACKOFF_BASE = 0.1
+BACKOFF_MAX = 30.0
+# After SIGABRT for a timeout, the worker has this long to dump its tracebacks before SIGKILL.
+ABORT_GRACE = 2.0
+# A fast stop (INT, QUIT) gives workers this long to leave before SIGKILL.
+FAST_STOP_GRACE = 2.0
+# How often the arbiter ticks when nothing is pending, and while a worker is booting.
+TICK_IDLE = 1.0
+TICK_BUSY = 0.05
+# Adaptive pool: at most this many workers started in one tick (Apache's prefork cap).
+MAX_SPAWN_RATE = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolConfig:
+    """The settings the policy reads (a subset of prefork.config.Settings)."""
+
+    workers: int = 1
+    timeout: float = 30.0
+    graceful_timeout: float = 30.0
+    max_requests: int = 0
+    max_requests_jitter: int = 0
+    max_worker_memory: int = 0
+    max_worker_lifetime: float = 0.0
+    min_workers: int = 1
+    max_workers: int = 0
+    min_spare: int = 1
+    max_spare: int = 4
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> PoolConfig:
+        names = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{name: getattr(settings, name) for name in names})
+
+    @property
+    def adaptive(self) -> bool:
+        return self.max_workers > 0
+
+
+@dataclasses.dataclass
+class WorkerRecord:
+    """What the master knows of one worker."""
+
+    slot: int
+    number: int
+    generation: int
+    spawned_at: float
+    max_requests: int = 0
+    pid: int = 0
+    ready: bool = False
+    outgoing: str = ""  # why it is being replaced, once its successor is ready
+    stop_sent_at: float | None = None
+    abort_sent_at: float | None = None
+    killed: bool = False
+
+    @property
+    def stopping(self) -> bool:
+        return self.stop_sent_at is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class Spawn:
+    worker: WorkerRecord
+
+
+@dataclasses.dataclass(frozen=True)
+class Stop:
+    """Ask a worker to stop gracefully (SIGTERM); *mode* is written to its slot first."""
+
+    worker: WorkerRecord
+    mode: int
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Kill:
+    """Send *signum* to a worker (SIGABRT on timeout, SIGKILL, SIGQUIT for a fast stop)."""
+
+    worker: WorkerRecord
+    signum: int
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Halt:
+    """The master should exit with *exit_code*; every worker is gone."""
+
+    exit_code: int
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Notify:
+    """A state change worth telling the service manager and the hooks: 'ready' or 'reloaded'."""
+
+    event: str
+
+
+Action = Union[Spawn, Stop, Kill, Halt, Notify]
+
+
+class Pool:
+    """The supervision policy of one master."""
+
+    def __init__(self, config: PoolConfig, capacity: int, rng: random.Random | None = None) -> None:
+        self.config = config
+        self.capacity = capacity
+        self.generation = 1
+        self.target = config.min_workers if config.adaptive else config.workers
+        self.workers: dict[int, WorkerRecord] = {}  # by slot
+        self.stopping: str = ""  # "", "graceful" or "fast"
+        self.stop_started = 0.0
+        self.exit_code = EXIT_OK
+        self.exit_reason = ""
+        self._young_deaths = 0
+        self._next_spawn_at = 0.0
+        self._announced_ready = False
+        self._reload_pending = False
+        self._spawn_rate = 1
+        self._rng = rng or random.Random()
+        self.reload_failures = 0
+        self.restarts: dict[str, int] = {"exit": 0, "timeout": 0, "recycle": 0, "crash": 0}
+
+    # -- events ----------------------------------------------------------------------------------
+
+    def start(self, now: float) -> list[Action]:
+        return self._maintain(now)
+
+    def spawned(self, worker: WorkerRecord, pid: int) -> None:
+        """The arbiter forked *worker* as *pid*."""
+        worker.pid = pid
+
+    def spawn_failed(self, worker: WorkerRecord, now: float) -> None:
+        """fork() failed: forget the record and back off as after a young death."""
+        self.workers.pop(worker.slot, None)
+        self._died_young(now)
+
+    def exited(self, pid: int, exit_code: int, now: float) -> list[Action]:
+        worker = self.by_pid(pid)
+        if worker is None:
+            return []
+        del self.workers[worker.slot]
+        if exit_code == WORKER_BOOT_FAILED and not self.stopping:
+            return self._boot_failed(worker, now)
+        self._count_exit(worker, exit_code, now)
+        return self._after_change(now)
+
+    def _boot_failed(self, worker: WorkerRecord, now: float) -> list[Action]:
+        """A worker could not load the app: cancel a reload if older workers still serve, else halt."""
+        older = [w for w in self._live() if w.generation < worker.generation and w.ready]
+        if not older:
+            return self.stop(now, fast=True, exit_code=EXIT_APP_LOAD,
+                             reason=f"worker {worker.number} could not load the app")
+        self.reload_failures += 1
+        self._reload_pending = False
+        for other in self._live():
+            other.outgoing = "" if other.generation < worker.generation else other.outgoing
+            if other.generation == worker.generation and not other.ready:
+                other.outgoing = "reload failed"
+        self._died_young(now)
+        return self._after_change(now)
+
+    def tick(self, now: float, slots: Mapping[int, SlotView], rss: Mapping[int, int] | None = None) -> list[Action]:
+        """Periodic look at the scoreboard (*slots* by slot index) and memory (*rss* by pid)."""
+        actions: list[Action] = []
+        for worker in list(self.workers.values()):
+            view = slots.get(worker.slot)
+            if view is not None and view.pid == worker.pid:
+                actions += self._watch(worker, view, now, (rss or {}).get(worker.pid))
+        actions += self._escalate_stops(now)
+        if self.config.adaptive and not self.stopping:
+            self._adapt(slots)
+        return actions + self._after_change(now)
+
+    # -- operator requests -----------------------------------------------------------------------
+
+    def stop(self, now: float, fast: bool = False, exit_code: int = EXIT_OK, reason: str = "") -> list[Action]:
+        """TERM (graceful) or INT/QUIT (fast): stop every worker, then Halt."""
+        if self.stopping == "fast" or (self.stopping and not fast):
+            return self._after_change(now)
+        self.stopping, self.stop_started = ("fast" if fast else "graceful"), now
+        self.exit_code, self.exit_reason = exit_code, reason or ("fast stop" if fast else "graceful stop")
+        actions: list[Action] = []
+        for worker in self.workers.values():
+            if fast:
+                actions.append(Kill(worker, signal.SIGQUIT, self.exit_reason))
+            elif not worker.stopping:
+                actions.append(self._stop(worker, now, STOP_SHUTDOWN, self.exit_reason))
+        return actions + self._after_change(now)
+
+    def reload(self, now: float, config: PoolConfig | None = None) -> list[Action]:
+        """HUP: a new generation replaces every worker, one at a time."""
+        if self.stopping:
+            return []
+        if config is not None:
+            self.config = config
+            self.target = max(config.min_workers, self.target) if config.adaptive else config.workers
+        elif not self.config.adaptive:
+            self.target = self.config.workers  # a reload also undoes WINCH
+        self.generation += 1
+        self._reload_pending = True
+        for worker in self._live():
+            worker.outgoing = worker.outgoing or "reload"
+        return self._after_change(now)
+
+    def scale(self, now: float, target: int) -> list[Action]:
+        """TTIN / TTOU / WINCH / `prefork scale`: a new target size (at least 0)."""
+        if self.stopping:
+            return []
+        self.target = max(0, target)
+        return self._after_change(now)
+
+    # -- queries ---------------------------------------------------------------------------------
+
+    def by_pid(self, pid: int) -> WorkerRecord | None:
+        for worker in self.workers.values():
+            if worker.pid == pid:
+                return worker
+        return None
+
+    def wait_hint(self, now: float) -> float:
+        """How long the arbiter may sleep before the policy needs another tick."""
+        if any(not w.ready and not w.stopping for w in self.workers.values()) or self.stopping:
+            return TICK_BUSY
+        if self._next_spawn_at > now:
+            return min(TICK_IDLE, self._next_spawn_at - now)
+        return TICK_IDLE
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "generation": self.generation,
+            "target": self.target,
+            "workers": len(self.workers),
+            "ready": sum(1 for w in self.workers.values() if w.ready and not w.stopping),
+            "stopping": self.stopping,
+            "restarts": dict(self.restarts),
+        }
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _live(self) -> list[WorkerRecord]:
+        return [w for w in self.workers.values() if not w.stopping]
+
+    def _watch(self, worker: WorkerRecord, view: SlotView, now: float, rss: int | None) -> list[Action]:
+        if not worker.ready and view.state not in (BOOTING, 0):
+            worker.ready = True
+        if worker.killed:
+            return []
+        if worker.abort_sent_at is not None:
+            if now - worker.abort_sent_at >= ABORT_GRACE:
+                worker.killed = True
+                return [Kill(worker, signal.SIGKILL, "did not exit after SIGABRT")]
+            return []
+        timeout = self.config.timeout
+        if timeout and view.state == BUSY and view.request_age(now) > timeout:
+            worker.abort_sent_at = now
+            self.restarts["timeout"] += 1
+            return [Kill(worker, signal.SIGABRT, _timeout_reason(view, now))]
+        if timeout and not worker.ready and now - worker.spawned_at > max(timeout, YOUNG_AGE):
+            worker.abort_sent_at = now
+            return [Kill(worker, signal.SIGABRT, f"still booting after {now - worker.spawned_at:.1f}s")]
+        if worker.ready and not worker.stopping and not worker.outgoing:
+            worker.outgoing = self._recycle_reason(worker, view, now, rss)
+            if worker.outgoing:
+                self.restarts["recycle"] += 1
+        return []
+
+    def _recycle_reason(self, worker: WorkerRecord, view: SlotView, now: float, rss: int | None) -> str:
+        cfg = self.config
+        if worker.max_requests and view.requests >= worker.max_requests:
+            return f"served {view.requests} requests (max_requests {worker.max_requests})"
+        if cfg.max_worker_memory and rss is not None and rss > cfg.max_worker_memory:
+            return f"RSS {rss} bytes above max_worker_memory {cfg.max_worker_memory}"
+        if cfg.max_worker_lifetime and now - worker.spawned_at > cfg.max_worker_lifetime:
+            return f"older than max_worker_lifetime {cfg.max_worker_lifetime:g}s"
+        return ""
+
+    def _escalate_stops(self, now: float) -> list[Action]:
+        actions: list[Action] = []
+        for worker in self.workers.values():
+            if worker.killed or worker.stop_sent_at is None and self.stopping != "fast":
+                continue
+            since = worker.stop_sent_at if worker.stop_sent_at is not None else self.stop_started
+            grace = FAST_STOP_GRACE if self.stopping == "fast" else self.config.graceful_timeout
+            if now - since >= grace:
+                worker.killed = True
+                actions.append(Kill(worker, signal.SIGKILL, f"still running {grace:g}s after it was asked to stop"))
+        return actions
+
+    def _adapt(self, slots: Mapping[int, SlotView]) -> None:
+        cfg = self.config
+        live = self._live()
+        spare = sum(1 for w in live if not w.ready or _state(slots, w) == IDLE)
+        if spare < cfg.min_spare and self.target < cfg.max_workers:
+            self.target = min(cfg.max_workers, self.target + self._spawn_rate)
+            self._spawn_rate = min(self._spawn_rate * 2, MAX_SPAWN_RATE)
+            return
+        self._spawn_rate = 1
+        if spare > cfg.max_spare and self.target > cfg.min_workers:
+            self.target -= 1
+
+    def _after_change(self, now: float) -> list[Action]:
+        if self.stopping:
+            if not self.workers:
+                return [Halt(self.exit_code, self.exit_reason)]
+            return []
+        return self._maintain(now)
+
+    def _maintain(self, now: float) -> list[Action]:
+        stops = self._stop_excess(now)  # first, so a successor is not counted twice
+        return stops + self._spawn_missing(now) + self._announce()
+
+    def _spawn_missing(self, now: float) -> list[Action]:
+        """Start workers up to the target, plus one successor while workers await replacement."""
+        live = self._live()
+        serving = [w for w in live if not w.outgoing]
+        missing = self.target - len(live)
+        successor_due = len(serving) < self.target and not any(not w.ready for w in serving)
+        if missing <= 0 and successor_due and len(serving) < len(live):
+            missing = 1
+        actions: list[Action] = []
+        while missing > 0 and now >= self._next_spawn_at and len(self.workers) < self.capacity:
+            actions.append(Spawn(self._new_worker(now)))
+            missing -= 1
+        return actions
+
+    def _stop_excess(self, now: float) -> list[Action]:
+        """Beyond the target: stop outgoing workers first (oldest first), then the highest numbers.
+
+        Nothing is stopped while a serving worker is still booting, so a replaced worker leaves
+        only once its successor accepts (unless the pool is being emptied).
+        """
+        live = self._live()
+        excess = len(live) - self.target
+        booting = any(not w.ready for w in live if not w.outgoing)
+        if excess <= 0 or (booting and self.target > 0):
+            return []
+        outgoing = sorted((w for w in live if w.outgoing), key=lambda w: (w.generation, w.number))
+        serving = sorted((w for w in live if not w.outgoing), key=lambda w: (w.ready, w.number), reverse=True)
+        victims = (outgoing + serving)[:excess]
+        return [self._stop(w, now, STOP_RETIRE, w.outgoing or "pool shrinks") for w in victims]
+
+    def _announce(self) -> list[Action]:
+        serving = [w for w in self._live() if not w.outgoing]
+        all_ready = len(serving) >= self.target and all(w.ready for w in serving)
+        if not all_ready:
+            return []
+        if not self._announced_ready:
+            self._announced_ready = True
+            return [Notify("ready")]
+        if self._reload_pending and not any(w.outgoing for w in self._live()):
+            self._reload_pending = False
+            return [Notify("reloaded")]
+        return []
+
+    def _stop(self, worker: WorkerRecord, now: float, mode: int, reason: str) -> Stop:
+        worker.stop_sent_at = now
+        return Stop(worker, mode, reason)
+
+    def _new_worker(self, now: float) -> WorkerRecord:
+        slot = next(i for i in range(self.capacity) if i not in self.workers)
+        taken = {w.number for w in self._live() if not w.outgoing}
+        number = next(n for n in range(1, self.capacity + 2) if n not in taken)
+        jitter = self._rng.randint(0, self.config.max_requests_jitter) if self.config.max_requests_jitter else 0
+        limit = self.config.max_requests + jitter if self.config.max_requests else 0
+        worker = WorkerRecord(slot, number, self.generation, now, max_requests=limit)
+        self.workers[slot] = worker
+        return worker
+
+    def _count_exit(self, worker: WorkerRecord, exit_code: int, now: float) -> None:
+        if worker.stopping or self.stopping:
+            self._young_deaths = 0 if worker.ready else self._young_deaths
+            return
+        self.restarts["crash" if exit_code else "exit"] += 1
+        if now - worker.spawned_at < YOUNG_AGE:
+            self._died_young(now)
+        else:
+            self._young_deaths = 0
+
+    def _died_young(self, now: float) -> None:
+        self._young_deaths += 1
+        delay = min(BACKOFF_BASE * 2 ** (self._young_deaths - 1), BACKOFF_MAX)
+        self._next_spawn_at = now + delay
+
+
+def _state(slots: Mapping[int, SlotView], worker: WorkerRecord) -> int:
+    view = slots.get(worker.slot)
+    return view.state if view is not None and view.pid == worker.pid else BOOTING
+
+
+def _timeout_reason(view: SlotView, now: float) -> str:
+    return (f"request from {view.client or '?'} on {view.listener or '?'} "
+            f"running for {view.request_age(now):.1f}s (timeout)")
+

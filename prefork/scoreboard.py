@@ -1,0 +1,253 @@
+"""The shared-memory scoreboard: one fixed-size slot per worker. Runs in: both.
+
+Rules:
+
+1. The master creates the map before the first fork; every worker inherits it. A file-backed
+   map in the run directory lets ``prefork status`` read it without talking to the master.
+2. A slot is written by exactly one writer at a time: the master claims and clears it, the
+   worker that owns it writes everything else. Writes are plain memory stores (ctypes fields
+   over the map): no system call per request.
+3. Readers take a snapshot (``read``) and tolerate torn values: each field is read once and the
+   master's decisions tolerate a value one request old.
+4. Times are ``time.monotonic()`` seconds; CLOCK_MONOTONIC is the same clock in every process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import mmap
+import os
+import time
+from typing import Any
+
+__all__ = ["Scoreboard", "SlotView", "BOOTING", "IDLE", "BUSY", "EXITING", "FREE", "STATE_NAMES"]
+
+# Slot states.
+FREE, BOOTING, IDLE, BUSY, EXITING = 0, 1, 2, 3, 4
+STATE_NAMES = {FREE: "free", BOOTING: "booting", IDLE: "idle", BUSY: "busy", EXITING: "exiting"}
+
+# How the master wants a worker to stop (written before it sends SIGTERM).
+STOP_NONE, STOP_RETIRE, STOP_SHUTDOWN = 0, 1, 2
+
+# Room for the client address of the current request ("[ffff:...:ffff%eth0]:65535" fits).
+_CLIENT_BYTES = 64
+# Room for the listener the current request came in on.
+_LISTENER_BYTES = 96
+
+# The file starts with a magic word and the layout version, so a reader never misreads a map
+# written by another version of prefork.
+_MAGIC = b"PFSB0001"
+
+
+class _Slot(ctypes.Structure):
+    _fields_ = [
+        ("pid", ctypes.c_int64),
+        ("generation", ctypes.c_int64),
+        ("number", ctypes.c_int64),
+        ("state", ctypes.c_int64),
+        ("stop_mode", ctypes.c_int64),
+        ("requests", ctypes.c_int64),
+        ("active", ctypes.c_int64),
+        ("started", ctypes.c_double),
+        ("request_started", ctypes.c_double),
+        ("last_tick", ctypes.c_double),
+        ("client", ctypes.c_char * _CLIENT_BYTES),
+        ("listener", ctypes.c_char * _LISTENER_BYTES),
+    ]
+
+
+class _Header(ctypes.Structure):
+    _fields_ = [
+        ("magic", ctypes.c_char * 8),
+        ("capacity", ctypes.c_int64),
+        ("master_pid", ctypes.c_int64),
+        ("master_started", ctypes.c_double),
+    ]
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotView:
+    """A snapshot of one slot, as the master and the CLI see it."""
+
+    index: int
+    pid: int
+    generation: int
+    number: int
+    state: int
+    requests: int
+    active: int
+    started: float
+    request_started: float
+    last_tick: float
+    client: str
+    listener: str
+
+    @property
+    def state_name(self) -> str:
+        return STATE_NAMES.get(self.state, "?")
+
+    def request_age(self, now: float) -> float:
+        """Seconds spent on the current request (0 when idle)."""
+        return now - self.request_started if self.state == BUSY else 0.0
+
+
+class Scoreboard:
+    """Fixed array of worker slots in a shared map."""
+
+    def __init__(self, buffer: Any, path: str | None, owner: bool) -> None:
+        self._buffer = buffer
+        self.path = path
+        self._owner = owner
+        self._inode = 0
+        self._header = _Header.from_buffer(buffer)
+        self.capacity = int(self._header.capacity)
+        array_type = _Slot * self.capacity
+        self._slots = array_type.from_buffer(buffer, ctypes.sizeof(_Header))
+
+    @classmethod
+    def create(cls, capacity: int, path: str | None = None) -> Scoreboard:
+        """Make a zeroed scoreboard. Called before fork, in the master."""
+        size = ctypes.sizeof(_Header) + capacity * ctypes.sizeof(_Slot)
+        if path is None:
+            buffer = mmap.mmap(-1, size)
+        else:
+            buffer = _map_new_file(path, size)
+        header = _Header.from_buffer(buffer)
+        header.magic, header.capacity = _MAGIC, capacity
+        header.master_pid, header.master_started = os.getpid(), time.monotonic()
+        del header  # a live ctypes view would keep close() from releasing the map
+        board = cls(buffer, path, owner=True)
+        board._inode = os.stat(path).st_ino if path else 0
+        return board
+
+    @classmethod
+    def open(cls, path: str) -> Scoreboard:
+        """Map an existing scoreboard file for reading (``prefork status``)."""
+        with open(path, "rb") as f:
+            buffer = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+        if buffer[: len(_MAGIC)] != _MAGIC:
+            buffer.close()
+            raise ValueError(f"{path} is not a prefork scoreboard")
+        # ctypes needs a writable buffer: take a private copy of the read-only map.
+        return cls(bytearray(buffer), path, owner=False)
+
+    @property
+    def master_pid(self) -> int:
+        return int(self._header.master_pid)
+
+    def set_master_pid(self, pid: int) -> None:
+        self._header.master_pid = pid
+
+    def writer(self, index: int) -> SlotWriter:
+        return SlotWriter(self._slots[index])
+
+    def claim(self, index: int, number: int, generation: int) -> None:
+        """Master: reserve a slot for a worker about to be forked."""
+        slot = self._slots[index]
+        ctypes.memset(ctypes.addressof(slot), 0, ctypes.sizeof(_Slot))
+        slot.number, slot.generation, slot.state = number, generation, BOOTING
+        slot.started = slot.last_tick = time.monotonic()
+
+    def set_pid(self, index: int, pid: int) -> None:
+        """Master: record the pid of the worker just forked into the slot."""
+        self._slots[index].pid = pid
+
+    def request_stop(self, index: int, mode: int) -> None:
+        """Master: tell the slot's worker how to stop, before signalling it."""
+        self._slots[index].stop_mode = mode
+
+    def stop_mode(self, index: int) -> int:
+        return int(self._slots[index].stop_mode)
+
+    def release(self, index: int) -> None:
+        """Master: the slot's worker is gone; the slot can be reused."""
+        slot = self._slots[index]
+        ctypes.memset(ctypes.addressof(slot), 0, ctypes.sizeof(_Slot))
+
+    def read(self, index: int) -> SlotView:
+        slot = self._slots[index]
+        return SlotView(
+            index, slot.pid, slot.generation, slot.number, slot.state, slot.requests, slot.active,
+            slot.started, slot.request_started, slot.last_tick,
+            slot.client.decode(errors="replace"), slot.listener.decode(errors="replace"),
+        )
+
+    def used(self) -> list[SlotView]:
+        """Snapshots of every slot that holds a worker."""
+        return [self.read(i) for i in range(self.capacity) if self._slots[i].state != FREE]
+
+    def close(self) -> None:
+        """Unmap; the owner also removes the file."""
+        self._slots = self._header = None  # type: ignore[assignment]
+        if isinstance(self._buffer, mmap.mmap):
+            self._buffer.close()
+        if self._owner and self.path:
+            _unlink_if_same(self.path, self._inode)
+
+
+class SlotWriter:
+    """The worker's handle on its own slot. Every method is a few memory stores."""
+
+    __slots__ = ("_slot",)
+
+    def __init__(self, slot: _Slot) -> None:
+        self._slot = slot
+
+    def booted(self, pid: int) -> None:
+        """The worker is ready to accept."""
+        slot = self._slot
+        slot.pid = pid
+        slot.last_tick = time.monotonic()
+        slot.state = IDLE
+
+    def begin(self, client: bytes, listener: bytes) -> None:
+        slot = self._slot
+        slot.request_started = time.monotonic()
+        slot.client = client[:_CLIENT_BYTES]
+        slot.listener = listener[:_LISTENER_BYTES]
+        slot.state = BUSY
+
+    def end(self) -> None:
+        slot = self._slot
+        slot.requests += 1
+        slot.state = IDLE
+
+    def add_active(self, delta: int) -> None:
+        self._slot.active += delta
+
+    def tick(self) -> None:
+        self._slot.last_tick = time.monotonic()
+
+    def exiting(self) -> None:
+        self._slot.state = EXITING
+
+    @property
+    def requests(self) -> int:
+        return int(self._slot.requests)
+
+    @property
+    def stop_mode(self) -> int:
+        return int(self._slot.stop_mode)
+
+
+def _map_new_file(path: str, size: int) -> mmap.mmap:
+    """A shared map backed by a new file at *path* (mode 0644: readable by the CLI, written by us)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.ftruncate(fd, size)
+        buffer = mmap.mmap(fd, size, mmap.MAP_SHARED)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return buffer
+
+
+def _unlink_if_same(path: str, inode: int) -> None:
+    """Remove *path* unless it was replaced (a new master after an upgrade writes its own)."""
+    try:
+        if os.stat(path).st_ino == inode:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,236 @@
+"""A worker's life, from the fork that made it to ``os._exit``. Runs in: worker.
+
+Rules:
+
+1. Everything here is called in the child, after fork. The child first makes sure it cannot
+   outlive the master (PR_SET_PDEATHSIG, then a parent check), resets the master's signal
+   handlers, drops privileges, and only then loads the app and serves.
+2. The child leaves only through ``os._exit``: it must never return into the master's code.
+   Exit status: 0 after a requested stop, WORKER_BOOT_FAILED when the app cannot be loaded,
+   1 after an unexpected error (logged with its traceback).
+3. One loop serves every listener of the service: it waits on all of them and on the signal
+   pipe, and after each turn reports to the scoreboard with plain memory writes.
+4. On SIGTERM the worker finishes what it is serving; when the whole service stops it also
+   serves the connections already queued on its listeners before it closes them, so none
+   is reset. SIGQUIT and SIGINT stop it at once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import faulthandler
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from typing import Any, Callable, NoReturn, Sequence
+
+from prefork.errors import AppLoadError
+from prefork.pool import WORKER_BOOT_FAILED
+from prefork.scoreboard import STOP_SHUTDOWN, SlotWriter
+from prefork.servers import BaseServer, _Poller
+from prefork.signals import MASTER_SIGNALS, WORKER_SIGNALS, SignalQueue, reset_to_defaults
+
+__all__ = ["WorkerSpec", "run_worker"]
+
+log = logging.getLogger("prefork.worker")
+
+# The worker's loop wakes at least this often to report liveness and check on its master.
+TICK = 1.0
+_PR_SET_PDEATHSIG = 1
+# Writes to a pipe up to this size are atomic (POSIX guarantees at least 512; Linux gives 4096).
+_PIPE_BUF = getattr(__import__("select"), "PIPE_BUF", 512)
+
+
+@dataclasses.dataclass
+class WorkerSpec:
+    """Everything a worker needs, prepared by the master before fork."""
+
+    listeners: Sequence[Any]  # prefork.listeners.Listener (sock, name, is_stream)
+    build_servers: Callable[[Sequence[Any]], list[BaseServer]]  # may raise AppLoadError
+    name: str
+    graceful_timeout: float
+    master_pid: int
+    reuse_port: bool = False
+    rebind: Callable[[Any], Any] | None = None  # reuse_port: a new per-worker socket for a listener
+    drop_privileges: Callable[[], None] | None = None
+    post_fork: Callable[[Any], None] | None = None
+    on_reopen_logs: Callable[[], None] | None = None
+    set_title: Callable[[int, int], None] | None = None
+    boot_error_fd: int = -1  # where a worker that cannot load the app says why (read by the master)
+
+
+@dataclasses.dataclass
+class WorkerIdentity:
+    number: int
+    generation: int
+    slot: SlotWriter
+
+
+def run_worker(spec: WorkerSpec, identity: WorkerIdentity, inherited_signals: SignalQueue | None) -> NoReturn:
+    """Called in the child right after fork. Never returns."""
+    status = 1
+    try:
+        status = _live(spec, identity, inherited_signals)
+    except AppLoadError as exc:
+        _report_boot_error(spec, str(exc))
+        status = WORKER_BOOT_FAILED
+    except SystemExit as exc:
+        status = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        log.critical("worker %d failed:\n%s", identity.number, traceback.format_exc())
+    finally:
+        _flush_std_streams()
+        os._exit(status)
+
+
+def _live(spec: WorkerSpec, identity: WorkerIdentity, inherited_signals: SignalQueue | None) -> int:
+    _die_with_master(spec.master_pid)
+    if inherited_signals is not None:
+        inherited_signals.forget()
+    reset_to_defaults(MASTER_SIGNALS)
+    # On SIGABRT (the master's timeout) and on fatal signals, dump every thread's stack to the
+    # error log, then die of the signal. Done in C, so it works while Python code is stuck.
+    faulthandler.enable(file=sys.stderr, all_threads=True)
+    if spec.set_title is not None:
+        spec.set_title(identity.number, identity.generation)
+    # Rebind first: the kernel lets only sockets of the same user share a port.
+    listeners = [spec.rebind(l) for l in spec.listeners] if spec.reuse_port and spec.rebind else spec.listeners
+    if spec.drop_privileges is not None:
+        spec.drop_privileges()
+    if spec.post_fork is not None:
+        spec.post_fork(identity)
+    servers = spec.build_servers(listeners)
+    with SignalQueue(WORKER_SIGNALS) as signals:
+        return _Loop(spec, identity, servers, listeners, signals).run()
+
+
+def _report_boot_error(spec: WorkerSpec, message: str) -> None:
+    """Hand the reason to the master, which shows it once for the whole pool."""
+    # One atomic write, NUL-terminated: messages of several workers never interleave.
+    data = message.encode(errors="replace")[: _PIPE_BUF - 1] + b"\0"
+    try:
+        os.write(spec.boot_error_fd, data)
+    except OSError:
+        log.error("worker %d cannot load the app: %s", os.getpid(), message)
+
+
+def _die_with_master(master_pid: int) -> None:
+    """Ask the kernel to SIGKILL us when the master dies; exit now if it already has."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != master_pid:
+        os._exit(0)  # the master died between fork and prctl: nobody supervises us
+
+
+def _flush_std_streams() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # closed or broken stream: nothing more can be said through it
+
+
+class _Loop:
+    """The worker's one loop over all its servers."""
+
+    def __init__(self, spec: WorkerSpec, identity: WorkerIdentity, servers: list[BaseServer],
+                 listeners: Sequence[Any], signals: SignalQueue) -> None:
+        self.spec = spec
+        self.slot = identity.slot
+        self.servers = servers
+        self.signals = signals
+        self.stopping = False
+        self.by_fd: dict[int, BaseServer] = {}
+        for server, listener in zip(servers, listeners):
+            _instrument(server, self.slot, listener.name.encode())
+            self.by_fd[server.fileno()] = server
+
+    def run(self) -> int:
+        with _Poller() as poller:
+            for fd, server in self.by_fd.items():
+                server._prepare_listener()
+                poller.add(fd, shared=not self.spec.reuse_port)
+            poller.add(self.signals.fileno())
+            self.slot.booted(os.getpid())
+            self._serve(poller)
+            self.slot.exiting()
+            self._drain(poller)
+        self._close()
+        return 0
+
+    def _serve(self, poller: _Poller) -> None:
+        by_fd, servers, slot = self.by_fd, self.servers, self.slot
+        master_pid = self.spec.master_pid
+        while not self.stopping:
+            for fd in poller.wait(TICK):
+                server = by_fd.get(fd)
+                if server is not None:
+                    server._handle_request_noblock()
+                else:
+                    self._handle_signals()
+            for server in servers:
+                server.service_actions()
+            slot.tick()
+            if os.getppid() != master_pid:
+                log.warning("worker %d: master %d is gone, leaving", os.getpid(), master_pid)
+                self.stopping = True
+
+    def _handle_signals(self) -> None:
+        for signum in self.signals.pop_all():
+            if signum == signal.SIGTERM:
+                self.stopping = True
+            elif signum in (signal.SIGQUIT, signal.SIGINT):
+                self._close()
+                _flush_std_streams()
+                os._exit(0)
+            elif signum == signal.SIGUSR1 and self.spec.on_reopen_logs is not None:
+                self.spec.on_reopen_logs()
+
+    def _drain(self, poller: _Poller) -> None:
+        """Serve what is already queued before leaving.
+
+        When the whole service stops, every queued connection is served (until
+        graceful_timeout). When only this worker retires, one pass serves the connections whose
+        wake-up this worker received, so another worker is not left sleeping on them.
+        """
+        deadline = time.monotonic() + self.spec.graceful_timeout
+        whole_service = self.slot.stop_mode == STOP_SHUTDOWN
+        while time.monotonic() < deadline:
+            ready = [self.by_fd[fd] for fd in poller.wait(0) if fd in self.by_fd]
+            for server in ready:
+                server._handle_request_noblock()
+            if not ready or not whole_service:
+                return
+
+    def _close(self) -> None:
+        for server in self.servers:
+            try:
+                server.server_close()
+            except Exception:
+                log.exception("worker %d: error while closing %r", os.getpid(), server)
+
+
+def _instrument(server: BaseServer, slot: SlotWriter, listener: bytes) -> None:
+    """Report each request to the scoreboard around the server's own process_request."""
+    process_request = server.process_request
+
+    def process_request_reported(request: Any, client_address: Any) -> None:
+        slot.begin(_client_bytes(client_address), listener)
+        try:
+            process_request(request, client_address)
+        finally:
+            slot.end()
+
+    server.process_request = process_request_reported  # type: ignore[method-assign]
+
+
+def _client_bytes(address: Any) -> bytes:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}").encode()
+    return str(address or "unix").encode()

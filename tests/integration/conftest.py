@@ -1,0 +1,232 @@
+"""Real masters in subprocesses, each in its own session; teardown kills the process group."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from prefork.listeners import parse_bind
+from prefork.scoreboard import Scoreboard, SlotView
+from tests.support import SOCKET_TIMEOUT, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+# How long a master gets to start every worker, or to stop.
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 30.0
+
+
+class Master:
+    """One prefork master started by a test."""
+
+    def __init__(self, directory: Path, app: str, bind: list[str], pythonpath: Path | None = None,
+                 **settings: Any) -> None:
+        self.dir = directory
+        self.ready_file = directory / "ready.json"
+        self.pidfile = directory / "master.pid"
+        self.log_path = directory / "master.log"
+        options = {"app": app, "bind": bind, "ready_file": str(self.ready_file),
+                   "pidfile": str(self.pidfile), **settings}
+        self._log = open(self.log_path, "wb")
+        path = os.pathsep.join(str(p) for p in (pythonpath, ROOT) if p)
+        env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.integration.runner", json.dumps(options)],
+            cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.pgid = self.proc.pid
+        self.info: dict[str, Any] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> Master:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"master exited with {self.proc.returncode}:\n{self.log()}")
+            return self.ready_file.exists()
+        wait_until(ready, timeout, message=f"master not ready:\n{self.log()}")
+        self.info = json.loads(self.ready_file.read_text())
+        return self
+
+    def signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+    @property
+    def pid(self) -> int:
+        return int(self.info.get("pid") or self.proc.pid)
+
+    def wait_exit(self, timeout: float = STOP_TIMEOUT) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"master did not exit within {timeout}s:\n{self.log()}") from None
+
+    def kill_group(self) -> None:
+        """Teardown: TERM then KILL everything in the master's process group."""
+        for signum in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.pgid, signum)
+            except ProcessLookupError:
+                break
+            if _group_gone(self.pgid, timeout=5 if signum == signal.SIGTERM else 10):
+                break
+        if self.proc.poll() is None:
+            self.proc.wait(10)
+        self._log.close()
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    # -- what it serves --------------------------------------------------------------------------
+
+    def address(self, index: int = 0) -> Any:
+        return parse_bind(self.info["listeners"][index]).address
+
+    def workers(self) -> list[SlotView]:
+        board = Scoreboard.open(f"{self.pidfile}.scoreboard")
+        try:
+            return [view for view in board.used() if view.pid]
+        finally:
+            board.close()
+
+    def worker_pids(self) -> set[int]:
+        return {view.pid for view in self.workers()}
+
+    def ready_pids(self, generation: int | None = None) -> set[int]:
+        return {v.pid for v in self.workers()
+                if v.state_name in ("idle", "busy") and (generation is None or v.generation == generation)}
+
+    def wait_workers(self, count: int, generation: int | None = None, timeout: float = START_TIMEOUT) -> set[int]:
+        wait_until(lambda: len(self.ready_pids(generation)) == count and
+                   len(self.worker_pids()) == count, timeout,
+                   message=f"expected {count} ready workers (generation {generation}): {self.workers()}")
+        return self.ready_pids(generation)
+
+    def request(self, line: bytes, index: int = 0, timeout: float = SOCKET_TIMEOUT) -> bytes:
+        with socket.create_connection(self.address(index), timeout=timeout) as sock:
+            sock.sendall(line + b"\n")
+            return _read_line(sock)
+
+
+def _read_line(sock: socket.socket) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError(f"closed after {data!r}")
+        data += chunk
+    return data[:-1]
+
+
+def _group_gone(pgid: int, timeout: float) -> bool:
+    def gone() -> bool:
+        for proc in psutil.process_iter(["pid"]):
+            try:
+                if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                    return False
+            except (ProcessLookupError, psutil.Error):
+                continue
+        return True
+    return bool(wait_until(gone, timeout, fail=False))
+
+
+@pytest.fixture
+def start_master(tmp_path):
+    """start_master(app=..., bind=[...], **settings) -> a ready Master; all are killed on teardown."""
+    masters: list[Master] = []
+
+    def start(app: str = "tests.integration.apps", bind: list[str] | None = None, ready: bool = True,
+              **settings: Any) -> Master:
+        directory = tmp_path / f"m{len(masters)}"
+        directory.mkdir()
+        settings.setdefault("workers", 2)
+        master = Master(directory, app, bind or ["tcp://127.0.0.1:0"], **settings)
+        masters.append(master)
+        return master.wait_ready() if ready else master
+
+    yield start
+    for master in masters:
+        master.kill_group()
+
+
+class Load:
+    """A client load in threads: each request opens a connection, sends a line, checks the echo."""
+
+    def __init__(self, master: Master, clients: int = 4, line: bytes = b"hello") -> None:
+        self.master = master
+        self.line = line
+        self.ok = 0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, name=f"load-{i}") for i in range(clients)]
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(SOCKET_TIMEOUT * 2)
+
+    def _run(self) -> None:
+        # Bounded: each client makes at most this many requests, whatever happens.
+        for _ in range(100_000):
+            if self._stop.is_set():
+                return
+            try:
+                reply = self.master.request(self.line)
+                outcome = None if reply == self.line else f"wrong reply {reply!r}"
+            except OSError as exc:
+                outcome = repr(exc)
+            with self._lock:
+                if outcome is None:
+                    self.ok += 1
+                else:
+                    self.failures.append(outcome)
+
+    def wait_requests(self, count: int, timeout: float = 30.0) -> None:
+        start = self.ok
+        wait_until(lambda: self.ok - start >= count, timeout, message=f"load stalled at {self.ok}: {self.failures[:5]}")
+
+
+@pytest.fixture
+def load():
+    loads: list[Load] = []
+
+    def make(master: Master, clients: int = 4, line: bytes = b"hello") -> Load:
+        running = Load(master, clients, line).__enter__()
+        loads.append(running)
+        return running
+
+    yield make
+    for running in loads:
+        running.stop()
+
+
+def wait_pid_gone(pid: int, timeout: float = 10.0) -> None:
+    def gone() -> bool:
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+    wait_until(gone, timeout, message=f"process {pid} still alive")
+
+
+def monotonic_ms() -> float:
+    return time.monotonic() * 1000

@@ -1,0 +1,37 @@
+"""Runs one master for a test: ``python -m tests.integration.runner SETTINGS_JSON``.
+
+The JSON holds prefork settings plus "app" and "ready_file": the when_ready hook writes the
+master's pid and bound listener names there, so the test knows ports bound to 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+import prefork
+from prefork.config import make_settings
+
+
+def main() -> int:
+    options = json.loads(sys.argv[1])
+    app = options.pop("app")
+    ready_file = options.pop("ready_file")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="[%(process)d] %(levelname)s %(name)s: %(message)s")
+
+    def when_ready(arbiter):
+        data = {"pid": os.getpid(), "listeners": [listener.name for listener in arbiter.listeners]}
+        tmp = f"{ready_file}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, ready_file)
+
+    settings = make_settings({**options, "when_ready": when_ready})
+    return prefork.serve(app, settings=settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""The pool policy, driven by plain events: no processes, no clock, no signals."""
+
+from __future__ import annotations
+
+import random
+import signal
+
+import pytest
+
+from prefork import pool as policy
+from prefork.pool import Halt, Kill, Notify, Pool, PoolConfig, Spawn, Stop
+from prefork.scoreboard import BOOTING, BUSY, IDLE, STOP_RETIRE, STOP_SHUTDOWN, SlotView
+
+
+class Harness:
+    """Plays the arbiter: gives pids to Spawn actions and keeps a fake scoreboard."""
+
+    def __init__(self, **config):
+        self.pool = Pool(PoolConfig(**config), capacity=64, rng=random.Random(7))
+        self.now = 1000.0
+        self.next_pid = 100
+        self.slots: dict[int, SlotView] = {}
+        self.actions: list = []
+
+    def run(self, actions):
+        for action in actions:
+            if isinstance(action, Spawn):
+                self.next_pid += 1
+                self.pool.spawned(action.worker, self.next_pid)
+                self.set_state(action.worker, BOOTING)
+        self.actions += actions
+        return actions
+
+    def start(self):
+        return self.run(self.pool.start(self.now))
+
+    def set_state(self, worker, state, requests=0, request_started=0.0):
+        self.slots[worker.slot] = SlotView(worker.slot, worker.pid, worker.generation, worker.number, state,
+                                           requests, 0, worker.spawned_at, request_started, self.now, "c", "l")
+
+    def boot_all(self):
+        for worker in self.pool.workers.values():
+            if self.slots[worker.slot].state == BOOTING:
+                self.set_state(worker, IDLE)
+        return self.tick()
+
+    def tick(self, advance=0.0, rss=None):
+        self.now += advance
+        return self.run(self.pool.tick(self.now, self.slots, rss))
+
+    def exit(self, worker, code=0, advance=0.0):
+        self.now += advance
+        self.slots.pop(worker.slot, None)
+        return self.run(self.pool.exited(worker.pid, code, self.now))
+
+    def live(self):
+        return [w for w in self.pool.workers.values() if not w.stopping]
+
+
+def kinds(actions):
+    return [type(a).__name__ for a in actions]
+
+
+def test_start_spawns_the_configured_number_and_announces_ready_once():
+    h = Harness(workers=3)
+    assert kinds(h.start()) == ["Spawn"] * 3
+    assert sorted(w.number for w in h.pool.workers.values()) == [1, 2, 3]
+    assert kinds(h.tick()) == []  # still booting: not ready yet
+    assert Notify("ready") in h.boot_all()
+    assert Notify("ready") not in h.tick(1)
+
+
+def test_a_worker_that_dies_is_replaced():
+    h = Harness(workers=2)
+    h.start(); h.boot_all()
+    victim = next(iter(h.pool.workers.values()))
+    actions = h.exit(victim, code=-9, advance=60)
+    assert kinds(actions) == ["Spawn"]
+    assert actions[0].worker.number == victim.number
+    assert h.pool.restarts["crash"] == 1
+
+
+def test_workers_dying_young_are_restarted_with_exponential_back_off():
+    h = Harness(workers=1)
+    h.start()
+    delays = []
+    for _ in range(5):
+        worker = next(iter(h.pool.workers.values()))
+        assert h.exit(worker, code=1, advance=0.01) == []  # not at once: back-off
+        waited = 0.0
+        while not h.pool.workers:
+            h.tick(0.01)
+            waited += 0.01
+        delays.append(waited)
+    assert all(later > earlier * 1.5 for earlier, later in zip(delays, delays[1:])), delays
+
+
+def test_boot_failure_halts_with_exit_code_3_without_respawning():
+    h = Harness(workers=3)
+    h.start()
+    first = next(iter(h.pool.workers.values()))
+    actions = h.exit(first, code=policy.WORKER_BOOT_FAILED)
+    assert "Spawn" not in kinds(actions)
+    assert {a.signum for a in actions if isinstance(a, Kill)} == {signal.SIGQUIT}
+    for worker in list(h.pool.workers.values()):
+        actions = h.exit(worker, code=0)
+    assert actions == [Halt(3, "worker 1 could not load the app")]
+
+
+def test_boot_failure_during_a_reload_keeps_the_old_generation():
+    h = Harness(workers=2)
+    h.start(); h.boot_all()
+    h.run(h.pool.reload(h.now))
+    successor = next(w for w in h.pool.workers.values() if w.generation == 2)
+    actions = h.exit(successor, code=policy.WORKER_BOOT_FAILED)
+    assert not any(isinstance(a, (Halt, Stop)) for a in actions)
+    assert h.pool.reload_failures == 1
+    assert [w.generation for w in h.live()] == [1, 1]
+    assert not any(w.outgoing for w in h.live())
+
+
+def test_graceful_stop_stops_everyone_then_halts_with_0():
+    h = Harness(workers=2)
+    h.start(); h.boot_all()
+    actions = h.run(h.pool.stop(h.now))
+    assert kinds(actions) == ["Stop", "Stop"]
+    assert all(a.mode == STOP_SHUTDOWN for a in actions)
+    workers = list(h.pool.workers.values())
+    assert h.exit(workers[0]) == []
+    assert h.exit(workers[1]) == [Halt(0, "graceful stop")]
+
+
+def test_graceful_stop_kills_what_is_left_after_graceful_timeout():
+    h = Harness(workers=1, graceful_timeout=5)
+    h.start(); h.boot_all()
+    h.run(h.pool.stop(h.now))
+    assert h.tick(4.9) == []
+    actions = h.tick(0.2)
+    assert [(type(a), a.signum) for a in actions] == [(Kill, signal.SIGKILL)]
+    assert h.tick(10) == []  # killed once only
+
+
+def test_fast_stop_sends_quit_then_kill():
+    h = Harness(workers=2)
+    h.start(); h.boot_all()
+    actions = h.run(h.pool.stop(h.now, fast=True))
+    assert [a.signum for a in actions] == [signal.SIGQUIT] * 2
+    actions = h.tick(policy.FAST_STOP_GRACE + 0.1)
+    assert [a.signum for a in actions] == [signal.SIGKILL] * 2
+
+
+def test_reload_replaces_workers_one_at_a_time_never_below_capacity():
+    h = Harness(workers=3)
+    h.start(); h.boot_all()
+    h.run(h.pool.reload(h.now))
+    ready_floor = []
+    for _ in range(20):
+        spawns = [a for a in h.actions if isinstance(a, Spawn) and a.worker.generation == 2]
+        stops = [a for a in h.actions if isinstance(a, Stop)]
+        assert len(spawns) - len(stops) <= 1, "more than one replacement in flight"
+        ready_floor.append(sum(1 for w in h.live() if w.ready))
+        for stop in stops:
+            if h.pool.by_pid(stop.worker.pid) is not None:
+                h.exit(stop.worker)
+        h.boot_all()
+        if all(w.generation == 2 for w in h.pool.workers.values()):
+            break
+    assert sorted(w.generation for w in h.pool.workers.values()) == [2, 2, 2]
+    assert min(ready_floor) >= 3
+    assert Notify("reloaded") in h.actions
+    assert all(a.mode == STOP_RETIRE for a in h.actions if isinstance(a, Stop))
+
+
+def test_timeout_aborts_a_busy_worker_then_kills_it():
+    h = Harness(workers=2, timeout=10)
+    h.start(); h.boot_all()
+    busy, idle = list(h.pool.workers.values())
+    h.set_state(busy, BUSY, request_started=h.now)
+    h.set_state(idle, IDLE)
+    assert h.tick(9) == []
+    actions = h.tick(2)
+    assert [(a.worker.pid, a.signum) for a in actions] == [(busy.pid, signal.SIGABRT)]
+    assert "request from c on l running for 11.0s" in actions[0].reason
+    assert h.tick(policy.ABORT_GRACE)[0].signum == signal.SIGKILL
+    assert h.pool.restarts["timeout"] == 1
+
+
+def test_idle_workers_are_never_killed_for_timeout():
+    h = Harness(workers=1, timeout=1)
+    h.start(); h.boot_all()
+    assert h.tick(3600) == []
+
+
+@pytest.mark.parametrize("config,reading", [
+    ({"max_requests": 10}, {"requests": 10}),
+    ({"max_worker_memory": 1000}, {"rss": 2000}),
+    ({"max_worker_lifetime": 60}, {"advance": 61}),
+])
+def test_recycling_starts_the_successor_before_stopping(config, reading):
+    h = Harness(workers=1, **config)
+    h.start(); h.boot_all()
+    old = next(iter(h.pool.workers.values()))
+    h.set_state(old, IDLE, requests=reading.get("requests", 0))
+    rss = {old.pid: reading["rss"]} if "rss" in reading else None
+    actions = h.tick(reading.get("advance", 0), rss=rss)
+    assert kinds(actions) == ["Spawn"], "the successor comes first"
+    assert h.pool.restarts["recycle"] == 1
+    assert h.tick() == []  # successor still booting: the old one keeps serving
+    actions = h.boot_all()
+    assert [(type(a), a.worker.pid) for a in actions] == [(Stop, old.pid)]
+
+
+def test_max_requests_jitter_spreads_the_limits():
+    h = Harness(workers=20, max_requests=100, max_requests_jitter=50)
+    h.start()
+    limits = {w.max_requests for w in h.pool.workers.values()}
+    assert len(limits) > 5 and all(100 <= n <= 150 for n in limits)
+
+
+def test_scale_up_and_down():
+    h = Harness(workers=2)
+    h.start(); h.boot_all()
+    assert kinds(h.run(h.pool.scale(h.now, 3))) == ["Spawn"]
+    h.boot_all()
+    actions = h.run(h.pool.scale(h.now, 1))
+    assert kinds(actions) == ["Stop", "Stop"]
+    assert sorted(a.worker.number for a in actions) == [2, 3]
+
+
+def test_winch_empties_the_pool_and_reload_refills_it():
+    h = Harness(workers=2)
+    h.start(); h.boot_all()
+    assert kinds(h.run(h.pool.scale(h.now, 0))) == ["Stop", "Stop"]
+    for worker in list(h.pool.workers.values()):
+        h.exit(worker)
+    assert not h.pool.workers
+    assert kinds(h.run(h.pool.reload(h.now))) == ["Spawn", "Spawn"]
+
+
+def test_adaptive_pool_grows_under_load_and_shrinks_when_idle():
+    h = Harness(min_workers=1, max_workers=8, min_spare=1, max_spare=2)
+    h.start(); h.boot_all()
+    for _ in range(10):
+        for worker in h.live():
+            if worker.ready:
+                h.set_state(worker, BUSY, request_started=h.now)
+        h.tick(1)
+        h.boot_all()
+    assert len(h.live()) == 8
+    for worker in h.live():
+        h.set_state(worker, IDLE)
+    for _ in range(20):
+        for stop in [a for a in h.tick(1) if isinstance(a, Stop)]:
+            h.exit(stop.worker)
+    assert 1 <= len(h.live()) <= 3
+
+
+def test_wait_hint_is_short_while_booting_and_long_when_settled():
+    h = Harness(workers=1)
+    h.start()
+    assert h.pool.wait_hint(h.now) == policy.TICK_BUSY
+    h.boot_all()
+    assert h.pool.wait_hint(h.now) == policy.TICK_IDLE
