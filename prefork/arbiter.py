@@ -134,6 +134,7 @@ class Arbiter:
         now = time.monotonic()
         slots = {view.index: view for view in self.scoreboard.used()}
         self._execute(self.pool.tick(now, slots, self._memory(now)))
+        self.scoreboard.publish(self.pool.generation, self.pool.target, self.pool.restarts)
 
     def _memory(self, now: float) -> dict[int, int] | None:
         if not self.settings.max_worker_memory or now < self._next_memory_check:

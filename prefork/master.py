@@ -116,12 +116,15 @@ if hasattr(__import__("socket"), "AF_UNIX"):
 
 def serve(app: Any, bind: Sequence[str] | str | None = None, *, settings: Settings | None = None,
           server_class: type[BaseServer] | None = None,
-          reload_settings: Callable[[], Settings] | None = None, **options: Any) -> int:
+          reload_settings: Callable[[], Settings] | None = None,
+          service_options: dict[str, Any] | None = None, **options: Any) -> int:
     """Run one service until it is stopped; returns the master's exit code.
 
     *app* is a request handler class, an object or module with ``StreamHandler`` and/or
-    ``DatagramHandler`` attributes, or a 'module:attribute' string naming one of those (loaded
-    in each worker, so that a reload loads new code, unless ``preload`` is set).
+    ``DatagramHandler`` attributes (and optionally ``server_class``, the server class for its
+    stream listeners), or a 'module:attribute' string naming one of those, loaded in each
+    worker so that a reload loads new code (unless ``preload`` is set). If the loaded object
+    has ``configure``, it is called with *service_options* and what it returns is the service.
     """
     if settings is None:
         settings = make_settings({**options, **({"bind": bind} if bind is not None else {})})
@@ -139,7 +142,9 @@ def serve(app: Any, bind: Sequence[str] | str | None = None, *, settings: Settin
                          unix_group=settings.unix_group, inherited=inherited_listeners(os.environ))
     for name in ("PREFORK_FDS", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(name, None)  # adopted: workers and their children must not see them
-    builder = _ServerBuilder(app, server_class, settings.mode, settings.threads)
+    builder = _ServerBuilder(app, server_class, settings.mode, settings.threads, service_options or {})
+    if not isinstance(app, str):
+        builder.app = app = builder.service(app)
     if not isinstance(app, str):
         builder.check(listeners)  # a mismatch is reported before any fork
     spec = _worker_spec(settings, listeners, builder, settings.name or _app_name(app))
@@ -149,15 +154,31 @@ def serve(app: Any, bind: Sequence[str] | str | None = None, *, settings: Settin
 class _ServerBuilder:
     """Builds, in a worker, one server per listener around the inherited sockets."""
 
-    def __init__(self, app: Any, server_class: type[BaseServer] | None, mode: str, threads: int) -> None:
+    def __init__(self, app: Any, server_class: type[BaseServer] | None, mode: str, threads: int,
+                 service_options: dict[str, Any]) -> None:
         self.app = app
         self.server_class = server_class
         self.mode = mode
         self.threads = threads
+        self.service_options = service_options
 
     def __call__(self, listeners: Sequence[Listener]) -> list[BaseServer]:
-        app = load_object(self.app) if isinstance(self.app, str) else self.app
+        """Called in the worker: load the app (unless preloaded) and wrap each listener."""
+        app = self.service(load_object(self.app)) if isinstance(self.app, str) else self.app
         return [self._build(app, listener) for listener in listeners]
+
+    def service(self, loaded: Any) -> Any:
+        """The service a loaded object offers: what its configure() returns, or itself."""
+        configure = getattr(loaded, "configure", None)
+        if configure is None or isinstance(loaded, type):
+            if self.service_options:
+                names = ", ".join(sorted(self.service_options))
+                raise AppLoadError(f"{_app_name(loaded)} takes no service options (given: {names})")
+            return loaded
+        try:
+            return configure(**self.service_options)
+        except TypeError as exc:
+            raise AppLoadError(f"{_app_name(loaded)}: bad service options {self.service_options}: {exc}") from exc
 
     def check(self, listeners: Sequence[Listener]) -> None:
         for listener in listeners:
@@ -165,7 +186,8 @@ class _ServerBuilder:
 
     def _build(self, app: Any, listener: Listener) -> BaseServer:
         handler = handler_for(app, listener)
-        base = self.server_class if self.server_class and listener.is_stream else None
+        own = self.server_class or getattr(app, "server_class", None)
+        base = own if own and listener.is_stream else None
         base = base or (TCPServer if listener.is_stream else UDPServer)
         cls = server_class_for(self.mode, base, self.threads)
         return cls.from_socket(listener.sock, handler)  # type: ignore[attr-defined,no-any-return]

@@ -21,7 +21,7 @@ import os
 import time
 from typing import Any
 
-__all__ = ["Scoreboard", "SlotView", "BOOTING", "IDLE", "BUSY", "EXITING", "FREE", "STATE_NAMES"]
+__all__ = ["Scoreboard", "SlotView", "MasterView", "RESTART_CAUSES", "BOOTING", "IDLE", "BUSY", "EXITING", "FREE", "STATE_NAMES"]
 
 # Slot states.
 FREE, BOOTING, IDLE, BUSY, EXITING = 0, 1, 2, 3, 4
@@ -57,13 +57,31 @@ class _Slot(ctypes.Structure):
     ]
 
 
+# Causes of worker restarts, in the order of the header's counters.
+RESTART_CAUSES = ("exit", "timeout", "recycle", "crash")
+
+
 class _Header(ctypes.Structure):
     _fields_ = [
         ("magic", ctypes.c_char * 8),
         ("capacity", ctypes.c_int64),
         ("master_pid", ctypes.c_int64),
         ("master_started", ctypes.c_double),
+        ("generation", ctypes.c_int64),
+        ("target", ctypes.c_int64),
+        ("restarts", ctypes.c_int64 * len(RESTART_CAUSES)),
     ]
+
+
+@dataclasses.dataclass(frozen=True)
+class MasterView:
+    """What the master publishes about the pool as a whole."""
+
+    pid: int
+    started: float
+    generation: int
+    target: int
+    restarts: dict[str, int]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +156,19 @@ class Scoreboard:
 
     def set_master_pid(self, pid: int) -> None:
         self._header.master_pid = pid
+
+    def publish(self, generation: int, target: int, restarts: dict[str, int]) -> None:
+        """Master: the pool's figures, for `prefork status`, reload waits and metrics."""
+        header = self._header
+        header.generation, header.target = generation, target
+        for i, cause in enumerate(RESTART_CAUSES):
+            header.restarts[i] = restarts.get(cause, 0)
+
+    def master(self) -> MasterView:
+        header = self._header
+        restarts = {cause: int(header.restarts[i]) for i, cause in enumerate(RESTART_CAUSES)}
+        return MasterView(int(header.master_pid), float(header.master_started), int(header.generation),
+                          int(header.target), restarts)
 
     def writer(self, index: int) -> SlotWriter:
         return SlotWriter(self._slots[index])
