@@ -21,7 +21,7 @@ import os
 import time
 from typing import Any
 
-__all__ = ["Scoreboard", "SlotView", "MasterView", "RESTART_CAUSES", "BOOTING", "IDLE", "BUSY", "EXITING", "FREE", "STATE_NAMES"]
+__all__ = ["Scoreboard", "SlotView", "MasterView", "RESTART_CAUSES", "MAX_LISTENERS", "BOOTING", "IDLE", "BUSY", "EXITING", "FREE", "STATE_NAMES"]
 
 # Slot states.
 FREE, BOOTING, IDLE, BUSY, EXITING = 0, 1, 2, 3, 4
@@ -34,6 +34,9 @@ STOP_NONE, STOP_RETIRE, STOP_SHUTDOWN = 0, 1, 2
 _CLIENT_BYTES = 64
 # Room for the listener the current request came in on.
 _LISTENER_BYTES = 96
+# Per-listener request counters in each slot: a service with more listeners counts the rest
+# under the last one.
+MAX_LISTENERS = 8
 
 # The file starts with a magic word and the layout version, so a reader never misreads a map
 # written by another version of prefork.
@@ -52,6 +55,7 @@ class _Slot(ctypes.Structure):
         ("started", ctypes.c_double),
         ("request_started", ctypes.c_double),
         ("last_tick", ctypes.c_double),
+        ("by_listener", ctypes.c_int64 * MAX_LISTENERS),
         ("client", ctypes.c_char * _CLIENT_BYTES),
         ("listener", ctypes.c_char * _LISTENER_BYTES),
     ]
@@ -100,6 +104,7 @@ class SlotView:
     last_tick: float
     client: str
     listener: str
+    by_listener: tuple[int, ...] = ()
 
     @property
     def state_name(self) -> str:
@@ -202,6 +207,7 @@ class Scoreboard:
             index, slot.pid, slot.generation, slot.number, slot.state, slot.requests, slot.active,
             slot.started, slot.request_started, slot.last_tick,
             slot.client.decode(errors="replace"), slot.listener.decode(errors="replace"),
+            tuple(slot.by_listener),
         )
 
     def used(self) -> list[SlotView]:
@@ -239,9 +245,10 @@ class SlotWriter:
         slot.listener = listener[:_LISTENER_BYTES]
         slot.state = BUSY
 
-    def end(self) -> None:
+    def end(self, listener_index: int = 0) -> None:
         slot = self._slot
         slot.requests += 1
+        slot.by_listener[min(listener_index, MAX_LISTENERS - 1)] += 1
         slot.state = IDLE
 
     def add_active(self, delta: int) -> None:

@@ -146,8 +146,8 @@ class _Loop:
         self.signals = signals
         self.stopping = False
         self.by_fd: dict[int, BaseServer] = {}
-        for server, listener in zip(servers, listeners):
-            _instrument(server, self.slot, listener.name.encode())
+        for index, (server, listener) in enumerate(zip(servers, listeners)):
+            _instrument(server, self.slot, listener.name.encode(), index)
             self.by_fd[server.fileno()] = server
 
     def run(self) -> int:
@@ -215,7 +215,7 @@ class _Loop:
                 log.exception("worker %d: error while closing %r", os.getpid(), server)
 
 
-def _instrument(server: BaseServer, slot: SlotWriter, listener: bytes) -> None:
+def _instrument(server: BaseServer, slot: SlotWriter, listener: bytes, index: int) -> None:
     """Report each request to the scoreboard around the server's own process_request."""
     process_request = server.process_request
 
@@ -224,7 +224,7 @@ def _instrument(server: BaseServer, slot: SlotWriter, listener: bytes) -> None:
         try:
             process_request(request, client_address)
         finally:
-            slot.end()
+            slot.end(index)
 
     server.process_request = process_request_reported  # type: ignore[method-assign]
 

@@ -70,3 +70,22 @@ def datagram_request(address: Any, payload: bytes, family: int = socket.AF_INET,
             sock.bind(bind)
         sock.sendto(payload, address)
         return sock.recv(65536)
+
+
+def require_tool(name: str) -> str:
+    """The path of the external tool *name*; skip the test if it is missing.
+
+    CI installs every tool the tests use and sets PREFORK_REQUIRE_TOOLS=1, so there a missing
+    tool fails the test instead of skipping it: nothing passes in CI by not running.
+    """
+    import os
+    import shutil
+
+    import pytest
+
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("PREFORK_REQUIRE_TOOLS") == "1":
+            pytest.fail(f"{name} is required in CI (PREFORK_REQUIRE_TOOLS=1) but is not installed")
+        pytest.skip(f"needs {name} (installed by .ci/run)")
+    return path

@@ -34,7 +34,7 @@ from prefork.listeners import (
     rebind_reuse_port,
     systemd_listeners,
 )
-from tests.support import SOCKET_TIMEOUT, wait_until
+from tests.support import SOCKET_TIMEOUT, require_tool, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -422,8 +422,8 @@ def _ss_backlog(port: int) -> int:
     return int(out.split()[2])  # State Recv-Q Send-Q: for a listening socket Send-Q is the backlog
 
 
-@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2) to read a socket's backlog")
 def test_backlog_is_the_os_maximum_unless_given(opened: list[Listener]) -> None:
+    require_tool("ss")  # iproute2 reads a listening socket's backlog
     default = bound(opened, "tcp://127.0.0.1:0")
     small = bound(opened, "tcp://127.0.0.1:0", backlog=7)
     assert _ss_backlog(address_of(default)[1]) == default_backlog()
@@ -768,8 +768,8 @@ def test_listener_for_socket_names_what_a_server_bound(sockdir: str) -> None:
 # -- systemd socket activation ---------------------------------------------------------------------
 
 
-@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="needs systemd-socket-activate")
 def test_systemd_socket_activation_with_the_real_tool(sockdir: str) -> None:
+    require_tool("systemd-socket-activate")
     path = os.path.join(sockdir, "sd.sock")
     code = CHILD_PRELUDE + """
 found = bind_all(["systemd:web"])

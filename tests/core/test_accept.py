@@ -56,30 +56,56 @@ def test_listener_is_non_blocking_under_an_unchanged_timeout():
             assert server.socket.gettimeout() is None
 
 
-def test_lost_race_is_silent_and_does_not_block(capfd, caplog):
-    """Another process takes the connection between the wake-up and accept()."""
-    server = socketserver.TCPServer(LOCALHOST, SocketState)
+class RaceClient:
+    """A client of a stream or datagram server, and what the rival worker does to it."""
+
+    def __init__(self, server_cls):
+        self.datagram = server_cls is socketserver.UDPServer
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM if self.datagram else socket.SOCK_STREAM)
+        self.sock.settimeout(SOCKET_TIMEOUT)
+
+    def send(self, address) -> None:
+        if self.datagram:
+            self.sock.sendto(b"x", address)
+        else:
+            self.sock.connect(address)
+
+    @staticmethod
+    def steal(rival: socket.socket, datagram: bool) -> None:
+        if datagram:
+            rival.recvfrom(64)
+        else:
+            rival.accept()[0].close()
+
+
+@pytest.mark.parametrize("server_cls", [socketserver.TCPServer, socketserver.UDPServer])
+def test_lost_race_is_silent_and_does_not_block(server_cls, capfd, caplog):
+    """Another process takes the request between the wake-up and accept() / recvfrom()."""
+    server = server_cls(LOCALHOST, SocketState)
     rival = server.socket.dup()  # stands for the same listener in another worker
-    taken: list[socket.socket] = []
+    client = RaceClient(server_cls)
     real_get_request = server.get_request
+    stolen = []
 
     def get_request():
-        if not taken:
-            taken.append(rival.accept()[0])  # the rival wins the race
+        if not stolen:
+            RaceClient.steal(rival, client.datagram)  # the rival wins the race
+            stolen.append(True)
         return real_get_request()
 
     server.get_request = get_request
-    with server, rival, connect(server.server_address) as client:
+    with server, rival, client.sock:
+        client.send(server.server_address)
         handler = threading.Thread(target=server.handle_request)
         handler.start()
         handler.join(SOCKET_TIMEOUT / 2)
         blocked = handler.is_alive()
-        if blocked:  # unblock it so the test can end, then fail
-            connect(server.server_address).close()
-            handler.join(SOCKET_TIMEOUT)
-        taken[0].close()
-        assert recv_all(client) == b""
-    assert not blocked, "handle_request() blocked in accept() after losing the race"
+        if blocked:  # unblock it so that the test can end, then fail
+            unblock = RaceClient(server_cls)
+            with unblock.sock:
+                unblock.send(server.server_address)
+                handler.join(SOCKET_TIMEOUT)
+    assert stolen and not blocked, "handle_request() blocked after losing the race"
     assert capfd.readouterr() == ("", "")
     assert [r for r in caplog.records if r.name.startswith("prefork")] == []
 

@@ -30,7 +30,7 @@ class Master:
     """One prefork master started by a test."""
 
     def __init__(self, directory: Path, app: str, bind: list[str], pythonpath: Path | None = None,
-                 **settings: Any) -> None:
+                 env: dict[str, str] | None = None, pass_fds: tuple[int, ...] = (), **settings: Any) -> None:
         self.dir = directory
         self.ready_file = directory / "ready.json"
         self.pidfile = directory / "master.pid"
@@ -39,10 +39,11 @@ class Master:
                    "pidfile": str(self.pidfile), **settings}
         self._log = open(self.log_path, "wb")
         path = os.pathsep.join(str(p) for p in (pythonpath, ROOT) if p)
-        env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
+        full_env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.integration.runner", json.dumps(options)],
-            cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+            cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            pass_fds=pass_fds)
         self.pgid = self.proc.pid
         self.info: dict[str, Any] = {}
 

@@ -13,6 +13,7 @@ import sys
 
 import prefork
 from prefork.config import make_settings
+from prefork.errors import PreforkError
 
 
 def main() -> int:
@@ -29,8 +30,12 @@ def main() -> int:
             json.dump(data, f)
         os.replace(tmp, ready_file)
 
-    settings = make_settings({**options, "when_ready": when_ready})
-    return prefork.serve(app, settings=settings)
+    try:
+        settings = make_settings({**options, "when_ready": when_ready})
+        return prefork.serve(app, settings=settings)
+    except PreforkError as exc:  # as the CLI reports it: the message, no traceback
+        print(f"prefork: {exc}", file=sys.stderr)
+        return exc.exit_code
 
 
 if __name__ == "__main__":
