@@ -1,4 +1,4 @@
-"""Benchmarks of the compatible core: prefork.socketserver against the stdlib's. Runs in: bench.
+"""Benchmarks of the core: prefork.socketserver against the stdlib's socketserver. Runs in: bench.
 
 ("bench" is this script's own process, which is also the load generator, plus the echo
 server processes it spawns; nothing here runs in a prefork master or worker.)
@@ -15,8 +15,11 @@ Options (see ``--help``): ``--trials``, ``--rounds``, ``--warmup``, ``--requests
 Rules of this script:
 
 1. Both implementations get the same work in the same run: the same handler code, the same
-   random shutdown points, the same client. Runs alternate (stdlib, prefork, prefork,
-   stdlib, ...) so that a drift of the machine does not favour one side.
+   random shutdown points, the same client. Their turns alternate (stdlib, prefork, prefork,
+   stdlib, ...) so that a drift of the machine does not favour one side: for the CPU
+   benchmark both servers run side by side and take turns every batch (tens of milliseconds),
+   because runs of a few seconds one after the other differed by up to 20% on a shared
+   virtual machine, whatever the implementation.
 2. Loopback only, ports bound to 0 and read back, every wait has a deadline, and every
    process started here is stopped here (by its own handle, never by name).
 3. Server CPU is read from outside the server (the kernel's per-process CPU clock), so no
@@ -32,13 +35,14 @@ The two benchmarks:
 
 Why the load is gated by default. On loopback the TCP handshake and teardown are processed in
 the context of the process that connects and closes, so a client pays about as much CPU per
-connection as the server does (measured: ~50 µs, two thirds of it in the kernel). A client
-running freely beside the server therefore cannot keep the server's queue full: the server
-waits in epoll between requests, and each sleep and wake-up adds CPU to the server's bill,
-more for the faster server. In gated mode the client opens a *gate* connection without sending,
-queues a batch of connections behind it (their lines already sent; the synchronous server is
-blocked on the gate meanwhile), then sends the gate's line: the server drains the whole batch
-back to back, never waiting for the client. ``--load free`` runs the free-running loop instead.
+connection as the server does (measured: ~50 µs, nearly three quarters of it in the kernel).
+A client running freely beside the server therefore cannot keep the server's queue full: the
+server waits in epoll between requests, and each sleep and wake-up adds CPU to the server's
+bill, more for the faster server (measured: ~58 µs per request free, ~40 µs gated). In gated
+mode the client opens a *gate* connection without sending, queues a batch of connections behind
+it (their lines already sent; the synchronous server is blocked on the gate meanwhile), then
+sends the gate's line: the server drains the whole batch back to back, never waiting for the
+client. ``--load free`` runs the free-running loop instead.
 
 Linux only: it pins with ``sched_setaffinity``, reads CPU clocks of other processes and waits
 with epoll.
@@ -135,7 +139,8 @@ def make_echo_handler(base: type) -> type:
     read a poll() plus a recv() and would measure a path that the default handler never
     takes. The server process is bounded by its lifetime instead.
     """
-    return type(f"EchoHandler_{base.__module__.replace('.', '_')}", (base,), {"handle": _echo_one_line})
+    name = f"EchoHandler_{base.__module__.replace('.', '_')}"
+    return type(name, (base,), {"handle": _echo_one_line})
 
 
 def load_implementation(name: str) -> Any:
@@ -170,7 +175,7 @@ def ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator else float("inf")
 
 
-def _alternating(items: Sequence[Any] | range, turn: int) -> list[Any]:
+def _alternating(items: Sequence[Any], turn: int) -> list[Any]:
     """*items* in order on even turns, reversed on odd ones (A B, B A, A B, ...)."""
     return list(items) if turn % 2 == 0 else list(reversed(items))
 
@@ -205,11 +210,12 @@ def measure_shutdown(module: Any, delay: float) -> float:
         time.sleep(SETTLE_DELAY + delay)
         # shutdown() has no timeout of its own: a hang must end the run, not stall it.
         faulthandler.dump_traceback_later(SHUTDOWN_HANG_TIMEOUT, exit=True)
-        start = time.perf_counter()
-        server.shutdown()
-        elapsed = time.perf_counter() - start
-        faulthandler.cancel_dump_traceback_later()
-        return elapsed
+        try:
+            start = time.perf_counter()
+            server.shutdown()
+            return time.perf_counter() - start
+        finally:
+            faulthandler.cancel_dump_traceback_later()
     finally:
         thread.join(SERVER_STOP_TIMEOUT)
         server.server_close()
@@ -231,7 +237,9 @@ def bench_shutdown(trials: int, rng: random.Random) -> dict[str, LatencySummary]
 # -- benchmark 2: CPU per request, the server process ---------------------------------------------
 
 
-def serve_echo(implementation: str, cpu: int | None, backlog: int | None, control: Connection) -> None:
+def serve_echo(
+    implementation: str, cpu: int | None, backlog: int | None, control: Connection
+) -> None:
     """Called in the child: pin to *cpu*, serve the echo handler until told to stop.
 
     The port goes back over *control*; any message on it, its end-of-file (the parent died)
@@ -312,7 +320,7 @@ def process_cpu_seconds(pid: int) -> float:
     return time.clock_gettime((~pid << 3) | 2)
 
 
-# -- benchmark 2: the load generator ----------------------------------------------------------------
+# -- benchmark 2: the load generator ---------------------------------------------------------------
 
 
 class _Connection:
@@ -398,6 +406,8 @@ class Served:
 
 
 class Load(Protocol):
+    """A way of driving one echo server: GatedBatches or FreeLoad."""
+
     def run(self, count: int, server_pid: int) -> Served: ...
 
     def close(self) -> None: ...
@@ -432,7 +442,9 @@ class GatedBatches:
             wall, cpu = time.perf_counter(), process_cpu_seconds(server_pid)
             connections[0].send_by(deadline)  # the gate opens
             connections[-1].finish_by(deadline)  # served in order: the last one ends the drain
-            drained = Served(len(connections), time.perf_counter() - wall, process_cpu_seconds(server_pid) - cpu)
+            drained = Served(
+                len(connections), time.perf_counter() - wall, process_cpu_seconds(server_pid) - cpu
+            )
             for conn in connections[:-1]:
                 conn.finish_by(deadline)
         finally:
@@ -500,11 +512,13 @@ class FreeLoad:
         return 1
 
 
-# -- benchmark 2: measuring one round ---------------------------------------------------------------
+# -- benchmark 2: measuring one round --------------------------------------------------------------
 
 
 @dataclasses.dataclass
 class Settings:
+    """The command line, resolved."""
+
     trials: int
     rounds: int
     warmup: int
@@ -577,11 +591,11 @@ class CpuRun:
 
 
 def measure_round(turn: int, settings: Settings, server_cpu: int | None) -> list[CpuRun]:
-    """Both implementations in fresh processes, served in alternating chunks.
+    """Both implementations in fresh processes side by side, served in alternating chunks.
 
-    Runs of a few seconds each, one after the other, differed by up to 20% on a shared
-    virtual machine whatever the implementation; alternating every chunk (a batch, tens of
-    milliseconds) puts both through the same machine weather.
+    Alternating every chunk (a batch, tens of milliseconds) puts both through the same
+    machine weather (see rule 1). While one server works the other waits in its loop,
+    which costs it nothing measurable.
     """
     runs = [CpuRun(name, turn) for name in IMPLEMENTATIONS]
     with contextlib.ExitStack() as stack:
@@ -647,7 +661,7 @@ def paired_ratios(runs: list[CpuRun]) -> list[float]:
     return [ratio(pair[PREFORK], pair[STDLIB]) for _, pair in sorted(by_turn.items())]
 
 
-# -- the report --------------------------------------------------------------------------------------
+# -- the report ------------------------------------------------------------------------------------
 
 
 def cpu_model() -> str:
@@ -663,7 +677,9 @@ def cpu_model() -> str:
 
 def machine_lines(settings: Settings, pinned: bool) -> list[str]:
     command = " ".join([COMMAND, *settings.argv])
-    pinning = f"server on CPU {SERVER_CPU}, load generator on CPU {CLIENT_CPU}" if pinned else "NOT pinned"
+    pinning = "NOT pinned"
+    if pinned:
+        pinning = f"server on CPU {SERVER_CPU}, load generator on CPU {CLIENT_CPU}"
     return [
         "| | |",
         "|---|---|",
@@ -679,26 +695,31 @@ def shutdown_lines(results: dict[str, LatencySummary], trials: int) -> list[str]
     ours, theirs = results[PREFORK], results[STDLIB]
     verdict = "met" if ours.median <= SHUTDOWN_GOAL else "NOT met"
     return [
-        f"`serve_forever()` with the default poll interval ({DEFAULT_POLL_INTERVAL} s) in a thread; "
+        f"`serve_forever()` with the default poll interval ({DEFAULT_POLL_INTERVAL} s) in a "
+        f"thread; "
         f"`shutdown()` from the main thread at a random point of one poll period; time until "
         f"`shutdown()` returns. {trials} trials each, alternating, each pair at the same point.",
         "",
         "| implementation | median | p90 | max |",
         "|---|---:|---:|---:|",
-        *(f"| {s.implementation} | {_ms(s.median)} | {_ms(s.p90)} | {_ms(s.worst)} |" for s in (theirs, ours)),
+        *(_latency_row(summary) for summary in (theirs, ours)),
         "",
         f"**stdlib / prefork (median): {ratio(theirs.median, ours.median):,.0f}×**. "
         f"Goal for prefork, median ≤ {SHUTDOWN_GOAL * 1000:.0f} ms: {verdict}.",
     ]
 
 
+def _latency_row(s: LatencySummary) -> str:
+    return f"| {s.implementation} | {_ms(s.median)} | {_ms(s.p90)} | {_ms(s.worst)} |"
+
+
 def load_description(settings: Settings) -> str:
     if settings.load == "gated":
         return (
-            f"Gated load: a gate connection that sends nothing, {settings.batch} connections queued "
-            f"behind it with their line sent, then the gate's line; the server drains the batch "
-            f"back to back (backlog {settings.backlog} on both servers). req/s and \"busy\" cover "
-            f"the drains; the load generator works while the server waits on the gate."
+            f"Gated load: a gate connection that sends nothing, {settings.batch} connections "
+            f"queued behind it with their line sent, then the gate's line; the server drains the "
+            f"batch back to back (backlog {settings.backlog} on both servers). req/s and \"busy\" "
+            f"cover the drains; the load generator works while the server waits on the gate."
         )
     return (
         f"Free load: {settings.concurrency} connections in flight from one epoll loop, default "
@@ -706,20 +727,30 @@ def load_description(settings: Settings) -> str:
     )
 
 
+def turn_description(settings: Settings) -> str:
+    if settings.load == "gated":
+        return f"batch ({settings.batch} + its gate)"
+    return f"{settings.chunk:,} requests"
+
+
 def cpu_lines(runs: list[CpuRun], settings: Settings) -> list[str]:
     of_medians = ratio(median_of(runs, PREFORK, _cpu_us), median_of(runs, STDLIB, _cpu_us))
     paired = paired_ratios(runs)
     return [
         f"Plain synchronous `TCPServer` and the same one-line echo handler built on each "
-        f"`StreamRequestHandler`, in a fresh process per run, pinned to its own CPU; the load "
-        f"generator on the other. Short connections: connect, send one line, read the echo "
-        f"until EOF, close. {load_description(settings)} {settings.warmup:,} warm-up requests, "
-        f"then {settings.requests:,} measured; {settings.rounds} rounds, alternating which "
-        f"implementation goes first. Server CPU = user + system time of the server process over "
-        f"the measured requests (its kernel CPU clock; the user/sys split comes from /proc in "
-        f"10 ms ticks). Figures are medians over the rounds.",
+        f"`StreamRequestHandler`, each server in its own process pinned to one CPU; the load "
+        f"generator on the other CPU. Short connections: connect, send one line, read the echo "
+        f"until EOF, close. {load_description(settings)} {settings.rounds} rounds; in each, fresh "
+        f"servers of both implementations run side by side and take turns every "
+        f"{turn_description(settings)}; {settings.warmup:,} warm-up requests each, then "
+        f"{runs[0].served.requests:,} measured each. Server CPU = user + system time of the "
+        f"server process over the measured requests (its kernel CPU clock; the user/sys split "
+        f"comes from /proc in 10 ms ticks). Figures are medians over the rounds. Absolute "
+        f"figures move with the machine's load; the ratio compares both sides under the same "
+        f"conditions.",
         "",
-        "| implementation | req/s | server CPU µs/req | user µs/req | sys µs/req | server busy | load generator CPU µs/req |",
+        "| implementation | req/s | server CPU µs/req | user µs/req | sys µs/req | server busy "
+        "| load generator CPU µs/req |",
         "|---|---:|---:|---:|---:|---:|---:|",
         _cpu_summary_row(runs, STDLIB),
         _cpu_summary_row(runs, PREFORK),
@@ -728,9 +759,10 @@ def cpu_lines(runs: list[CpuRun], settings: Settings) -> list[str]:
         f"round by round {', '.join(f'{value:.3f}' for value in paired)}. "
         f"Below 1 means prefork spends less.",
         "",
-        "Every run, in the order run:",
+        "Every round:",
         "",
-        "| round | implementation | req/s | server CPU µs/req | server busy | load generator CPU µs/req |",
+        "| round | implementation | req/s | server CPU µs/req | server busy "
+        "| load generator CPU µs/req |",
         "|---:|---|---:|---:|---:|---:|",
         *(_cpu_run_row(run) for run in runs),
     ]
@@ -746,7 +778,8 @@ def _cpu_summary_row(runs: list[CpuRun], implementation: str) -> str:
 
     return (
         f"| {implementation} | {med(lambda r: r.requests_per_second):,.0f} | {med(_cpu_us):.1f} | "
-        f"{med(lambda r: r.user_us_per_request):.1f} | {med(lambda r: r.system_us_per_request):.1f} | "
+        f"{med(lambda r: r.user_us_per_request):.1f} | "
+        f"{med(lambda r: r.system_us_per_request):.1f} | "
         f"{med(lambda r: r.server_busy):.0%} | {med(lambda r: r.client_us_per_request):.1f} |"
     )
 
@@ -767,7 +800,8 @@ def render_report(settings: Settings, shutdown: dict[str, LatencySummary], runs:
     lines = [
         "# Benchmarks of the compatible core",
         "",
-        "prefork.socketserver against the standard library's socketserver, side by side in one run. "
+        "prefork.socketserver against the standard library's socketserver, side by side in one "
+        "run. "
         "Generated by `loadtests/bench_core.py` (its docstring explains the method); do not edit "
         "by hand, run it again.",
         "",
@@ -784,7 +818,7 @@ def render_report(settings: Settings, shutdown: dict[str, LatencySummary], runs:
     return "\n".join(lines) + "\n"
 
 
-# -- the command line ----------------------------------------------------------------------------------
+# -- the command line ------------------------------------------------------------------------------
 
 
 def _positive(text: str) -> int:
@@ -796,16 +830,17 @@ def _positive(text: str) -> int:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--trials", type=_positive, default=50, help="shutdown trials per implementation")
-    parser.add_argument("--rounds", type=_positive, default=3, help="CPU runs per implementation")
-    parser.add_argument("--warmup", type=_positive, default=2_000, help="unmeasured requests per run")
-    parser.add_argument("--requests", type=_positive, default=20_000, help="measured requests per run")
-    parser.add_argument("--load", choices=("gated", "free"), default="gated", help="how the client drives")
-    parser.add_argument("--batch", type=_positive, default=DEFAULT_BATCH, help="gated: connections per gate")
-    parser.add_argument("--concurrency", type=_positive, default=DEFAULT_CONCURRENCY,
-                        help="free: connections in flight (keep below the backlog of 5)")
-    parser.add_argument("--seed", type=int, default=None, help="seed of the shutdown points")
-    parser.add_argument("--output", default=str(DEFAULT_OUTPUT), help="report file, '-' for none")
+    add = parser.add_argument
+    add("--trials", type=_positive, default=50, help="shutdown trials per implementation")
+    add("--rounds", type=_positive, default=3, help="CPU rounds, each with fresh servers of both")
+    add("--warmup", type=_positive, default=2_000, help="unmeasured requests per server")
+    add("--requests", type=_positive, default=20_000, help="measured requests per server")
+    add("--load", choices=("gated", "free"), default="gated", help="how the client drives")
+    add("--batch", type=_positive, default=DEFAULT_BATCH, help="gated: connections per gate")
+    add("--concurrency", type=_positive, default=DEFAULT_CONCURRENCY,
+        help="free: connections in flight (keep below the backlog of 5)")
+    add("--seed", type=int, default=None, help="seed of the shutdown points")
+    add("--output", default=str(DEFAULT_OUTPUT), help="report file, '-' for none")
     return parser.parse_args(argv)
 
 

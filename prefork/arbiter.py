@@ -132,7 +132,8 @@ class Arbiter:
     def _tick(self) -> None:
         assert self.scoreboard is not None
         now = time.monotonic()
-        slots = {view.index: view for view in self.scoreboard.used()}
+        # Only our workers' slots: scanning the whole map each tick would cost for nothing.
+        slots = {w.slot: self.scoreboard.read(w.slot) for w in self.pool.workers.values()}
         self._execute(self.pool.tick(now, slots, self._memory(now)))
         self.scoreboard.publish(self.pool.generation, self.pool.target, self.pool.restarts)
 

@@ -1,37 +1,86 @@
-"""The one declaration of every setting. Runs in: master.
+"""The one declaration of every setting, and where their values come from. Runs in: master.
 
-Rule: a setting exists once, here, as a field of ``Settings`` with its type, default, validator
-and help. The command line, the ``PREFORK_*`` environment variables, the TOML keys, the README's
-settings table and ``deploy/prefork.toml`` are all derived from these fields; nothing else
-declares a setting. Nothing is read from the environment at import time.
+Rules:
+
+1. A setting exists once, here, as a field of ``Settings`` with its type, default, validator and
+   help. Its command-line flag (``--max-requests``; ``--preload/--no-preload`` for a switch), its
+   environment variable (``PREFORK_MAX_REQUESTS``), its TOML key (``max_requests``), the README's
+   settings table and ``deploy/prefork.toml`` are all derived from the field; nothing else
+   declares a setting.
+2. Precedence: defaults < config file (``-c FILE``, else ``[tool.prefork]`` in ./pyproject.toml)
+   < environment (``PREFORK_*``) < command line. ``load`` also says where each value came from.
+3. An unknown key, variable or flag is an error that names the closest valid one. A value of the
+   wrong type or out of range is an error that names the setting, the value, where it was given
+   and what is allowed. Both are ``ConfigError`` (exit code 2), shown without a traceback.
+4. Nothing is read from the environment or the disk at import time.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
+import functools
+import json
+import math
 import os
-from typing import Any, Callable, Mapping
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, NoReturn, Sequence
 
 from prefork.errors import ConfigError
+from prefork.listeners import parse_bind
 
-__all__ = ["Settings", "settings_fields", "make_settings"]
+__all__ = [
+    "Settings",
+    "Option",
+    "settings_fields",
+    "make_settings",
+    "options",
+    "argument_parser",
+    "load",
+    "format_value",
+    "settings_table",
+    "example_config",
+    "write_generated",
+    "ENV_PREFIX",
+    "RESERVED_ENV",
+]
 
 _Validator = Callable[[str, Any], Any]
 
+# Environment variables named PREFORK_<SETTING> set settings.
+ENV_PREFIX = "PREFORK_"
+# PREFORK_* variables that are not settings: prefork sets them itself for a master it starts on
+# an upgrade (prefork.listeners' inherited sockets, prefork.arbiter.UPGRADE_PARENT_ENV).
+RESERVED_ENV = frozenset({"PREFORK_FDS", "PREFORK_UPGRADE_PARENT"})
+# Where `bind` comes from when nothing sets it and the service declares no DEFAULT_BIND.
+FALLBACK_BIND = "tcp://127.0.0.1:8000"
+# Markers around the generated settings table in README.md.
+TABLE_START = "<!-- settings-table:start -->"
+TABLE_END = "<!-- settings-table:end -->"
 
-def _setting(default: Any, help: str, validate: _Validator | None = None, *, factory: bool = False,
-             section: str = "workers") -> Any:
-    metadata = {"help": help, "validate": validate, "section": section}
-    if factory:
-        return dataclasses.field(default_factory=default, metadata=metadata)
-    return dataclasses.field(default=default, metadata=metadata)
+
+# -- validators: (setting name, value) -> value, or ConfigError naming both -----------------------
+
+
+class _NotAllowed(ConfigError):
+    """A value a validator refuses; ``expected`` says what would do."""
+
+    def __init__(self, name: str, value: Any, expected: str) -> None:
+        super().__init__(f"setting {name!r}: {value!r} is not allowed; expected {expected}")
+        self.expected = expected
+
+
+def _not_allowed(name: str, value: Any, expected: str) -> ConfigError:
+    return _NotAllowed(name, value, expected)
 
 
 def _at_least(minimum: float) -> _Validator:
     def check(name: str, value: Any) -> Any:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
-            raise ConfigError(f"setting {name!r}: {value!r} is not allowed; expected a number >= {minimum}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= minimum:
+            raise _not_allowed(name, value, f"a number >= {minimum}")
         return value
     return check
 
@@ -39,7 +88,7 @@ def _at_least(minimum: float) -> _Validator:
 def _integer(minimum: int) -> _Validator:
     def check(name: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ConfigError(f"setting {name!r}: {value!r} is not allowed; expected an integer >= {minimum}")
+            raise _not_allowed(name, value, f"an integer >= {minimum}")
         return value
     return check
 
@@ -47,27 +96,59 @@ def _integer(minimum: int) -> _Validator:
 def _one_of(*choices: str) -> _Validator:
     def check(name: str, value: Any) -> Any:
         if value not in choices:
-            allowed = ", ".join(choices)
-            raise ConfigError(f"setting {name!r}: {value!r} is not allowed; expected one of: {allowed}")
+            raise _not_allowed(name, value, f"one of: {', '.join(choices)}")
         return value
     return check
 
 
 def _boolean(name: str, value: Any) -> Any:
     if not isinstance(value, bool):
-        raise ConfigError(f"setting {name!r}: {value!r} is not allowed; expected true or false")
+        raise _not_allowed(name, value, "true or false")
     return value
 
 
-def _optional_text(name: str, value: Any) -> Any:
-    if value is not None and not isinstance(value, (str, int)):
-        raise ConfigError(f"setting {name!r}: {value!r} is not allowed; expected a name, a number or nothing")
+def _text(name: str, value: Any) -> Any:
+    if not isinstance(value, str):
+        raise _not_allowed(name, value, "text")
+    return value
+
+
+def _path(name: str, value: Any) -> Any:
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)  # a pathlib.Path through the Python API
+    if not isinstance(value, str) or not value:
+        raise _not_allowed(name, value, "a file path")
+    return value
+
+
+def _path_or_dash(name: str, value: Any) -> Any:
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise _not_allowed(name, value, '"-" (stderr) or a file path')
+    return os.fspath(value)
+
+
+def _optional(check: _Validator) -> _Validator:
+    def optional(name: str, value: Any) -> Any:
+        return None if value is None else check(name, value)
+    return optional
+
+
+def _name_or_id(name: str, value: Any) -> Any:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):
+        raise _not_allowed(name, value, "a name, a number or nothing")
+    return value
+
+
+def _mode(name: str, value: Any) -> Any:
+    # Permission bits plus setuid, setgid and sticky: 0o7777 is the largest meaningful mode.
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0o7777):
+        raise _not_allowed(name, value, "an octal mode from 0o000 to 0o7777, such as 0o660")
     return value
 
 
 def _hook(name: str, value: Any) -> Any:
     if value is not None and not callable(value) and not (isinstance(value, str) and ":" in value):
-        raise ConfigError(f"setting {name!r}: {value!r} is not allowed; expected a callable or 'module:function'")
+        raise _not_allowed(name, value, "a callable or 'module:function'")
     return value
 
 
@@ -75,12 +156,206 @@ def _bind_list(name: str, value: Any) -> Any:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"setting {name!r}: {value!r} is not allowed; expected a list of bind specs")
+        raise _not_allowed(name, value, "a list of bind specs")
+    for spec in value:
+        parse_bind(spec)  # BindSpecError names the spec and the accepted forms
     return list(value)
+
+
+def _metrics_address(name: str, value: Any) -> Any:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.startswith("tcp://"):
+        raise _not_allowed(name, value, "tcp://HOST:PORT or nothing")
+    parse_bind(value)
+    return value
+
+
+# -- kinds: how a type of setting is read from text (environment, flags) and from TOML -----------
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """Parsers and the printed form of one type of setting. Parsers raise ValueError."""
+
+    allowed: str  # what a value may be, for messages and the settings table
+    metavar: str  # the value's name in --help
+    from_text: Callable[[str], Any]
+    from_toml: Callable[[Any], Any]
+    to_toml: Callable[[Any], str]
+
+
+# ASCII digits only: int() and float() would also accept other scripts' digits.
+_INT_TEXT = re.compile(r"[+-]?[0-9]+")
+_FLOAT_TEXT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+_MODE_TEXT = re.compile(r"(0o)?([0-7]{1,4})", re.IGNORECASE)
+_SIZE_TEXT = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([a-z]*)", re.IGNORECASE)
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+# Memory sizes: decimal units as disks and `ls -h --si` count, binary ones as RSS is paged; a
+# bare K/M/G/T is binary, as systemd's MemoryMax= and most ops tools read it.
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+
+
+def _expect(condition: bool) -> None:
+    if not condition:
+        raise ValueError
+
+
+def _int_from_text(text: str) -> int:
+    _expect(_INT_TEXT.fullmatch(text.strip()) is not None)
+    return int(text)
+
+
+def _int_from_toml(value: Any) -> int:
+    _expect(isinstance(value, int) and not isinstance(value, bool))
+    return int(value)
+
+
+def _float_from_text(text: str) -> float:
+    _expect(_FLOAT_TEXT.fullmatch(text.strip()) is not None)
+    return float(text)
+
+
+def _float_from_toml(value: Any) -> float:
+    _expect(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+    return float(value)
+
+
+def _bool_from_text(text: str) -> bool:
+    word = text.strip().lower()
+    _expect(word in _TRUE + _FALSE)
+    return word in _TRUE
+
+
+def _bool_from_toml(value: Any) -> bool:
+    _expect(isinstance(value, bool))
+    return bool(value)
+
+
+def _str_from_toml(value: Any) -> str:
+    _expect(isinstance(value, str))
+    return str(value)
+
+
+def _optional_from_text(text: str) -> str | None:
+    return text or None  # an empty value unsets an optional setting
+
+
+def _lower_text(text: str) -> str:
+    return text.strip().lower()
+
+
+def _lower_toml(value: Any) -> str:
+    return _str_from_toml(value).lower()
+
+
+def _list_from_text(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _list_from_toml(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    _expect(isinstance(value, list) and all(isinstance(item, str) for item in value))
+    return list(value)
+
+
+def _name_or_id_from_text(text: str) -> str | int | None:
+    text = text.strip()
+    return int(text) if text.isascii() and text.isdigit() else (text or None)
+
+
+def _name_or_id_from_toml(value: Any) -> str | int | None:
+    if isinstance(value, str):
+        return _name_or_id_from_text(value)
+    return _int_from_toml(value)
+
+
+def _mode_from_text(text: str) -> int | None:
+    if not text.strip():
+        return None
+    match = _MODE_TEXT.fullmatch(text.strip())
+    _expect(match is not None)
+    return int(match.group(2), 8)  # type: ignore[union-attr]
+
+
+def _mode_from_toml(value: Any) -> int | None:
+    # A TOML integer is taken as written: write 0o660 (octal) or "660", not 660 (decimal).
+    return _mode_from_text(value) if isinstance(value, str) else _int_from_toml(value)
+
+
+def _size_from_text(text: str) -> int:
+    match = _SIZE_TEXT.fullmatch(text.strip())
+    _expect(match is not None and match.group(2).lower() in _SIZE_UNITS)
+    number, unit = match.groups()  # type: ignore[union-attr]
+    return int(float(number) * _SIZE_UNITS[unit.lower()])
+
+
+def _size_from_toml(value: Any) -> int:
+    return _size_from_text(value) if isinstance(value, str) else _int_from_toml(value)
+
+
+def _toml_string(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+
+
+def _toml_plain(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_plain(item) for item in value) + "]"
+    return _toml_string(value)
+
+
+def _toml_mode(value: Any) -> str:
+    return f"0o{value:03o}" if isinstance(value, int) else _toml_plain(value)
+
+
+INT = Kind("an integer", "N", _int_from_text, _int_from_toml, _toml_plain)
+FLOAT = Kind("a number", "SECONDS", _float_from_text, _float_from_toml, _toml_plain)
+BOOL = Kind("true or false", "", _bool_from_text, _bool_from_toml, _toml_plain)
+TEXT = Kind("text", "TEXT", str, _str_from_toml, _toml_plain)
+WORD = Kind("a name from the list", "NAME", _lower_text, _lower_toml, _toml_plain)
+OPTIONAL_TEXT = Kind("text (empty: unset)", "TEXT", _optional_from_text, _str_from_toml, _toml_plain)
+TEXT_LIST = Kind("a list of text (comma-separated in the environment)", "SPEC", _list_from_text,
+                 _list_from_toml, _toml_plain)
+NAME_OR_ID = Kind("a name or a numeric id", "NAME", _name_or_id_from_text, _name_or_id_from_toml, _toml_plain)
+MODE = Kind("an octal mode such as 0o660 or 660", "MODE", _mode_from_text, _mode_from_toml, _toml_mode)
+SIZE = Kind("a size in bytes, optionally with a unit: 200MB, 1.5GiB, 512M (binary), 0 for none",
+            "SIZE", _size_from_text, _size_from_toml, _toml_plain)
+_ADDRESS = dataclasses.replace(OPTIONAL_TEXT, allowed="tcp://HOST:PORT (empty: unset)", metavar="ADDRESS")
+HOOK = Kind("'module:function'", "MODULE:FUNCTION", _optional_from_text, _str_from_toml, _toml_plain)
+
+# The kind of a field whose annotation says enough; others name their kind in the metadata.
+_KIND_BY_TYPE = {"int": INT, "float": FLOAT, "bool": BOOL, "str": TEXT, "list[str]": TEXT_LIST,
+                 "str | None": OPTIONAL_TEXT, "str | int | None": NAME_OR_ID}
+
+
+def _setting(default: Any, help: str, validate: _Validator | None = None, *, factory: bool = False,
+             section: str = "workers", kind: Kind | None = None, short: str | None = None,
+             default_text: str | None = None, sample: Any = None, deploy: Any = None) -> Any:
+    """A field of Settings. *sample* is an example value for a setting unset by default;
+    *deploy* a value that deploy/prefork.toml sets (instead of showing the default commented out)."""
+    metadata = {"help": help, "validate": validate, "section": section, "kind": kind, "short": short,
+                "default_text": default_text, "sample": sample, "deploy": deploy}
+    if factory:
+        return dataclasses.field(default_factory=default, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def _cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+_HOOK_SAMPLE = "myservice.hooks:function"
 
 
 @dataclasses.dataclass
@@ -89,60 +364,94 @@ class Settings:
 
     # -- listeners
     bind: list[str] = _setting(list, "listeners: tcp://HOST:PORT, udp://HOST:PORT, unix:PATH, "
-                               "unix-dgram:PATH, fd://N, systemd[:NAME]", _bind_list, factory=True,
-                               section="listeners")
+                               "unix-dgram:PATH, fd://N, systemd[:NAME]; repeat the flag for several",
+                               _bind_list, factory=True, section="listeners", short="-b",
+                               default_text=f"the service's DEFAULT_BIND, else {FALLBACK_BIND}",
+                               deploy=[FALLBACK_BIND])
     backlog: int = _setting(0, "listen backlog; 0 means as large as the OS allows (somaxconn)",
                             _integer(0), section="listeners")
     reuse_port: bool = _setting(False, "each worker binds its own SO_REUSEPORT socket (kernel balancing; "
                                 "a stopping worker's queued connections are lost)", _boolean,
                                 section="listeners")
-    unix_mode: int | None = _setting(None, "file mode of Unix socket files, e.g. 0o660", None,
-                                     section="listeners")
-    unix_owner: str | int | None = _setting(None, "owner of Unix socket files", _optional_text,
-                                            section="listeners")
-    unix_group: str | int | None = _setting(None, "group of Unix socket files", _optional_text,
-                                            section="listeners")
-    # -- pool
-    workers: int = _setting(_cpu_count, "number of worker processes (default: the usable CPUs)",
-                            _integer(0), factory=True)
+    unix_mode: int | None = _setting(None, "file mode of Unix socket files, e.g. 0o660", _mode,
+                                     section="listeners", kind=MODE, sample=0o660)
+    unix_owner: str | int | None = _setting(None, "owner of Unix socket files", _name_or_id,
+                                            section="listeners", sample="www-data")
+    unix_group: str | int | None = _setting(None, "group of Unix socket files", _name_or_id,
+                                            section="listeners", sample="www-data")
+    # -- workers
+    workers: int = _setting(_cpu_count, "number of worker processes", _integer(0), factory=True,
+                            short="-w", default_text="the number of usable CPUs")
     mode: str = _setting("sync", "what runs inside each worker: sync (one request at a time), "
                          "thread (a thread per request, at most `threads`), fork (a process per request)",
-                         _one_of("sync", "thread", "fork"))
+                         _one_of("sync", "thread", "fork"), kind=WORD)
     threads: int = _setting(16, "most concurrent request threads per worker in thread mode", _integer(1))
+    wsgi: bool = _setting(False, "APP is a WSGI callable (module:callable), served by the bundled "
+                          "workers.wsgi", _boolean)
     max_workers: int = _setting(0, "adaptive pool: upper bound; 0 keeps the pool at `workers`", _integer(0))
     min_workers: int = _setting(1, "adaptive pool: lower bound", _integer(1))
     min_spare: int = _setting(1, "adaptive pool: start workers while fewer than this are idle", _integer(0))
     max_spare: int = _setting(4, "adaptive pool: stop workers while more than this are idle", _integer(1))
+    read_timeout: float = _setting(0.0, "seconds a connection may stay silent before the worker drops "
+                                   "it; 0 means never", _at_least(0))
     # -- supervision
     timeout: float = _setting(30.0, "seconds a worker may spend on one request before it is killed "
-                              "(its traceback logged first); 0 disables", _at_least(0))
+                              "(its traceback logged first); 0 disables", _at_least(0), short="-t",
+                              section="supervision")
     graceful_timeout: float = _setting(30.0, "seconds a stopping worker gets to finish before SIGKILL",
-                                       _at_least(0))
-    max_requests: int = _setting(0, "recycle a worker after this many requests; 0 disables", _integer(0))
+                                       _at_least(0), section="supervision")
+    max_requests: int = _setting(0, "recycle a worker after this many requests; 0 disables", _integer(0),
+                                 section="supervision")
     max_requests_jitter: int = _setting(0, "add up to this many requests at random to max_requests, "
-                                        "so workers do not recycle together", _integer(0))
-    max_worker_memory: int = _setting(0, "recycle a worker whose RSS exceeds this many bytes; 0 disables",
-                                      _integer(0))
+                                        "so workers do not recycle together", _integer(0),
+                                        section="supervision")
+    max_worker_memory: int = _setting(0, "recycle a worker whose RSS exceeds this size; 0 disables",
+                                      _integer(0), kind=SIZE, section="supervision")
     max_worker_lifetime: float = _setting(0.0, "recycle a worker after this many seconds; 0 disables",
-                                          _at_least(0))
-    preload: bool = _setting(False, "import the app in the master and gc.freeze() before forking", _boolean)
+                                          _at_least(0), section="supervision")
+    preload: bool = _setting(False, "import the app in the master and gc.freeze() before forking "
+                             "(then a reload does not load new code)", _boolean, section="supervision")
     # -- process
-    name: str = _setting("", "service name shown in process titles (default: the app's name)",
-                         section="process")
-    pidfile: str | None = _setting(None, "write the master's pid here (atomically); removed on stop",
-                                   _optional_text, section="process")
+    name: str = _setting("", "service name shown in process titles", _text, section="process",
+                         short="-n", default_text="the app's name")
+    pidfile: str | None = _setting(None, "write the master's pid here (atomically); removed on stop; "
+                                   "`prefork status` and the control commands find the master by it",
+                                   _optional(_path), section="process", short="-p",
+                                   deploy="/run/prefork/prefork.pid")
     user: str | int | None = _setting(None, "run workers as this user (the master binds first)",
-                                      _optional_text, section="process")
-    group: str | int | None = _setting(None, "run workers as this group", _optional_text, section="process")
-    umask: int | None = _setting(None, "umask of master and workers, e.g. 0o027", None, section="process")
+                                      _name_or_id, section="process", sample="www-data")
+    group: str | int | None = _setting(None, "run workers as this group", _name_or_id, section="process",
+                                       sample="www-data")
+    umask: int | None = _setting(None, "umask of master and workers, e.g. 0o027", _mode, section="process",
+                                 kind=MODE, sample=0o027)
+    # -- logging and metrics
+    loglevel: str = _setting("info", "least severity written to the error log: debug, info, warning, "
+                             "error or critical",
+                             _one_of("debug", "info", "warning", "error", "critical"), section="logging",
+                             kind=WORD)
+    error_log: str = _setting("-", 'where the error log goes: "-" for stderr, or a file (reopened on USR1)',
+                              _path_or_dash, section="logging")
+    access_log: str | None = _setting(None, 'where the access log goes, one line per request: "-" for '
+                                      "stderr, or a file (reopened on USR1); unset: no access log",
+                                      _optional(_path_or_dash), section="logging", sample="-")
+    log_format: str = _setting("text", "format of both logs: text, or json (one object per line)",
+                               _one_of("text", "json"), section="logging", kind=WORD)
+    metrics_bind: str | None = _setting(None, "serve Prometheus metrics on tcp://HOST:PORT, from a small "
+                                        "process of its own; unset: no metrics", _metrics_address,
+                                        section="logging", kind=_ADDRESS, sample="tcp://127.0.0.1:9100")
     # -- hooks
     on_starting: Any = _setting(None, "called in the master before the listeners are bound", _hook,
-                                section="hooks")
-    when_ready: Any = _setting(None, "called in the master once every worker accepts", _hook, section="hooks")
-    pre_fork: Any = _setting(None, "called in the master before each worker is forked", _hook, section="hooks")
-    post_fork: Any = _setting(None, "called in each worker right after fork", _hook, section="hooks")
-    worker_exit: Any = _setting(None, "called in the master when a worker has exited", _hook, section="hooks")
-    on_exit: Any = _setting(None, "called in the master just before it exits", _hook, section="hooks")
+                                section="hooks", kind=HOOK, sample=_HOOK_SAMPLE)
+    when_ready: Any = _setting(None, "called in the master once every worker accepts", _hook,
+                               section="hooks", kind=HOOK, sample=_HOOK_SAMPLE)
+    pre_fork: Any = _setting(None, "called in the master before each worker is forked", _hook,
+                             section="hooks", kind=HOOK, sample=_HOOK_SAMPLE)
+    post_fork: Any = _setting(None, "called in each worker right after fork", _hook, section="hooks",
+                              kind=HOOK, sample=_HOOK_SAMPLE)
+    worker_exit: Any = _setting(None, "called in the master when a worker has exited", _hook,
+                                section="hooks", kind=HOOK, sample=_HOOK_SAMPLE)
+    on_exit: Any = _setting(None, "called in the master just before it exits", _hook, section="hooks",
+                            kind=HOOK, sample=_HOOK_SAMPLE)
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -172,7 +481,350 @@ def make_settings(values: Mapping[str, Any]) -> Settings:
     known = {f.name for f in settings_fields()}
     for key in values:
         if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"unknown setting {key!r}{hint}")
+            raise ConfigError(f"unknown setting {key!r}{_did_you_mean(key, known)}")
     return Settings(**values)
+
+
+# -- the names derived from each field ---------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One setting as the outside world names it."""
+
+    name: str  # the field, and the TOML key
+    kind: Kind
+    help: str
+    section: str
+    validate: _Validator | None
+    flag: str  # --max-requests
+    short: str | None  # -w
+    env: str  # PREFORK_MAX_REQUESTS
+    default: Any  # the default value, or a description of it (default_text)
+    default_text: str | None
+    sample: Any
+    deploy: Any
+
+    def accept(self, raw: Any, parse: Callable[[Any], Any], where: str) -> Any:
+        """*raw* parsed and validated; ConfigError naming setting, value, what is allowed and *where*."""
+        try:
+            value = parse(raw)
+        except (ValueError, TypeError) as exc:
+            raise self._refused(raw, self.kind.allowed, where) from exc
+        if self.validate is None:
+            return value
+        try:
+            return self.validate(self.name, value)
+        except _NotAllowed as exc:
+            raise self._refused(raw, exc.expected, where) from exc  # the value as the user wrote it
+        except ConfigError as exc:
+            raise type(exc)(f"{exc} ({where})") from exc
+
+    def _refused(self, raw: Any, expected: str, where: str) -> ConfigError:
+        return ConfigError(f"setting {self.name!r}: {raw!r} is not allowed; expected {expected} ({where})")
+
+    def describe_default(self) -> str:
+        return self.default_text or format_value(self.name, self.default)
+
+
+@functools.cache
+def options() -> tuple[Option, ...]:
+    """Every setting, in declaration order."""
+    return tuple(_option(field) for field in settings_fields())
+
+
+def _option(field: dataclasses.Field[Any]) -> Option:
+    meta = field.metadata
+    kind = meta["kind"] or _KIND_BY_TYPE.get(str(field.type))
+    if kind is None:
+        raise TypeError(f"setting {field.name!r}: no parser for {field.type}; give kind= in _setting()")
+    default = field.default if field.default is not dataclasses.MISSING else None
+    return Option(field.name, kind, meta["help"], meta["section"], meta["validate"],
+                  "--" + field.name.replace("_", "-"), meta["short"], ENV_PREFIX + field.name.upper(),
+                  default, meta["default_text"], meta["sample"], meta["deploy"])
+
+
+@functools.cache
+def _by_name() -> dict[str, Option]:
+    return {opt.name: opt for opt in options()}
+
+
+def format_value(name: str, value: Any) -> str:
+    """*value* of setting *name* as it would be written in TOML; 'unset' for None."""
+    if value is None:
+        return "unset"
+    if callable(value):  # a hook given through the Python API
+        return f"{getattr(value, '__module__', '?')}:{getattr(value, '__qualname__', repr(value))}"
+    option = _by_name().get(name)
+    return option.kind.to_toml(value) if option else _toml_plain(value)
+
+
+def _did_you_mean(word: str, candidates: Iterable[str], quote: bool = True) -> str:
+    close = difflib.get_close_matches(word, sorted(candidates), n=1)
+    if not close:
+        return ""
+    return f"; did you mean {close[0]!r}?" if quote else f"; did you mean {close[0]}?"
+
+
+# -- the command line -------------------------------------------------------------------------
+
+
+class _ErrorRaisingParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are ConfigErrors (exit code 2), not sys.exit()."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{message} (see {self.prog} --help)")
+
+
+def argument_parser(prog: str = "prefork", parents: Sequence[argparse.ArgumentParser] = (),
+                    **kwargs: Any) -> argparse.ArgumentParser:
+    """A parser with ``-c/--config`` and a flag for every setting; only given flags are set."""
+    parser = _ErrorRaisingParser(prog=prog, allow_abbrev=False, parents=list(parents), **kwargs)
+    parser.add_argument("-c", "--config", metavar="FILE", default=None,
+                        help="TOML config file (default: [tool.prefork] in ./pyproject.toml, if any)")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for option in options():
+        if option.section not in groups:
+            groups[option.section] = parser.add_argument_group(f"settings: {option.section}")
+        _add_flag(groups[option.section], option)
+    return parser
+
+
+def _add_flag(group: argparse._ArgumentGroup, option: Option) -> None:
+    flags = [option.short, option.flag] if option.short else [option.flag]
+    help_text = f"{option.help} (default: {option.describe_default()}; env {option.env})".replace("%", "%%")
+    common: dict[str, Any] = {"dest": option.name, "default": argparse.SUPPRESS, "help": help_text}
+    if option.kind is BOOL:
+        group.add_argument(*flags, action=argparse.BooleanOptionalAction, **common)
+    elif option.kind is TEXT_LIST:
+        group.add_argument(*flags, action="append", metavar=option.kind.metavar, **common)
+    else:
+        group.add_argument(*flags, metavar=option.kind.metavar, **common)
+
+
+def value_flags() -> dict[str, bool]:
+    """Every flag of ``argument_parser`` and whether it takes a value (for splitting a command line)."""
+    flags = {"-c": True, "--config": True, "-h": False, "--help": False}
+    for option in options():
+        takes_value = option.kind is not BOOL
+        flags[option.flag] = takes_value
+        if option.short:
+            flags[option.short] = takes_value
+        if not takes_value:
+            flags["--no-" + option.flag[2:]] = False
+    return flags
+
+
+def unknown_option(extras: Sequence[str]) -> ConfigError:
+    """The error for arguments no flag takes: names the first and the closest flag."""
+    first = next((arg for arg in extras if arg.startswith("-")), None)
+    if first is None:
+        return ConfigError(f"unexpected argument {extras[0]!r}")
+    flag = first.partition("=")[0]
+    return ConfigError(f"unknown option {flag!r}{_did_you_mean(flag, value_flags())}")
+
+
+def _from_argv(argv: Sequence[str]) -> tuple[dict[str, tuple[Any, str]], str | None]:
+    namespace, extras = argument_parser().parse_known_args(list(argv))
+    if extras:
+        raise unknown_option(extras)
+    given = vars(namespace)
+    config_file = given.pop("config", None)
+    layer = {}
+    for name, raw in given.items():
+        option = _by_name()[name]
+        where = f"command line {option.flag}"
+        layer[name] = (option.accept(raw, _cli_parser(option), where), "command line")
+    return layer, config_file
+
+
+def _cli_parser(option: Option) -> Callable[[Any], Any]:
+    if option.kind is BOOL:
+        return lambda value: value  # argparse gave True or False
+    if option.kind is TEXT_LIST:
+        return list  # one item per occurrence of the flag, commas and all
+    return option.kind.from_text
+
+
+# -- the environment --------------------------------------------------------------------------
+
+
+def _from_environ(environ: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
+    layer = {}
+    known = {option.env: option for option in options()}
+    for variable in sorted(environ):
+        if not variable.startswith(ENV_PREFIX) or variable in RESERVED_ENV:
+            continue
+        option = known.get(variable)
+        if option is None:
+            raise ConfigError(f"unknown environment variable {variable}"
+                              f"{_did_you_mean(variable, known, quote=False)}")
+        where = f"environment variable {variable}"
+        layer[option.name] = (option.accept(environ[variable], option.kind.from_text, where), f"env {variable}")
+    return layer
+
+
+# -- config files -----------------------------------------------------------------------------
+
+
+def _from_file(path: str | None, cwd: str) -> dict[str, tuple[Any, str]]:
+    """The settings of ``-c PATH``, else of ``[tool.prefork]`` in cwd/pyproject.toml, if any."""
+    if path is None:
+        candidate = Path(cwd, "pyproject.toml")
+        if not candidate.is_file():
+            return {}
+        return _from_table(candidate, _tool_table(candidate, _read_toml(candidate)))
+    full = Path(cwd, path)
+    data = _read_toml(full)
+    return _from_table(full, _tool_table(full, data) if full.name == "pyproject.toml" else data)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as file:
+            return tomllib.load(file)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path}: not found") from exc
+    except IsADirectoryError as exc:
+        raise ConfigError(f"config file {path}: is a directory, not a TOML file") from exc
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot be read: {exc.strerror}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path}: not valid TOML: {exc}") from exc
+
+
+def _tool_table(path: Path, data: dict[str, Any]) -> dict[str, Any] | None:
+    table = data.get("tool", {}).get("prefork") if isinstance(data.get("tool"), dict) else None
+    if table is not None and not isinstance(table, dict):
+        raise ConfigError(f"config file {path}: [tool.prefork] must be a table of settings")
+    return table
+
+
+def _from_table(path: Path, table: Mapping[str, Any] | None) -> dict[str, tuple[Any, str]]:
+    if table is None:
+        return {}
+    label = f"file {path}" + (" [tool.prefork]" if path.name == "pyproject.toml" else "")
+    layer = {}
+    for key, raw in table.items():
+        option = _by_name().get(key)
+        if option is None:
+            raise ConfigError(f"config file {path}: unknown setting {key!r}{_did_you_mean(key, _by_name())}")
+        layer[key] = (option.accept(raw, option.kind.from_toml, f"in {path}"), label)
+    return layer
+
+
+# -- all sources together -----------------------------------------------------------------------
+
+
+def load(argv: Sequence[str] = (), environ: Mapping[str, str] | None = None,
+         cwd: str | os.PathLike[str] | None = None) -> tuple[Settings, dict[str, str]]:
+    """Settings from defaults < config file < environment < *argv* (setting flags and ``-c``).
+
+    Returns the settings and, for every setting, where its value came from: ``default``,
+    ``file PATH``, ``env NAME`` or ``command line``. Raises ConfigError.
+    """
+    environ = os.environ if environ is None else environ
+    cwd = os.fspath(cwd) if cwd is not None else os.getcwd()
+    from_argv, config_file = _from_argv(argv)
+    values: dict[str, Any] = {}
+    sources = {option.name: "default" for option in options()}
+    for layer in (_from_file(config_file, cwd), _from_environ(environ), from_argv):
+        for name, (value, source) in layer.items():
+            values[name], sources[name] = value, source
+    return Settings(**values), sources
+
+
+# -- generated files: the README's settings table and deploy/prefork.toml ---------------------
+
+
+def settings_table() -> str:
+    """The Markdown table between the README's settings-table markers."""
+    lines = [
+        "<!-- generated from prefork/config.py by `prefork generate`; do not edit by hand -->",
+        "Each setting is a key in the config file (`-c FILE`, else `[tool.prefork]` in "
+        "`./pyproject.toml`), an environment variable and a flag of `prefork run`. Later sources "
+        "win: defaults < config file < environment < command line. In the environment and on the "
+        "command line an empty value unsets an optional setting, and a list is comma-separated in "
+        "the environment. `deploy/prefork.toml` is an example file with every key.",
+        "",
+        "| key | flag | environment | default | meaning |",
+        "|---|---|---|---|---|",
+    ]
+    for option in options():
+        flags = f"`{option.short}`, `{option.flag}`" if option.short else f"`{option.flag}`"
+        if option.kind is BOOL:
+            flags += f", `--no-{option.flag[2:]}`"
+        meaning = f"{option.help}; {option.kind.allowed}".replace("|", "\\|")
+        lines.append(f"| `{option.name}` | {flags} | `{option.env}` | {option.describe_default()} | {meaning} |")
+    return "\n".join(lines)
+
+
+def example_config() -> str:
+    """deploy/prefork.toml: every key with its help and default; commented out where the default is fine."""
+    lines = [
+        "# prefork configuration: every setting, with its help and default.",
+        "# Generated from prefork/config.py by `prefork generate`; edit a copy, not the comments.",
+        "# Use it with: prefork run APP -c prefork.toml   (or put the keys under [tool.prefork] in",
+        "# pyproject.toml). PREFORK_<KEY> environment variables and command-line flags override it.",
+        "# A commented-out key shows its default; remove the '#' to change it.",
+    ]
+    section = None
+    for option in options():
+        if option.section != section:
+            section = option.section
+            lines += ["", f"# == {section} " + "=" * (90 - len(section))]
+        lines += ["", *_wrap_comment(f"{option.help}; {option.kind.allowed}."), _example_line(option)]
+    return "\n".join(lines) + "\n"
+
+
+def _example_line(option: Option) -> str:
+    if option.deploy is not None:
+        return f"{option.name} = {option.kind.to_toml(option.deploy)}"
+    if option.default_text is not None:
+        return f"# {option.name}: default: {option.default_text}"
+    if option.default is None:
+        if option.sample is None:
+            raise TypeError(f"setting {option.name!r} is unset by default: give it a sample= in _setting()")
+        return f"# {option.name} = {option.kind.to_toml(option.sample)}    # default: unset"
+    return f"# {option.name} = {option.kind.to_toml(option.default)}"
+
+
+def _wrap_comment(text: str, width: int = 98) -> list[str]:
+    lines, line = [], "#"
+    for word in text.split():
+        if len(line) + 1 + len(word) > width and line != "#":
+            lines.append(line)
+            line = "#"
+        line += " " + word
+    return lines + [line]
+
+
+def write_generated(root: str | os.PathLike[str], check: bool = False) -> list[Path]:
+    """Regenerate README.md's settings table and deploy/prefork.toml under *root*.
+
+    Returns the files that were stale; with *check* they are only reported, not written.
+    """
+    readme, example = Path(root, "README.md"), Path(root, "deploy", "prefork.toml")
+    stale = []
+    for path, new in ((readme, _with_table(readme, _read(readme))), (example, example_config())):
+        if _read(path) != new:
+            stale.append(path)
+            if not check:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(new, encoding="utf-8")
+    return stale
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+
+
+def _with_table(path: Path, text: str | None) -> str:
+    if text is None or TABLE_START not in text or TABLE_END not in text:
+        raise ConfigError(f"{path}: the markers {TABLE_START} and {TABLE_END} are missing")
+    head, _, rest = text.partition(TABLE_START)
+    _, _, tail = rest.partition(TABLE_END)
+    return f"{head}{TABLE_START}\n{settings_table()}\n{TABLE_END}{tail}"

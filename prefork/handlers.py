@@ -57,11 +57,26 @@ class _SendallWriter(io.BufferedIOBase):
 
     def write(self, data: Any) -> int:
         self._sock.sendall(data)
+        if type(data) is bytes:
+            return len(data)  # the common case: no memoryview to build and release
         with memoryview(data) as view:
             return view.nbytes
 
     def fileno(self) -> int:
         return self._sock.fileno()
+
+
+# The fast path builds what makefile("rb") builds, and must keep its count of open files on
+# the socket (a private slot of CPython's socket class): used only where that slot exists.
+_FAST_READER = "_io_refs" in getattr(socket.socket, "__slots__", ())
+
+
+def _buffered_reader(conn: socket.socket) -> io.BufferedReader:
+    """What conn.makefile("rb") returns, without makefile's mode parsing on every request."""
+    # makefile() counts its files so that conn.close() keeps the descriptor open until the
+    # last file is closed too; SocketIO.close() takes the count back down.
+    conn._io_refs += 1  # type: ignore[attr-defined]
+    return io.BufferedReader(socket.SocketIO(conn, "r"), io.DEFAULT_BUFFER_SIZE)
 
 
 class StreamRequestHandler(BaseRequestHandler):
@@ -83,7 +98,10 @@ class StreamRequestHandler(BaseRequestHandler):
             conn.settimeout(self.timeout)
         if self.disable_nagle_algorithm:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
-        self.rfile = conn.makefile("rb", self.rbufsize)
+        if _FAST_READER and self.rbufsize == -1 and type(conn) is socket.socket:
+            self.rfile = _buffered_reader(conn)
+        else:
+            self.rfile = conn.makefile("rb", self.rbufsize)
         if self.wbufsize == 0:
             self.wfile: Any = _SendallWriter(conn)
         else:

@@ -121,8 +121,8 @@ def serve(app: Any, bind: Sequence[str] | str | None = None, *, settings: Settin
     """Run one service until it is stopped; returns the master's exit code.
 
     *app* is a request handler class, an object or module with ``StreamHandler`` and/or
-    ``DatagramHandler`` attributes (and optionally ``server_class``, the server class for its
-    stream listeners), or a 'module:attribute' string naming one of those, loaded in each
+    ``DatagramHandler`` attributes (and optionally ``server_class`` and
+    ``datagram_server_class``, the server classes for its stream and datagram listeners), or a 'module:attribute' string naming one of those, loaded in each
     worker so that a reload loads new code (unless ``preload`` is set). If the loaded object
     has ``configure``, it is called with *service_options* and what it returns is the service.
     """
@@ -169,8 +169,8 @@ class _ServerBuilder:
 
     def service(self, loaded: Any) -> Any:
         """The service a loaded object offers: what its configure() returns, or itself."""
-        configure = getattr(loaded, "configure", None)
-        if configure is None or isinstance(loaded, type):
+        configure = _own_configure(loaded)
+        if configure is None:
             if self.service_options:
                 names = ", ".join(sorted(self.service_options))
                 raise AppLoadError(f"{_app_name(loaded)} takes no service options (given: {names})")
@@ -186,11 +186,22 @@ class _ServerBuilder:
 
     def _build(self, app: Any, listener: Listener) -> BaseServer:
         handler = handler_for(app, listener)
-        own = self.server_class or getattr(app, "server_class", None)
-        base = own if own and listener.is_stream else None
-        base = base or (TCPServer if listener.is_stream else UDPServer)
+        if listener.is_stream:
+            base = self.server_class or getattr(app, "server_class", None) or TCPServer
+        else:
+            base = getattr(app, "datagram_server_class", None) or UDPServer
         cls = server_class_for(self.mode, base, self.threads)
         return cls.from_socket(listener.sock, handler)  # type: ignore[attr-defined,no-any-return]
+
+
+def _own_configure(loaded: Any) -> Callable[..., Any] | None:
+    """The service's configure(): a module's own (not one it imported), or an object's."""
+    if isinstance(loaded, type):
+        return None
+    configure = getattr(loaded, "configure", None)
+    if isinstance(loaded, types.ModuleType) and getattr(configure, "__module__", None) != loaded.__name__:
+        return None
+    return configure if callable(configure) else None
 
 
 def handler_for(app: Any, listener: Listener) -> Any:

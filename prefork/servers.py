@@ -95,6 +95,13 @@ class _Poller:
             events = self._poll.poll(None if timeout is None else timeout * 1000.0)
         return [fd for fd, _ in events]
 
+    def raw_wait(self) -> Callable[[float | None], list[tuple[int, int]]]:
+        """The bare wait: (fd, events) pairs, timeout in seconds; no wrapper call per turn."""
+        if self._epoll is not None:
+            return self._epoll.poll  # type: ignore[no-any-return]
+        poll = self._poll.poll
+        return lambda timeout: poll(None if timeout is None else timeout * 1000.0)
+
     def close(self) -> None:
         if self._epoll is not None:
             self._epoll.close()
@@ -214,14 +221,16 @@ class BaseServer:
                 self._prepare_listener()
                 poller.add(listener, shared=True)
                 poller.add(wakeup.fileno())
+                wait = poller.raw_wait()
                 while not self.__shutdown_request:
-                    ready = poller.wait(poll_interval)
+                    events = wait(poll_interval)
                     if self.__shutdown_request:
                         break
-                    if listener in ready:
-                        self._handle_request_noblock()
-                    elif ready:
-                        wakeup.drain()
+                    for fd, _ in events:
+                        if fd == listener:
+                            self._handle_request_noblock()
+                        else:
+                            wakeup.drain()
                     self.service_actions()
         finally:
             self.__shutdown_request = False
@@ -431,7 +440,12 @@ class TCPServer(BaseServer):
 
     def get_request(self) -> tuple[Any, _AddressType]:
         """Accept a new connection. May be overridden."""
-        conn, address = self.socket.accept()
+        listener = self.socket
+        if type(listener) is socket.socket:
+            conn, address = _accept_plain(listener)
+        else:
+            # A wrapped listener (ssl.SSLSocket, a test double) keeps its own accept().
+            conn, address = listener.accept()
         if _ACCEPT_INHERITS_NONBLOCK:
             conn.setblocking(True)
         return conn, address
@@ -537,6 +551,21 @@ if hasattr(socket, "AF_UNIX"):
 
     class UnixDatagramServer(UDPServer):
         address_family = socket.AF_UNIX
+
+
+def _accept_plain(listener: socket.socket) -> tuple[socket.socket, Any]:
+    """socket.accept() without its two enum conversions per call.
+
+    socket.accept() builds the new socket from ``listener.family`` and ``listener.type``,
+    properties that turn the C integers into AddressFamily/SocketKind members through
+    Enum.__call__ each time; the constructor takes the plain integers just as well.
+    """
+    fd, address = listener._accept()  # type: ignore[attr-defined]
+    c_level = super(socket.socket, listener)
+    conn = socket.socket(c_level.family, c_level.type, listener.proto, fd)
+    if listener.gettimeout() and socket.getdefaulttimeout() is None:
+        conn.setblocking(True)  # what socket.accept() does (bpo-7995)
+    return conn, address
 
 
 def _is_listening(sock: socket.socket) -> bool:

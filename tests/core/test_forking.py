@@ -6,6 +6,7 @@ made from a multi-threaded process unless the test needs serve_forever() in a th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -80,6 +81,13 @@ def fork_request(server, command: bytes) -> socket.socket:
     return client
 
 
+def hang_up(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed by the peer
+
+
 def reap_all(server) -> None:
     wait_until(lambda: server.service_actions() or not server.active_children)
 
@@ -113,8 +121,13 @@ def test_max_children_is_honoured():
         most[0] = max(most[0], len(live_children()))
         return True
 
-    with serving(server, poll_interval=0.05):
-        clients = [connect(server.server_address) for _ in range(4)]
+    with serving(server, poll_interval=0.05), contextlib.ExitStack() as stack:
+        # Ending the connections first (also on failure) ends every child before serving()
+        # waits for them. shutdown(), not just close(): the children hold copies of these
+        # client sockets too, forked while the test held them.
+        clients = [stack.enter_context(connect(server.server_address)) for _ in range(4)]
+        for client in clients:
+            stack.callback(hang_up, client)
         for client in clients:
             client.sendall(b"block\n")
         started = [read_line(c) for c in clients[:2]]
@@ -128,8 +141,6 @@ def test_max_children_is_honoured():
             if index + 2 < len(clients):
                 wait_until(lambda: count_children() and readable(clients[index + 2], 0.01))
                 assert read_line(clients[index + 2]).startswith(b"started ")
-        for client in clients:
-            client.close()
     assert most[0] == 2
     assert not server.active_children
 

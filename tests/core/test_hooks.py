@@ -124,8 +124,12 @@ def test_system_exit_and_keyboard_interrupt_propagate(server, error):
 
 @pytest.mark.parametrize("error", [SystemExit, KeyboardInterrupt])
 def test_base_exceptions_propagate_out_of_serve_forever(error):
+    def went_on():
+        raise AssertionError("serve_forever() went on after %s" % error.__name__)
+
     with Recorder(LOCALHOST, Handler) as server:
         server.raise_in_handle = error
+        server.service_actions = went_on  # the turn after the request must never come
         with one_request(server) as client:
             with pytest.raises(error):
                 server.serve_forever(poll_interval=SOCKET_TIMEOUT)

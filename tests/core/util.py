@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import select
 import socket
+import linecache
+import sys
+import threading
 from typing import Any
 
 import psutil
@@ -88,3 +91,17 @@ def reap(pid: int) -> int:
     """Wait for our own child *pid* and return its exit code."""
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status)
+
+
+def waiting_for_requests(thread: threading.Thread) -> bool:
+    """Whether *thread* (running serve_forever) is inside the loop's wait for readiness.
+
+    White-box on purpose: a test that measures how fast shutdown() wakes the loop must call
+    it while the loop sleeps, not in the instants between two turns.
+    """
+    frame = sys._current_frames().get(thread.ident)  # type: ignore[arg-type]
+    if frame is None or frame.f_code.co_name not in ("wait", "serve_forever"):
+        return False
+    # The innermost Python frame sits on the line that calls the (C) wait of the poller.
+    line = linecache.getline(frame.f_code.co_filename, frame.f_lineno)
+    return "wait(" in line

@@ -20,6 +20,7 @@ def main() -> int:
     options = json.loads(sys.argv[1])
     app = options.pop("app")
     ready_file = options.pop("ready_file")
+    service_options = options.pop("service_options", None)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="[%(process)d] %(levelname)s %(name)s: %(message)s")
 
@@ -32,7 +33,7 @@ def main() -> int:
 
     try:
         settings = make_settings({**options, "when_ready": when_ready})
-        return prefork.serve(app, settings=settings)
+        return prefork.serve(app, settings=settings, service_options=service_options)
     except PreforkError as exc:  # as the CLI reports it: the message, no traceback
         print(f"prefork: {exc}", file=sys.stderr)
         return exc.exit_code

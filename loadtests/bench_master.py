@@ -1,0 +1,881 @@
+"""Benchmarks of the prefork master: accept wake-ups, master CPU, respawn time, preload memory. Runs in: bench.
+
+("bench" is this script's own process, the load generator, plus the server processes it starts
+through ``loadtests/bench_master_servers.py``; nothing here runs inside a master or a worker.)
+
+Run from the repository root, on Linux:
+
+    .venv/bin/python -m loadtests.bench_master
+
+It takes about a minute and a half, prints the report and writes it to ``docs/benchmarks-master.md``
+(``--output -`` writes no file; ``--help`` lists the knobs: ``--connections``, ``--gap-ms``,
+``--load-seconds``, ``--samples``).
+
+Rules of this script:
+
+1. Loopback only; every server binds port 0 and the port is read back; every client socket has
+   a timeout and every wait a deadline (``time.monotonic()``). Server-side connections have
+   none on purpose (a timeout adds a poll() before every read on the measured path); the
+   servers' lifetime bounds them instead.
+2. Every server runs in its own session; it is stopped by its process group (TERM, then KILL),
+   in a ``finally``, on error too. The servers also stop by themselves after a few minutes
+   (SIGALRM), so a benchmark killed with SIGKILL leaves nothing behind for long.
+3. Figures are read from outside the servers: /proc through psutil (voluntary context switches,
+   CPU times, USS/PSS/RSS) and prefork's scoreboard file (``PIDFILE.scoreboard``).
+
+What is measured:
+
+1. **Accept wake-ups.** 8 idle workers on one listener; N sequential short connections (one at a
+   time, so every worker is idle when each arrives). Wake-ups = the sum over the workers of
+   their voluntary context switches during the run, minus what the same workers do idle over
+   the same wall time, divided by N. prefork (a real master, EPOLLEXCLUSIVE) against the naive
+   pre-fork (stdlib ``TCPServer`` forked 8 times, each child in ``serve_forever()`` on the shared
+   socket). The same servers with 1 worker give the serving worker's own switches per
+   connection, so "8 workers minus 1 worker" is what the other workers cost.
+2. **Master CPU under load.** 2 workers, client threads making short connections for
+   ``--load-seconds``; the master's CPU (psutil user+sys, and the scheduler's ns counter from
+   /proc/PID/schedstat) against the workers'.
+3. **Respawn.** SIGKILL one of 2 workers (always one older than the pool's "died young" age, so
+   no crash-loop back-off applies) while the other is held busy by an open connection; the
+   scoreboard is polled every millisecond until the new worker's slot is idle, then one
+   connection is made, which only the new worker can take. The scoreboard's own timestamps
+   (slot claimed just before fork, worker booted) split the time.
+4. **Preload and copy-on-write.** ``loadtests.bigapp`` builds ~100 MB of small objects at
+   import. 4 workers; each runs three full ``gc.collect()`` (connections held open so that each
+   worker gets one); then USS, PSS and RSS of every process. Cases: preload (the master
+   freezes the graph), preload with a post_fork hook that calls ``gc.unfreeze()`` (prefork has
+   no setting to skip the freeze; this is exactly a master that never froze), and no preload.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from prefork.pool import YOUNG_AGE
+from prefork.scoreboard import IDLE, Scoreboard, SlotView
+
+COMMAND = ".venv/bin/python -m loadtests.bench_master"
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUTPUT = ROOT / "docs" / "benchmarks-master.md"
+
+# Every client socket gets this timeout: no read or connect can hang the run.
+SOCKET_TIMEOUT = 10.0
+# Deadline for a server to be ready (the no-preload memory case imports 100 MB in 4 workers on
+# 2 CPUs) and for a process group to go away after TERM, before KILL.
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 5.0
+# The servers stop by themselves after this many seconds (rule 2), more than a whole run.
+SERVER_LIFETIME = 600
+
+WAKEUP_WORKERS = 8
+# Pause after each reply, so that every worker a connection woke is asleep again before the next
+# one arrives ("idle workers"); back to back, the naive servers' losers are still running.
+DEFAULT_GAP = 0.001
+WARMUP_CONNECTIONS = 50
+# Idle time over which the workers' own switches (prefork ticks once a second, the stdlib loop
+# polls every 0.5 s) are measured, to be subtracted.
+BASELINE_SECONDS = 2.0
+LOAD_WORKERS = 2
+LOAD_CLIENTS = 8
+RESPAWN_WORKERS = 2
+# Kill only workers older than this: a younger death counts as a crash and delays the respawn.
+RESPAWN_MIN_AGE = YOUNG_AGE + 0.2
+RESPAWN_POLL = 0.001
+RESPAWN_DEADLINE = 10.0
+MEMORY_WORKERS = 4
+GC_ROUNDS = 3
+MiB = 1024 * 1024
+
+
+def _progress(message: str) -> None:
+    print(f"[bench_master] {message}", file=sys.stderr, flush=True)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.01) -> Any:
+    """Poll *predicate* until it returns a true value; RuntimeError after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+# -- the servers under test ------------------------------------------------------------------------
+
+
+class ServerGroup:
+    """One server (prefork master or naive pre-fork) in its own session, and its workers."""
+
+    def __init__(self, role: str, options: dict[str, Any], directory: Path) -> None:
+        self.role = role
+        self.dir = directory
+        self.pidfile = directory / "master.pid"
+        self.ready_file = directory / "ready.json"
+        self.log_path = directory / "server.log"
+        options = {**options, "ready_file": str(self.ready_file), "lifetime": SERVER_LIFETIME}
+        if role == "prefork":
+            options["pidfile"] = str(self.pidfile)
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed by stop(), with the server)
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "loadtests.bench_master_servers", role, json.dumps(options)],
+            cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        self.pgid = self.proc.pid
+        self.address: tuple[str, int] = ("127.0.0.1", 0)
+
+    def wait_ready(self, workers: int) -> ServerGroup:
+        wait_for(self._ready_file_written, START_TIMEOUT, f"{self.role} to serve")
+        info = json.loads(self.ready_file.read_text())
+        self.address = (info["host"], info["port"])
+        wait_for(lambda: len(self.worker_pids()) == workers, START_TIMEOUT, f"{workers} {self.role} workers")
+        return self
+
+    def _ready_file_written(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.role} server exited with {self.proc.returncode}:\n{self.log()}")
+        return self.ready_file.exists()
+
+    @property
+    def master_pid(self) -> int:
+        return self.proc.pid
+
+    def slots(self) -> list[SlotView]:
+        """prefork only: the scoreboard's worker slots."""
+        board = Scoreboard.open(f"{self.pidfile}.scoreboard")
+        try:
+            return [view for view in board.used() if view.pid]
+        finally:
+            board.close()
+
+    def worker_pids(self) -> list[int]:
+        """Workers ready to serve: idle or busy in the scoreboard, or the naive parent's children."""
+        if self.role == "prefork":
+            return sorted(view.pid for view in self.slots() if view.state_name in ("idle", "busy"))
+        try:
+            return sorted(child.pid for child in psutil.Process(self.master_pid).children())
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self) -> None:
+        """TERM, then KILL, the whole process group; reap the server."""
+        for signum in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.pgid, signum)
+            except ProcessLookupError:
+                break
+            if _group_gone(self.pgid, STOP_TIMEOUT):
+                break
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(STOP_TIMEOUT)
+        self._log.close()
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+
+def _group_gone(pgid: int, timeout: float) -> bool:
+    def gone() -> bool:
+        for proc in psutil.process_iter(["pid", "status"]):
+            with contextlib.suppress(ProcessLookupError, psutil.Error):
+                if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                    return False
+        return True
+    try:
+        return bool(wait_for(gone, timeout, f"process group {pgid} to exit", interval=0.05))
+    except RuntimeError:
+        return False
+
+
+class Servers:
+    """Starts servers in fresh directories and stops every one of them on exit, error or not."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.running: list[ServerGroup] = []
+        self._started = 0
+
+    @contextlib.contextmanager
+    def run(self, role: str, workers: int, **options: Any) -> Iterator[ServerGroup]:
+        self._started += 1
+        directory = self.base / f"s{self._started}-{role}"
+        directory.mkdir()
+        group = ServerGroup(role, {"workers": workers, **options}, directory)
+        self.running.append(group)
+        try:
+            yield group.wait_ready(workers)
+        finally:
+            self.running.remove(group)
+            group.stop()
+
+    def stop_all(self) -> None:
+        for group in list(self.running):
+            group.stop()
+
+
+# -- clients ---------------------------------------------------------------------------------------
+
+
+class Conversation:
+    """One client connection; ``ask`` sends a line and returns the answering worker's pid."""
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        self.sock = socket.create_connection(address, timeout=SOCKET_TIMEOUT)
+        self._buffer = b""
+
+    def ask(self, line: bytes) -> int:
+        self.sock.sendall(line + b"\n")
+        while b"\n" not in self._buffer:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                raise ConnectionError(f"closed by the server after {self._buffer!r}")
+            self._buffer += chunk
+        reply, _, self._buffer = self._buffer.partition(b"\n")
+        return int(reply.split(b" ", 1)[0])
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def request(address: tuple[str, int], line: bytes = b"ping") -> int:
+    """One short connection: one line, one reply; returns the pid of the worker that served it."""
+    conversation = Conversation(address)
+    try:
+        return conversation.ask(line)
+    finally:
+        conversation.close()
+
+
+@contextlib.contextmanager
+def holding(address: tuple[str, int], line: bytes, count: int) -> Iterator[list[int]]:
+    """Open *count* connections, one after the other, each kept open after its first answer.
+
+    A held connection keeps its worker busy, so each next one goes to another worker. Yields
+    the pids that answered, in order.
+    """
+    conversations: list[Conversation] = []
+    try:
+        pids = []
+        for _ in range(count):
+            conversations.append(Conversation(address))
+            pids.append(conversations[-1].ask(line))
+        yield pids
+    finally:
+        for conversation in conversations:
+            conversation.close()
+
+
+# -- 1. accept wake-ups ----------------------------------------------------------------------------
+
+
+def voluntary_switches(processes: list[psutil.Process]) -> dict[int, int]:
+    return {p.pid: p.num_ctx_switches().voluntary for p in processes}
+
+
+def _delta(after: dict[int, int], before: dict[int, int]) -> dict[int, int]:
+    return {pid: after[pid] - before[pid] for pid in before}
+
+
+@dataclasses.dataclass
+class WakeupRun:
+    implementation: str
+    workers: int
+    connections: int
+    gap: float
+    seconds: float
+    switches: dict[int, int]  # by worker pid, during the run
+    idle_rate: dict[int, float]  # by worker pid, switches per second when idle
+    served: collections.Counter[int]
+
+    def corrected(self, pid: int) -> float:
+        return self.switches[pid] - self.idle_rate[pid] * self.seconds
+
+    @property
+    def per_connection(self) -> float:
+        return sum(self.corrected(pid) for pid in self.switches) / self.connections
+
+    @property
+    def idle_baseline(self) -> float:
+        return sum(self.idle_rate.values()) * self.seconds
+
+    @property
+    def non_serving_per_connection(self) -> float:
+        """Wake-ups of workers that served no connection at all, per connection."""
+        return sum(self.corrected(pid) for pid in self.switches if not self.served[pid]) / self.connections
+
+    @property
+    def busiest_share(self) -> float:
+        return max(self.served.values()) / self.connections
+
+
+def measure_wakeups(group: ServerGroup, implementation: str, workers: int, connections: int,
+                    gap: float) -> WakeupRun:
+    pids = group.worker_pids()
+    processes = [psutil.Process(pid) for pid in pids]
+    for _ in range(WARMUP_CONNECTIONS):
+        request(group.address)
+    time.sleep(0.2)  # let the warm-up's last wake-ups settle before the idle baseline
+    before_idle = voluntary_switches(processes)
+    time.sleep(BASELINE_SECONDS)
+    idle = _delta(voluntary_switches(processes), before_idle)
+    before = voluntary_switches(processes)
+    started = time.monotonic()
+    served = collections.Counter(_request_then_pause(group.address, gap) for _ in range(connections))
+    seconds = time.monotonic() - started
+    switches = _delta(voluntary_switches(processes), before)
+    rates = {pid: count / BASELINE_SECONDS for pid, count in idle.items()}
+    return WakeupRun(implementation, workers, connections, gap, seconds, switches, rates, served)
+
+
+def _request_then_pause(address: tuple[str, int], gap: float) -> int:
+    pid = request(address)
+    time.sleep(gap)
+    return pid
+
+
+def bench_wakeups(servers: Servers, connections: int, gap: float) -> list[WakeupRun]:
+    runs = []
+    for workers in (WAKEUP_WORKERS, 1):
+        for role in ("prefork", "naive"):
+            _progress(f"wake-ups: {role}, {workers} worker(s), {connections} connections")
+            with servers.run(role, workers) as group:
+                runs.append(measure_wakeups(group, role, workers, connections, gap))
+    return runs
+
+
+# -- 2. the master's CPU under load ----------------------------------------------------------------
+
+
+def cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+def on_cpu_ns(pid: int) -> int:
+    """Time the scheduler ran *pid*'s main thread, in ns (exact, unlike the 10 ms CPU ticks)."""
+    with open(f"/proc/{pid}/schedstat", encoding="ascii") as f:
+        return int(f.read().split()[0])
+
+
+class Load:
+    """Client threads, each making short connections back to back until stopped."""
+
+    def __init__(self, address: tuple[str, int], clients: int) -> None:
+        self.address = address
+        self.ok = 0
+        self.failures: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client, name=f"load-{i}") for i in range(clients)]
+
+    def run_for(self, seconds: float) -> None:
+        for thread in self._threads:
+            thread.start()
+        try:
+            time.sleep(seconds)
+        finally:
+            self._stop.set()
+            for thread in self._threads:
+                thread.join(SOCKET_TIMEOUT * 2)
+
+    def _client(self) -> None:
+        while not self._stop.is_set():
+            try:
+                request(self.address)
+                outcome = ""
+            except OSError as exc:
+                outcome = repr(exc)
+            with self._lock:
+                if outcome:
+                    self.failures.append(outcome)
+                else:
+                    self.ok += 1
+
+
+@dataclasses.dataclass
+class MasterCpu:
+    seconds: float
+    requests: int
+    failures: list[str]
+    master_cpu: float
+    master_on_cpu: float
+    master_wakeups: int
+    workers_cpu: float
+
+    @property
+    def fraction(self) -> float:
+        return self.master_on_cpu / self.workers_cpu if self.workers_cpu else float("nan")
+
+
+def measure_master_cpu(group: ServerGroup, seconds: float) -> MasterCpu:
+    master = psutil.Process(group.master_pid)
+    workers = [psutil.Process(pid) for pid in group.worker_pids()]
+    for _ in range(WARMUP_CONNECTIONS):
+        request(group.address)
+    load = Load(group.address, LOAD_CLIENTS)
+    cpu0, ns0, wake0 = cpu_seconds(master), on_cpu_ns(master.pid), master.num_ctx_switches().voluntary
+    workers0 = sum(cpu_seconds(w) for w in workers)
+    started = time.monotonic()
+    load.run_for(seconds)
+    elapsed = time.monotonic() - started
+    return MasterCpu(
+        elapsed, load.ok, load.failures,
+        master_cpu=cpu_seconds(master) - cpu0,
+        master_on_cpu=(on_cpu_ns(master.pid) - ns0) / 1e9,
+        master_wakeups=master.num_ctx_switches().voluntary - wake0,
+        workers_cpu=sum(cpu_seconds(w) for w in workers) - workers0,
+    )
+
+
+def bench_master_cpu(servers: Servers, seconds: float) -> MasterCpu:
+    _progress(f"master CPU: {LOAD_WORKERS} workers, {LOAD_CLIENTS} client threads, {seconds:.0f} s")
+    with servers.run("prefork", LOAD_WORKERS) as group:
+        return measure_master_cpu(group, seconds)
+
+
+# -- 3. from a worker's death to its replacement serving -------------------------------------------
+
+
+@dataclasses.dataclass
+class Respawn:
+    """Seconds from the SIGKILL; the first two are the scoreboard's own timestamps."""
+
+    claimed: float  # the master claimed the new slot, just before fork (slot.started)
+    booted: float  # the new worker was registered on the listener and idle (slot.last_tick)
+    seen_idle: float  # this process saw the idle slot (polling every RESPAWN_POLL)
+    served: float  # a reply from the new worker arrived (connection made after seen_idle)
+    reply_from_new: bool
+
+
+def oldest_eligible(group: ServerGroup) -> SlotView | None:
+    now = time.monotonic()  # CLOCK_MONOTONIC: the scoreboard's clock in every process
+    ready = [v for v in group.slots() if v.state_name in ("idle", "busy") and now - v.started >= RESPAWN_MIN_AGE]
+    return min(ready, key=lambda v: v.started, default=None)
+
+
+def _hold_all_but(group: ServerGroup, victim: int) -> contextlib.ExitStack:
+    """Hold a connection on every worker except (maybe also) *victim*, so none of them can accept."""
+    stack = contextlib.ExitStack()
+    others = set(group.worker_pids()) - {victim}
+    held: set[int] = set()
+    for _ in range(RESPAWN_WORKERS + 1):
+        if others <= held:
+            break
+        held.update(stack.enter_context(holding(group.address, b"hold", 1)))
+    return stack
+
+
+def _new_idle_worker(group: ServerGroup, known: set[int], killed_at: float) -> SlotView:
+    """Poll the scoreboard every RESPAWN_POLL s until a worker not in *known* is idle."""
+    deadline = killed_at + RESPAWN_DEADLINE
+    while time.monotonic() < deadline:
+        for view in group.slots():
+            if view.pid not in known and view.state == IDLE:
+                return view
+        time.sleep(RESPAWN_POLL)
+    raise RuntimeError(f"no idle replacement within {RESPAWN_DEADLINE}s: {group.slots()}")
+
+
+def measure_respawn(group: ServerGroup) -> Respawn:
+    victim = wait_for(lambda: oldest_eligible(group), START_TIMEOUT, "a worker old enough to kill")
+    with _hold_all_but(group, victim.pid):
+        known = {view.pid for view in group.slots()}
+        killed_at = time.monotonic()
+        os.kill(victim.pid, signal.SIGKILL)
+        new = _new_idle_worker(group, known, killed_at)
+        seen = time.monotonic()
+        pid = request(group.address)
+        served = time.monotonic()
+    # last_tick is the boot time until the worker's first turn of its loop, which our request
+    # (made after reading the slot) is the earliest thing to cause.
+    return Respawn(new.started - killed_at, new.last_tick - killed_at, seen - killed_at,
+                   served - killed_at, pid == new.pid)
+
+
+def bench_respawn(servers: Servers, samples: int) -> list[Respawn]:
+    _progress(f"respawn: {samples} SIGKILLs of one of {RESPAWN_WORKERS} workers (~{RESPAWN_MIN_AGE / 2:.1f} s each)")
+    with servers.run("prefork", RESPAWN_WORKERS) as group:
+        return [measure_respawn(group) for _ in range(samples)]
+
+
+# -- 4. preload and copy-on-write ------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Memory:
+    """psutil memory_full_info of one process, in bytes."""
+
+    rss: int
+    uss: int
+    pss: int
+
+    @classmethod
+    def of(cls, pid: int) -> Memory:
+        info = psutil.Process(pid).memory_full_info()
+        return cls(info.rss, info.uss, info.pss)
+
+
+@dataclasses.dataclass
+class MemoryCase:
+    name: str
+    graph_bytes: int
+    master: Memory
+    workers: list[Memory]
+
+    @property
+    def everyone(self) -> list[Memory]:
+        return [self.master, *self.workers]
+
+    def mean(self, field: str) -> float:
+        return float(statistics.mean(getattr(w, field) for w in self.workers))
+
+    def total(self, field: str) -> int:
+        return sum(getattr(m, field) for m in self.everyone)
+
+
+MEMORY_CASES = (
+    ("preload + gc.freeze (prefork's preload)", {"preload": True}),
+    ("preload, gc.unfreeze() after fork", {"preload": True, "post_fork": "loadtests.bigapp:unfreeze"}),
+    ("no preload (each worker imports)", {"preload": False}),
+)
+
+
+def collect_in_every_worker(group: ServerGroup) -> None:
+    """GC_ROUNDS rounds; in each, every worker gets a held connection and runs gc.collect()."""
+    for _ in range(GC_ROUNDS):
+        with holding(group.address, b"gc", MEMORY_WORKERS) as pids:
+            if len(set(pids)) != MEMORY_WORKERS:
+                raise RuntimeError(f"expected {MEMORY_WORKERS} distinct workers, got {pids}")
+
+
+def measure_memory(group: ServerGroup, name: str) -> MemoryCase:
+    collect_in_every_worker(group)
+    conversation = Conversation(group.address)
+    try:
+        graph_bytes = conversation.ask(b"size")
+    finally:
+        conversation.close()
+    workers = [Memory.of(pid) for pid in group.worker_pids()]
+    return MemoryCase(name, graph_bytes, Memory.of(group.master_pid), workers)
+
+
+def bench_memory(servers: Servers) -> list[MemoryCase]:
+    cases = []
+    for name, options in MEMORY_CASES:
+        _progress(f"memory: {name}")
+        with servers.run("prefork", MEMORY_WORKERS, app="loadtests.bigapp", **options) as group:
+            cases.append(measure_memory(group, name))
+    return cases
+
+
+# -- the report ------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def machine_lines(argv: list[str], load_before: float) -> list[str]:
+    return [
+        "| | |",
+        "|---|---|",
+        f"| CPU | {cpu_model()} ({os.cpu_count()} logical CPUs) |",
+        f"| Kernel | {platform.system()} {platform.release()} |",
+        f"| Python | {platform.python_implementation()} {platform.python_version()} |",
+        f"| psutil | {psutil.__version__} |",
+        f"| Date | {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC} |",
+        f"| Command | `{' '.join([COMMAND, *argv])}` |",
+        (f"| Load average (1 min) | {load_before:.2f} before the run, {os.getloadavg()[0]:.2f} after "
+         f"(other work on the machine adds noise to every figure) |"),
+    ]
+
+
+def _find(runs: list[WakeupRun], implementation: str, workers: int) -> WakeupRun:
+    return next(r for r in runs if r.implementation == implementation and r.workers == workers)
+
+
+def wakeup_lines(runs: list[WakeupRun]) -> list[str]:
+    rows = [_wakeup_row(run) for run in runs]
+    herd = [f"{name} {_find(runs, name, WAKEUP_WORKERS).per_connection - _find(runs, name, 1).per_connection:+.2f}"
+            for name in ("prefork", "naive")]
+    return [
+        (f"{runs[0].connections:,} sequential short connections (connect, one line, the reply "
+         f"carries the worker's pid, close; then a {runs[0].gap * 1000:g} ms pause so that every "
+         f"worker is idle again), after {WARMUP_CONNECTIONS} warm-up ones. Switches = "
+         f"voluntary context switches summed over the workers during the run; the idle baseline "
+         f"(the same workers over the same wall time, measured for {BASELINE_SECONDS:.0f} s just "
+         f"before) is subtracted. \"naive\" is the stdlib `TCPServer` forked N times, every child "
+         f"in `serve_forever()` on the shared blocking socket."),
+        "",
+        ("| server | workers | wall s | switches | idle baseline | **wake-ups / connection** "
+         "| of which by workers that served none | workers that served | busiest worker's share |"),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+        (f"What the other {WAKEUP_WORKERS - 1} workers add per connection ({WAKEUP_WORKERS} workers "
+         f"minus 1 worker): {', '.join(herd)}."),
+    ]
+
+
+def _fixed(value: float) -> str:
+    """Two decimals, without the "-0.00" that a noise-level negative value would print."""
+    return f"{round(value, 2) + 0.0:.2f}"
+
+
+def _wakeup_row(run: WakeupRun) -> str:
+    return (f"| {run.implementation} | {run.workers} | {run.seconds:.2f} | {sum(run.switches.values()):,} | "
+            f"{run.idle_baseline:.0f} | **{run.per_connection:.2f}** | {_fixed(run.non_serving_per_connection)} | "
+            f"{len(run.served)} of {run.workers} | {run.busiest_share:.0%} |")
+
+
+def master_cpu_lines(m: MasterCpu) -> list[str]:
+    return [
+        (f"A prefork master with {LOAD_WORKERS} workers; {LOAD_CLIENTS} client threads in this "
+         f"process make short connections back to back for {m.seconds:.1f} s. Master CPU from "
+         f"psutil (user+sys, 10 ms ticks) and from /proc/PID/schedstat (ns); workers' CPU is "
+         f"psutil user+sys summed."),
+        "",
+        ("| requests | req/s | failed | master CPU (psutil) | master on-CPU (schedstat) "
+         "| master wake-ups | master CPU per wake-up | workers' CPU | **master / workers** |"),
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        (f"| {m.requests:,} | {m.requests / m.seconds:,.0f} | {len(m.failures)} | {m.master_cpu:.3f} s "
+         f"| {m.master_on_cpu * 1000:.2f} ms | {m.master_wakeups} ({m.master_wakeups / m.seconds:.1f}/s) "
+         f"| {m.master_on_cpu * 1000 / max(1, m.master_wakeups):.2f} ms "
+         f"| {m.workers_cpu:.2f} s | **{m.fraction:.4%}** (on-CPU / workers' CPU) |"),
+    ]
+
+
+def _quantiles(values: list[float]) -> tuple[float, float, float, float]:
+    ordered = sorted(values)
+    p90 = ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
+    return ordered[0], statistics.median(ordered), p90, ordered[-1]
+
+
+def respawn_lines(samples: list[Respawn]) -> list[str]:
+    rows = []
+    for label, values in (("the master claims a slot and forks (scoreboard: slot started)", [s.claimed for s in samples]),
+                          ("the new worker listens, idle (scoreboard: boot time)", [s.booted for s in samples]),
+                          ("this process sees the idle slot (1 ms polling)", [s.seen_idle for s in samples]),
+                          ("**first reply from the new worker**", [s.served for s in samples])):
+        low, median, p90, high = _quantiles(values)
+        rows.append(f"| {label} | {low * 1000:.1f} | **{median * 1000:.1f}** | {p90 * 1000:.1f} | {high * 1000:.1f} |")
+    from_new = sum(s.reply_from_new for s in samples)
+    return [
+        (f"{len(samples)} times: SIGKILL the oldest of {RESPAWN_WORKERS} workers (always older than "
+         f"{RESPAWN_MIN_AGE:.1f} s, so the crash back-off for workers dying within {YOUNG_AGE:.0f} s "
+         f"of their start does not apply), the other worker held busy by an open connection; "
+         f"scoreboard polled every {RESPAWN_POLL * 1000:.0f} ms until the new worker's slot is idle; "
+         f"then one connection, which only the new worker can take. The first two rows are the "
+         f"timestamps that the master and the worker wrote in the scoreboard (CLOCK_MONOTONIC, "
+         f"the same clock in every process). Milliseconds from the SIGKILL:"),
+        "",
+        "| until | min | **median** | p90 | max |",
+        "|---|---:|---:|---:|---:|",
+        *rows,
+        "",
+        f"The reply came from the new worker in {from_new} of {len(samples)} samples.",
+    ]
+
+
+def memory_lines(cases: list[MemoryCase]) -> list[str]:
+    graph = cases[0].graph_bytes / MiB
+    return [
+        (f"`loadtests.bigapp` builds {graph:.0f} MiB of small objects at import (its RSS growth; "
+         f"small dicts, each with its own list, three str and a float). {MEMORY_WORKERS} workers; each "
+         f"ran a full `gc.collect()` {GC_ROUNDS} times, then memory was read (psutil "
+         f"`memory_full_info`). USS: pages only this process maps (what it alone costs); PSS: "
+         f"shared pages split between the processes sharing them (the PSS sum is the true total)."),
+        "",
+        ("| case | worker RSS (mean) | **worker USS (mean)** | USS / RSS | master RSS | master USS "
+         "| **total PSS** (master + workers) | total RSS (sum, double-counts sharing) |"),
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        *(_memory_row(case) for case in cases),
+    ]
+
+
+def _memory_row(case: MemoryCase) -> str:
+    return (f"| {case.name} | {case.mean('rss') / MiB:.1f} MiB | **{case.mean('uss') / MiB:.1f} MiB** | "
+            f"{case.mean('uss') / case.mean('rss'):.0%} | {case.master.rss / MiB:.1f} MiB | "
+            f"{case.master.uss / MiB:.1f} MiB | **{case.total('pss') / MiB:.0f} MiB** | {case.total('rss') / MiB:.0f} MiB |")
+
+
+# How the mechanisms behind the figures work; true whatever the figures of a given run.
+READING = [
+    ("- **One wake-up per connection, and which worker.** Each prefork worker registers the "
+     "shared listener in its own epoll with `EPOLLEXCLUSIVE`. The kernel offers a connection to "
+     "the listener's waiters in registration order and stops at the first whose process is "
+     "waiting in `epoll_wait`; busy workers are skipped, so nothing waits behind a busy worker. "
+     "The price is no spreading: under light load the first idle worker in that order takes "
+     "nearly every connection (the \"busiest worker's share\" column), while the others sleep "
+     "(their only wake-up is the worker loop's 1 s tick, the idle baseline). `max_requests` "
+     "therefore recycles that worker much sooner than the others; `reuse_port` spreads by "
+     "hash instead."),
+    ("- **The naive pre-fork's herd.** `poll()` waits non-exclusively: every child waiting in "
+     "it wakes for each connection, one wins `accept()`, and the losers block inside `accept()` "
+     "on the blocking socket (where `serve_forever()`'s poll interval and `shutdown()` no "
+     "longer reach them) until a later connection; at any moment some children are in `poll()` "
+     "and some in `accept()`, which is why the figure is below the number of workers but far "
+     "above 1."),
+    ("- **The master is off the request path.** Its only wake-ups under load are its 1 s tick "
+     "(reading the scoreboard, checking timeouts and recycling); the connections never touch it."),
+    ("- **Respawn.** SIGCHLD wakes the master through its signal pipe at once; it reaps, logs, "
+     "claims a scoreboard slot and forks. Most of the rest is the new child's first steps "
+     "(Python's after-fork hooks, first copy-on-write page faults, signal and listener "
+     "setup): no step waits on a timer."),
+    ("- **Copy-on-write.** A full collection writes to the GC header of every tracked container "
+     "(dict, list) it traverses, so every page holding one is copied into the worker. Pages "
+     "with no tracked object on them (many of the str, float, dict key tables and list item "
+     "arrays: pymalloc gives each size class its own pools) stay shared, hence a fraction of "
+     "the graph rather than all of it. `gc.freeze()` before fork moves the graph out of the "
+     "collector's reach. It does not make objects immutable: code that reads the graph still "
+     "writes reference counts and copies the pages it touches (this app's handler does not)."),
+]
+
+
+@dataclasses.dataclass
+class Results:
+    wakeups: list[WakeupRun]
+    master_cpu: MasterCpu
+    respawn: list[Respawn]
+    memory: list[MemoryCase]
+
+
+def summary_lines(r: Results) -> list[str]:
+    prefork8, naive8 = _find(r.wakeups, "prefork", WAKEUP_WORKERS), _find(r.wakeups, "naive", WAKEUP_WORKERS)
+    frozen, unfrozen, separate = r.memory
+    respawn = statistics.median(s.served for s in r.respawn)
+    return [
+        "| figure | value |",
+        "|---|---|",
+        (f"| wake-ups per connection, {WAKEUP_WORKERS} idle workers: prefork / naive | "
+         f"{prefork8.per_connection:.2f} / {naive8.per_connection:.2f} |"),
+        (f"| master CPU under load, share of the workers' | {r.master_cpu.fraction:.4%} "
+         f"({r.master_cpu.master_on_cpu * 1000:.1f} ms in {r.master_cpu.seconds:.0f} s) |"),
+        f"| worker SIGKILL to the replacement's first reply (median of {len(r.respawn)}) | {respawn * 1000:.1f} ms |",
+        (f"| mean worker USS: preload (frozen) / preload unfrozen / no preload | {frozen.mean('uss') / MiB:.1f} / "
+         f"{unfrozen.mean('uss') / MiB:.1f} / {separate.mean('uss') / MiB:.1f} MiB |"),
+        (f"| total PSS, master + {MEMORY_WORKERS} workers: preload (frozen) / preload unfrozen / no preload | "
+         f"{frozen.total('pss') / MiB:.0f} / {unfrozen.total('pss') / MiB:.0f} / {separate.total('pss') / MiB:.0f} MiB |"),
+    ]
+
+
+def render_report(r: Results, argv: list[str], load_before: float) -> str:
+    lines = [
+        "# Benchmarks of the prefork master",
+        "",
+        ("Generated by `loadtests/bench_master.py` (its docstring explains the method); do not edit "
+         "by hand, run it again."),
+        "",
+        *machine_lines(argv, load_before),
+        "",
+        "## Summary",
+        "",
+        *summary_lines(r),
+        "",
+        "## 1. Accept wake-ups per connection",
+        "",
+        *wakeup_lines(r.wakeups),
+        "",
+        "## 2. The master's CPU while the workers serve",
+        "",
+        *master_cpu_lines(r.master_cpu),
+        "",
+        "## 3. From a worker's death to its replacement serving",
+        "",
+        *respawn_lines(r.respawn),
+        "",
+        "## 4. Preload and copy-on-write",
+        "",
+        *memory_lines(r.memory),
+        "",
+        "## Reading the figures",
+        "",
+        *READING,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=COMMAND, description=(__doc__ or "").split("\n", 1)[0])
+    add = parser.add_argument
+    add("--connections", type=_positive, default=2000, help="sequential connections per wake-up run")
+    add("--gap-ms", type=float, default=DEFAULT_GAP * 1000, help="pause after each wake-up connection")
+    add("--load-seconds", type=float, default=10.0, help="duration of the master-CPU load")
+    add("--samples", type=_positive, default=20, help="worker kills for the respawn time")
+    add("--output", default=str(DEFAULT_OUTPUT), help="where to write the report ('-': nowhere)")
+    return parser.parse_args(argv)
+
+
+def run_all(args: argparse.Namespace, servers: Servers) -> Results:
+    return Results(
+        wakeups=bench_wakeups(servers, args.connections, args.gap_ms / 1000),
+        master_cpu=bench_master_cpu(servers, args.load_seconds),
+        respawn=bench_respawn(servers, args.samples),
+        memory=bench_memory(servers),
+    )
+
+
+def _exit_on_term(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the finally that stops every server
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_term)
+    started, load_before = time.monotonic(), os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="bench-master-") as tmp:
+        servers = Servers(Path(tmp))
+        try:
+            results = run_all(args, servers)
+        finally:
+            servers.stop_all()
+    report = render_report(results, argv, load_before)
+    print(report)
+    if args.output != "-":
+        Path(args.output).write_text(report, encoding="utf-8")
+        _progress(f"wrote {args.output}")
+    _progress(f"done in {time.monotonic() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Static files and a health check over HTTP/1.1, on http.server's request handler. Runs in: worker.
+
+Usage::
+
+    prefork run workers.http --bind tcp://127.0.0.1:8000 --mode thread --threads 16
+    curl -i http://127.0.0.1:8000/health                  # -> 200, body "ok"
+
+    prefork.serve("workers.http", bind=["tcp://127.0.0.1:8000"], service_options={"root": "/srv/www"})
+
+Without ``--bind`` the service listens on ``DEFAULT_BIND`` (tcp://127.0.0.1:8000); it serves TCP
+and Unix stream listeners.
+
+Service option (passed to ``configure()`` in each worker):
+
+- ``root`` (default ``"."``): the directory to serve, resolved to an absolute path when the
+  worker starts; a root that is not a directory stops the service with the app-load error
+  (exit code 3). The module's own ``StreamHandler`` serves the worker's current directory.
+
+What it serves:
+
+- ``GET``/``HEAD /health``: 200 with the body ``ok`` (text/plain, not cached), without touching
+  the disk, for load balancers and probes. A file named ``health`` at the root is shadowed.
+- Any other ``GET``/``HEAD``: what ``http.server.SimpleHTTPRequestHandler`` serves: the file
+  under ``root``, a directory's ``index.html`` or listing, 404 for what does not exist; paths
+  cannot leave ``root``.
+- HTTP/1.1 with keep-alive: every response carries its length, so a client can send several
+  requests on one connection. A connection idle for ``KEEPALIVE_TIMEOUT`` seconds (also the
+  limit for reading one request head) is closed, so idle or slow clients cannot hold a
+  synchronous worker; use ``--mode thread`` to serve many keep-alive clients per worker.
+
+Logs go through ``logging``, never straight to stderr: one line per request on
+``prefork.access.http`` (INFO: client, request line, status, size), http.server's diagnostics
+(bad requests, timeouts, the reason of an error status) on ``prefork.workers.http`` at DEBUG,
+and an exception in a handler with its traceback on ``prefork.workers.http`` at ERROR.
+
+``HTTPServer`` and ``HTTPHandlerBase`` are also the base of ``workers.wsgi``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler
+from typing import Any
+from urllib.parse import urlsplit
+
+from prefork.errors import AppLoadError
+from prefork.servers import TCPServer
+
+__all__ = ["DEFAULT_BIND", "KEEPALIVE_TIMEOUT", "HEALTH_PATH", "Service", "HTTPServer",
+           "HTTPHandlerBase", "StaticHandler", "static_handler", "StreamHandler", "server_class", "configure"]
+
+DEFAULT_BIND = ["tcp://127.0.0.1:8000"]
+
+# Seconds to wait for the next request on a kept-alive connection, and for one request head.
+# A synchronous worker is held for that long by an idle client: short enough to free it soon,
+# long enough for a browser's next request (nginx waits 75 s, gunicorn 2 s).
+KEEPALIVE_TIMEOUT = 5.0
+
+HEALTH_PATH = "/health"
+HEALTH_BODY = b"ok"
+
+log = logging.getLogger("prefork.workers.http")
+access_log = logging.getLogger("prefork.access.http")
+
+_TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+
+
+@dataclass(frozen=True)
+class Service:
+    """What ``configure()`` returns: the handler and server class for stream listeners."""
+
+    StreamHandler: type[BaseHTTPRequestHandler]
+    server_class: type[TCPServer]
+
+
+class HTTPServer(TCPServer):
+    """http.server's HTTPServer on prefork's core: records ``server_name`` and ``server_port``.
+
+    ``server_bind`` also runs on an adopted socket (``from_socket``), so a worker serving the
+    master's listener has them too. Handler exceptions are logged, not printed.
+    """
+
+    allow_reuse_address = True  # as http.server's HTTPServer
+    server_name: str
+    server_port: int
+
+    def server_bind(self) -> None:
+        """Bind (unless adopted), then record the server's name and port."""
+        super().server_bind()
+        self.server_name, self.server_port = _name_and_port(self.server_address)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Log the exception a request raised; the server goes on."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ConnectionError):
+            # The client reset or went away mid-request: routine, not a fault of the server.
+            log.debug("client %s went away: %s", client_address, exc)
+            return
+        log.exception("error while serving %s", client_address)
+
+
+def _name_and_port(address: Any) -> tuple[str, int]:
+    """(fully qualified name, port) of a bound address, as http.server computes them.
+
+    A Unix socket has neither: it is named ``localhost`` with port 0.
+    """
+    if isinstance(address, tuple):
+        return socket.getfqdn(address[0]), int(address[1])
+    return "localhost", 0
+
+
+class HTTPHandlerBase(BaseHTTPRequestHandler):
+    """HTTP/1.1 keep-alive, TCP_NODELAY on TCP, Unix peers, and logging through ``logging``."""
+
+    protocol_version = "HTTP/1.1"
+    timeout = KEEPALIVE_TIMEOUT
+
+    def setup(self) -> None:
+        if not isinstance(self.client_address, tuple):
+            self.client_address = ("", 0)  # a Unix stream peer has no address
+        super().setup()
+        if self.connection.family in _TCP_FAMILIES:
+            # Headers and body are separate writes: without TCP_NODELAY, Nagle's algorithm and
+            # the client's delayed ACK can hold the body back ~40 ms on a kept-alive connection.
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def peer(self) -> str:
+        return str(self.client_address[0]) or "unix"
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        if isinstance(code, HTTPStatus):
+            code = code.value
+        access_log.info('%s "%s" %s %s', self.peer(), self.requestline, code, size)
+
+    def log_error(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
+        # send_error() reports every 4xx/5xx here and the access line already has the status.
+        log.debug("%s " + format, self.peer(), *args)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
+        access_log.info("%s " + format, self.peer(), *args)
+
+
+class StaticHandler(HTTPHandlerBase, SimpleHTTPRequestHandler):
+    """Serves the files under ``root`` (the current directory when None) and ``/health``."""
+
+    root: str | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("directory", self.root)
+        super().__init__(*args, **kwargs)
+
+    def do_GET(self) -> None:
+        if self.is_health_check():
+            self.send_health(with_body=True)
+        else:
+            super().do_GET()
+
+    def do_HEAD(self) -> None:
+        if self.is_health_check():
+            self.send_health(with_body=False)
+        else:
+            super().do_HEAD()
+
+    def is_health_check(self) -> bool:
+        return urlsplit(self.path).path == HEALTH_PATH
+
+    def send_health(self, with_body: bool) -> None:
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(HEALTH_BODY)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        if with_body:
+            self.wfile.write(HEALTH_BODY)
+
+
+def static_handler(root: str) -> type[StaticHandler]:
+    """A StaticHandler class serving *root*, which must be a directory."""
+    directory = os.path.abspath(root)
+    if not os.path.isdir(directory):
+        raise AppLoadError(f"workers.http: option root={root!r}: {directory} is not a directory")
+
+    class RootedStaticHandler(StaticHandler):
+        root = directory
+
+    return RootedStaticHandler
+
+
+def configure(root: str = ".") -> Service:
+    """Called in each worker: the service that serves *root*."""
+    return Service(StreamHandler=static_handler(root), server_class=HTTPServer)
+
+
+# Used as they are by ``prefork.serve("workers.http")`` when no service option is given.
+StreamHandler = StaticHandler
+server_class = HTTPServer
