@@ -239,23 +239,23 @@ class _State:
 _STATE = _State()
 
 
-def _open_fd(path: str) -> int:
+def _open_fd(path: str, setting: str) -> int:
     try:
         return os.open(path, _APPEND_FLAGS, _LOG_FILE_MODE)
     except OSError as exc:
-        raise ConfigError(f"log file {path!r} cannot be opened: {exc.strerror}") from exc
+        raise ConfigError(f"setting {setting!r}: cannot open {path!r}: {exc.strerror}") from exc
 
 
 def _open_text(path: str) -> IO[str]:
     """A line-buffered text file appending to *path*, registered for reopen()."""
-    file = open(_open_fd(path), "a", buffering=1, encoding="utf-8", errors="backslashreplace")
+    file = open(_open_fd(path, "error_log"), "a", buffering=1, encoding="utf-8", errors="backslashreplace")
     _STATE.register(path, file)
     return file
 
 
 def _open_binary(path: str) -> IO[bytes]:
     """A buffered binary file appending to *path*, registered for reopen()."""
-    file = open(_open_fd(path), "ab", buffering=ACCESS_BUFFER)
+    file = open(_open_fd(path, "access_log"), "ab", buffering=ACCESS_BUFFER)
     _STATE.register(path, file)
     return file
 
