@@ -16,16 +16,19 @@ import gc
 import logging
 import os
 import resource
+import select
 import signal
 import sys
+import tempfile
 import time
 from typing import Any, Callable, Sequence
 
 from prefork import notify, pool as policy
-from prefork.errors import EXIT_APP_LOAD, EXIT_FAILURE, EXIT_OK, ConfigError, PidfileError, PreforkError
+from prefork.errors import EXIT_APP_LOAD, EXIT_FAILURE, EXIT_OK, ConfigError, ListenerError, PidfileError, PreforkError
 from prefork.listeners import inherit_env
 from prefork.pidfile import Pidfile
 from prefork.procstats import rss
+from prefork.proctitle import set_title
 from prefork.scoreboard import Scoreboard
 from prefork.signals import MASTER_SIGNALS, SignalQueue, signal_name
 from prefork.worker import WorkerIdentity, WorkerSpec, run_worker
@@ -40,6 +43,9 @@ UPGRADE_PARENT_ENV = "PREFORK_UPGRADE_PARENT"
 SCOREBOARD_CAPACITY = 1024
 # How often worker memory is read for max_worker_memory (a /proc read per worker).
 MEMORY_CHECK_INTERVAL = 1.0
+# The metrics process gets this long to listen at start; a crashed one is restarted after this.
+METRICS_START_TIMEOUT = 10.0
+METRICS_RESTART_DELAY = 1.0
 
 
 @dataclasses.dataclass
@@ -71,6 +77,8 @@ class Arbiter:
         self.pidfile: Pidfile | None = None
         self.upgrade_child = 0
         self.handed_over = False  # a new master took over: leave its sockets and pidfile alone
+        self.metrics_pid = 0
+        self._metrics_due = 0.0  # when to restart a metrics process that died
         self.upgrade_parent = int(os.environ.pop(UPGRADE_PARENT_ENV, "0") or 0)
         self._exit: policy.Halt | None = None
         self._boot_errors: tuple[int, ...] = ()  # pipe on which workers report why they cannot boot
@@ -103,9 +111,12 @@ class Arbiter:
             self.pidfile.create(self.pid)
         if self.settings.preload:
             gc.freeze()  # keep the preloaded app's objects out of the collector: pages stay shared
+        self._start_metrics(wait=True)
         log.info("master %d serving %s with %d workers", self.pid,
                  ", ".join(l.name for l in self.listeners), self.pool.target)
         self._execute(self.pool.start(time.monotonic()))
+        # Published at once: readers (the CLI, metrics) must never see the header's zeros.
+        self.scoreboard.publish(self.pool.generation, self.pool.target, self.pool.restarts)
 
     def _loop(self) -> None:
         assert self.signals is not None
@@ -136,6 +147,8 @@ class Arbiter:
         slots = {w.slot: self.scoreboard.read(w.slot) for w in self.pool.workers.values()}
         self._execute(self.pool.tick(now, slots, self._memory(now)))
         self.scoreboard.publish(self.pool.generation, self.pool.target, self.pool.restarts)
+        if self._metrics_due and now >= self._metrics_due and not self.pool.stopping:
+            self._start_metrics(wait=False)
 
     def _memory(self, now: float) -> dict[int, int] | None:
         if not self.settings.max_worker_memory or now < self._next_memory_check:
@@ -155,6 +168,9 @@ class Arbiter:
             self._child_exited(pid, os.waitstatus_to_exitcode(status))
 
     def _child_exited(self, pid: int, code: int) -> None:
+        if pid == self.metrics_pid:
+            self._metrics_exited(code)
+            return
         if pid == self.upgrade_child:
             self._upgrade_failed(code)
             return
@@ -317,8 +333,8 @@ class Arbiter:
     def handle_usr1(self) -> None:
         if self.spec.on_reopen_logs is not None:
             self.spec.on_reopen_logs()
-        for worker in self.pool.workers.values():
-            self._signal(worker.pid, signal.SIGUSR1)
+        for pid in [w.pid for w in self.pool.workers.values()] + [self.metrics_pid]:
+            self._signal(pid, signal.SIGUSR1)
 
     def handle_usr2(self) -> None:
         """Upgrade in place: start a new master on the same sockets; it stops us once ready."""
@@ -369,11 +385,88 @@ class Arbiter:
             return False
         return True
 
+    # -- the metrics process -----------------------------------------------------------------
+
+    def _start_metrics(self, wait: bool) -> None:
+        """Fork the process that serves metrics_bind from the scoreboard file.
+
+        At start (*wait*), the master waits until it listens, so that a port that cannot be
+        bound stops the service with exit code 4 instead of failing quietly.
+        """
+        bind = getattr(self.settings, "metrics_bind", None)
+        self._metrics_due = 0.0
+        if not bind:
+            return
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        _flush_std_streams()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_fd)
+            self._run_metrics(bind, write_fd)
+        os.close(write_fd)
+        self.metrics_pid = pid
+        try:
+            report = _read_report(read_fd, METRICS_START_TIMEOUT) if wait else b"ok"
+        finally:
+            os.close(read_fd)
+        if report != b"ok":
+            raise ListenerError(bind, report.decode(errors="replace") or "the metrics process did not start")
+
+    def _run_metrics(self, bind: str, report_fd: int) -> None:
+        """Called in the metrics child. Never returns."""
+        code = 1
+        try:
+            if self.signals is not None:
+                self.signals.forget()
+            signal.set_wakeup_fd(-1)
+            for signum in MASTER_SIGNALS:
+                signal.signal(signum, signal.SIG_DFL)
+            for listener in self.listeners:
+                listener.sock.close()  # this process serves no traffic and must not hold the ports
+            set_title("metrics", self.spec.name)
+            from prefork import metrics  # only here: it brings in an HTTP server the rest never needs
+
+            assert self.scoreboard is not None and self.scoreboard.path
+            names = [listener.name for listener in self.listeners]
+            metrics.run(bind, self.scoreboard.path, names, self.spec.name,
+                        ready=lambda address: _metrics_ready(report_fd, address))
+            code = 0
+        except PreforkError as exc:
+            _write_report(report_fd, str(exc).encode())
+            code = exc.exit_code
+        except BaseException:
+            log.exception("metrics process failed")
+        finally:
+            _flush_std_streams()
+            os._exit(code)
+
+    def _metrics_exited(self, code: int) -> None:
+        self.metrics_pid = 0
+        if self.pool.stopping or self._exit is not None:
+            return
+        log.warning("metrics process exited (status %d); restarting it in %.0f s", code, METRICS_RESTART_DELAY)
+        self._metrics_due = time.monotonic() + METRICS_RESTART_DELAY
+
+    def _stop_metrics(self) -> None:
+        pid, self.metrics_pid = self.metrics_pid, 0
+        if not pid:
+            return
+        self._signal(pid, signal.SIGTERM)
+        deadline = time.monotonic() + policy.FAST_STOP_GRACE
+        while time.monotonic() < deadline:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return
+            time.sleep(0.01)
+        self._signal(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
     # -- end -------------------------------------------------------------------------------------
 
     def _cleanup(self) -> None:
         if self.pool.workers:
             self._kill_all(signal.SIGKILL)
+        self._stop_metrics()
         for listener in self.listeners:
             listener.close(unlink=not self.handed_over)
         if self.scoreboard is not None:
@@ -395,8 +488,13 @@ class Arbiter:
         return first or "see the worker's log"
 
     def _scoreboard_path(self) -> str | None:
+        """Beside the pidfile (for `prefork status`); a temporary file if only metrics read it."""
         pidfile = self.settings.pidfile
-        return f"{os.fspath(pidfile)}.scoreboard" if pidfile else None
+        if pidfile:
+            return f"{os.fspath(pidfile)}.scoreboard"
+        if getattr(self.settings, "metrics_bind", None):
+            return os.path.join(tempfile.gettempdir(), f"prefork-{self.pid}.scoreboard")
+        return None
 
     def _call_hook(self, name: str, *args: Any) -> None:
         hook = getattr(self.hooks, name)
@@ -406,6 +504,33 @@ class Arbiter:
             hook(*args)
         except Exception:
             log.exception("hook %s failed", name)
+
+
+def _read_report(fd: int, timeout: float) -> bytes:
+    """What a child writes on *fd* until it closes it (or *timeout* passes)."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        chunk = os.read(fd, 4096) if ready else b""
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _metrics_ready(report_fd: int, address: tuple[str, int]) -> None:
+    log.info("metrics on http://%s:%d/metrics", *address)
+    _write_report(report_fd, b"ok")
+
+
+def _write_report(fd: int, data: bytes) -> None:
+    """Called in a child: say how starting went, once, and close."""
+    try:
+        os.write(fd, data)
+        os.close(fd)
+    except OSError:
+        pass  # the master stopped listening (a restart it does not wait for)
 
 
 def _no_core_dump(pid: int) -> None:

@@ -348,9 +348,16 @@ def _cmd_print_config(tokens: list[str]) -> int:
         print(json.dumps({name: {"value": _jsonable(name, value), "source": sources[name]}
                           for name, value in values.items()}, indent=2))
         return EXIT_OK
-    rows = [(name, config.format_value(name, value), sources[name]) for name, value in values.items()]
+    rows = [(name, config.format_value(name, value), _source_text(name, sources[name]))
+            for name, value in values.items()]
     print(_columns([("SETTING", "VALUE", "SOURCE"), *rows]))
     return EXIT_OK
+
+
+def _source_text(name: str, source: str) -> str:
+    """The source, and for a default decided at run time (bind, workers, name) what decides it."""
+    described = next(option.default_text for option in config.options() if option.name == name)
+    return f"default: {described}" if source == "default" and described else source
 
 
 def _wants_help(tokens: list[str]) -> bool:

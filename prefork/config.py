@@ -39,6 +39,8 @@ __all__ = [
     "make_settings",
     "options",
     "argument_parser",
+    "value_flags",
+    "unknown_option",
     "load",
     "format_value",
     "settings_table",
@@ -46,6 +48,9 @@ __all__ = [
     "write_generated",
     "ENV_PREFIX",
     "RESERVED_ENV",
+    "FALLBACK_BIND",
+    "TABLE_START",
+    "TABLE_END",
 ]
 
 _Validator = Callable[[str, Any], Any]
@@ -500,8 +505,8 @@ class Option:
     flag: str  # --max-requests
     short: str | None  # -w
     env: str  # PREFORK_MAX_REQUESTS
-    default: Any  # the default value, or a description of it (default_text)
-    default_text: str | None
+    default: Any  # the default value; None for one computed at run time (see default_text)
+    default_text: str | None  # what the default is, where a value cannot say it
     sample: Any
     deploy: Any
 

@@ -22,6 +22,7 @@ import threading
 import types
 from typing import Any, Callable, Sequence
 
+from prefork import log as log_files
 from prefork.arbiter import Arbiter, Hooks
 from prefork.config import Settings, make_settings
 from prefork.errors import AppLoadError, ConfigError
@@ -235,7 +236,10 @@ def _worker_spec(settings: Settings, listeners: Sequence[Listener], build: Calla
         rebind=rebind_reuse_port,
         drop_privileges=privilege_dropper(settings.user, settings.group),
         post_fork=_hooks(settings).post_fork,
+        on_reopen_logs=log_files.reopen,
         set_title=lambda number, generation: set_title("worker", name, number, generation),
+        access_log=log_files.AccessLog.from_settings(settings),  # opened now: a bad path fails before fork
+        read_timeout=settings.read_timeout,
     )
 
 

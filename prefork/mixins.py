@@ -236,7 +236,11 @@ def _wait_with_pidfds(children: set[int]) -> bool:
             except ProcessLookupError:
                 children.discard(pid)  # gone and reaped already: room has been made
                 return True
-        ready, _, _ = select.select(list(fds), [], [])
+        # poll(), not select(): pidfds of a busy process are often numbered >= FD_SETSIZE.
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        ready = [fd for fd, _ in poller.poll()]
         return any(_reap(children, fds[fd], blocking=True) for fd in ready)
     finally:
         for fd in fds:

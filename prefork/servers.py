@@ -308,8 +308,12 @@ class BaseServer:
         wakeup = self._wakeup
         if wakeup is None:
             time.sleep(seconds)
-        else:
-            select.select([wakeup], [], [], seconds)
+            return
+        # Not select(): it refuses descriptors >= FD_SETSIZE (1024), and running out of
+        # descriptors, the reason for this pause, is exactly when the numbers are high.
+        with _Poller() as poller:
+            poller.add(wakeup.fileno())
+            poller.wait(seconds)
 
     def handle_timeout(self) -> None:
         """Called if no new request arrives within self.timeout. May be overridden."""
@@ -387,8 +391,6 @@ class TCPServer(BaseServer):
 
     # True while the socket in use was adopted rather than bound by this server.
     _adopted = False
-    # The descriptor already put in non-blocking mode, so that is done once per socket.
-    _nonblocking_fd = -1
 
     def __init__(
         self,
@@ -500,16 +502,16 @@ class TCPServer(BaseServer):
         return server
 
     def _prepare_listener(self) -> None:
-        """Put the listening descriptor in non-blocking mode, once per socket.
+        """Put the listening descriptor in non-blocking mode (checked once per call of the loop).
 
         Python's socket object keeps its own notion of a timeout (so ``gettimeout()`` still
         answers as before) while accept() on a connection another process took returns EAGAIN
-        instead of blocking this one until the next connection.
+        instead of blocking this one until the next connection. Checked on every call rather
+        than remembered, because settimeout()/setblocking() on the socket reset the flag.
         """
         fd = self.socket.fileno()
-        if fd != self._nonblocking_fd and fd >= 0:
+        if fd >= 0 and os.get_blocking(fd):
             os.set_blocking(fd, False)
-            self._nonblocking_fd = fd
 
 
 class UDPServer(TCPServer):

@@ -28,7 +28,9 @@ import time
 import traceback
 from typing import Any, Callable, NoReturn, Sequence
 
+from prefork.accounting import instrument
 from prefork.errors import AppLoadError
+from prefork.log import error_stream
 from prefork.pool import WORKER_BOOT_FAILED
 from prefork.scoreboard import STOP_SHUTDOWN, SlotWriter
 from prefork.servers import BaseServer, _Poller
@@ -61,6 +63,8 @@ class WorkerSpec:
     on_reopen_logs: Callable[[], None] | None = None
     set_title: Callable[[int, int], None] | None = None
     boot_error_fd: int = -1  # where a worker that cannot load the app says why (read by the master)
+    access_log: Any = None  # prefork.log.AccessLog, opened by the master before fork
+    read_timeout: float = 0.0
 
 
 @dataclasses.dataclass
@@ -83,6 +87,8 @@ def run_worker(spec: WorkerSpec, identity: WorkerIdentity, inherited_signals: Si
     except BaseException:
         log.critical("worker %d failed:\n%s", identity.number, traceback.format_exc())
     finally:
+        if spec.access_log is not None:
+            spec.access_log.flush()  # os._exit writes no buffers
         _flush_std_streams()
         os._exit(status)
 
@@ -94,7 +100,7 @@ def _live(spec: WorkerSpec, identity: WorkerIdentity, inherited_signals: SignalQ
     reset_to_defaults(MASTER_SIGNALS)
     # On SIGABRT (the master's timeout) and on fatal signals, dump every thread's stack to the
     # error log, then die of the signal. Done in C, so it works while Python code is stuck.
-    faulthandler.enable(file=sys.stderr, all_threads=True)
+    faulthandler.enable(file=error_stream(), all_threads=True)
     if spec.set_title is not None:
         spec.set_title(identity.number, identity.generation)
     # Rebind first: the kernel lets only sockets of the same user share a port.
@@ -147,7 +153,7 @@ class _Loop:
         self.stopping = False
         self.by_fd: dict[int, BaseServer] = {}
         for index, (server, listener) in enumerate(zip(servers, listeners)):
-            _instrument(server, self.slot, listener.name.encode(), index)
+            instrument(server, self.slot, listener.name, index, spec.access_log, spec.read_timeout)
             self.by_fd[server.fileno()] = server
 
     def run(self) -> int:
@@ -166,6 +172,7 @@ class _Loop:
     def _serve(self, poller: _Poller) -> None:
         by_fd, servers, slot = self.by_fd, self.servers, self.slot
         master_pid = self.spec.master_pid
+        access = self.spec.access_log
         while not self.stopping:
             ready = poller.wait(TICK)
             for fd in ready:
@@ -177,6 +184,8 @@ class _Loop:
             for server in servers:
                 server.service_actions()
             slot.tick()
+            if not ready and access is not None:
+                access.flush()  # idle: write what the busy turns buffered
             # PR_SET_PDEATHSIG covers a busy worker; the check on idle turns covers the rest
             # (a kernel without it) at no cost per request.
             if not ready and os.getppid() != master_pid:
@@ -216,24 +225,3 @@ class _Loop:
                 server.server_close()
             except Exception:
                 log.exception("worker %d: error while closing %r", os.getpid(), server)
-
-
-def _instrument(server: BaseServer, slot: SlotWriter, listener: bytes, index: int) -> None:
-    """Report each request to the scoreboard around the server's own process_request."""
-    process_request = server.process_request
-
-    def process_request_reported(request: Any, client_address: Any) -> None:
-        slot.begin(_client_bytes(client_address), listener)
-        try:
-            process_request(request, client_address)
-        finally:
-            slot.end(index)
-
-    server.process_request = process_request_reported  # type: ignore[method-assign]
-
-
-def _client_bytes(address: Any) -> bytes:
-    if isinstance(address, tuple) and len(address) >= 2:
-        host, port = address[0], address[1]
-        return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}").encode()
-    return str(address or "unix").encode()

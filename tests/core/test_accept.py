@@ -61,7 +61,8 @@ class RaceClient:
 
     def __init__(self, server_cls):
         self.datagram = server_cls is socketserver.UDPServer
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM if self.datagram else socket.SOCK_STREAM)
+        kind = socket.SOCK_DGRAM if self.datagram else socket.SOCK_STREAM
+        self.sock = socket.socket(socket.AF_INET, kind)
         self.sock.settimeout(SOCKET_TIMEOUT)
 
     def send(self, address) -> None:
@@ -181,3 +182,16 @@ def test_other_accept_errors_are_silent(capfd, caplog):
     assert flaky.calls == 2
     assert capfd.readouterr() == ("", "")
     assert [r for r in caplog.records if r.name.startswith("prefork")] == []
+
+
+def test_back_off_with_high_descriptor_numbers(caplog, fresh_rate_limit, high_fds):
+    # serve_forever() makes its wake-up channel now, above FD_SETSIZE; backing off waits on it.
+    caplog.set_level(logging.ERROR, logger="prefork.server")
+    server = socketserver.TCPServer(LOCALHOST, SocketState)
+    flaky = server.get_request = Flaky(server, errno.EMFILE)
+    with serving(server):
+        with connect(server.server_address) as client:
+            wait_until(lambda: flaky.calls >= 2)
+            flaky.failing = False
+            assert recv_all(client) == b"None True"
+    assert len(resource_errors(caplog)) == 1

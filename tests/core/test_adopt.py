@@ -58,7 +58,9 @@ def bind_calls(monkeypatch):
 
 IPV6 = pytest.param(
     ("::1", socket.AF_INET6),
-    marks=pytest.mark.skipif(not ipv6_loopback_available(), reason="no IPv6 loopback (::1) on this host"),
+    marks=pytest.mark.skipif(
+        not ipv6_loopback_available(), reason="no IPv6 loopback (::1) on this host"
+    ),
     id="ipv6",
 )
 

@@ -139,13 +139,16 @@ def run_example(server_cls, handler) -> tuple[str, list[str]]:
     return server_thread.name, replies
 
 
+# Documented as "Received: Thread-2: Hello World 1"; since Python 3.10 a thread's default
+# name also carries its target's name: "Thread-2 (process_request_thread)".
+THREADED_REPLY = r"Received: (Thread-\d+(?: \(process_request_thread\))?): Hello World %d"
+
+
 def test_threaded_tcp_server_example():
     loop_thread, replies = run_example(ThreadedTCPServer, ThreadedTCPRequestHandler)
     names = []
     for i, line in enumerate(replies, start=1):
-        # Documented as "Received: Thread-2: Hello World 1"; since Python 3.10 a thread's
-        # default name also carries its target's name: "Thread-2 (process_request_thread)".
-        match = re.fullmatch(r"Received: (Thread-\d+(?: \(process_request_thread\))?): Hello World %d" % i, line)
+        match = re.fullmatch(THREADED_REPLY % i, line)
         assert match, line
         names.append(match.group(1))
     assert len(set(names)) == 3 and loop_thread not in names

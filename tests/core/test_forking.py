@@ -14,7 +14,16 @@ import threading
 import pytest
 
 import prefork.socketserver as socketserver
-from tests.core.util import LOCALHOST, connect, exists, is_zombie, live_children, read_line, readable, reap
+from tests.core.util import (
+    LOCALHOST,
+    connect,
+    exists,
+    is_zombie,
+    live_children,
+    read_line,
+    readable,
+    reap,
+)
 from tests.support import SOCKET_TIMEOUT, recv_all, serving, wait_until
 
 # Exit status of a child that returned from handle_request() into the test's own code.
@@ -226,3 +235,14 @@ def test_reaps_only_its_own_children(server, statuses):
     assert server.active_children == set()
     assert ours not in statuses
     assert reap(ours) == 7
+
+
+def test_max_children_wait_with_high_descriptor_numbers(server, high_fds):
+    server.max_children = 1
+    client = fork_request(server, b"block")
+    read_line(client)
+    client.sendall(b"!")
+    with client:
+        server.service_actions()  # at max_children: waits for the child, whose pidfd is > 1024
+        assert recv_all(client).startswith(b"done ")
+    assert server.active_children == set()

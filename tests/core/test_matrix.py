@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import threading
@@ -105,3 +106,33 @@ def test_class_composition(family):
     assert issubclass(server_class(family, "Threading"), socketserver.ThreadingMixIn)
     assert issubclass(server_class(family, "Forking"), socketserver.ForkingMixIn)
     assert issubclass(server_class(family, "sync"), socketserver.BaseServer)
+
+
+class Options(socketserver.StreamRequestHandler):
+    """Reports what StreamRequestHandler's class options did to the connection and files."""
+
+    def handle(self):
+        line = self.rfile.readline()
+        nodelay = self.connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        self.wfile.write(b"%s %r %d %s %s" % (
+            line.strip(), self.connection.gettimeout(), bool(nodelay),
+            type(self.rfile).__name__.encode(),
+            b"buffered" if isinstance(self.wfile, io.BufferedWriter) else b"direct",
+        ))
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({}, b"x None 0 BufferedReader direct"),
+        ({"rbufsize": 0, "wbufsize": -1}, b"x None 0 SocketIO buffered"),
+        ({"timeout": 4.0, "disable_nagle_algorithm": True}, b"x 4.0 1 BufferedReader direct"),
+    ],
+    ids=["defaults", "unbuffered_read_buffered_write", "timeout_and_nodelay"],
+)
+def test_stream_handler_options(options, expected):
+    # The same class options give the same files as the stdlib's StreamRequestHandler; a
+    # buffered wfile is flushed by finish().
+    handler = type("Handler", (Options,), options)
+    with serving(socketserver.TCPServer(LOCALHOST, handler)) as server:
+        assert stream_request(server.server_address, b"x\n") == expected

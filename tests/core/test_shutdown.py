@@ -30,11 +30,15 @@ def start(server, poll_interval: float = SLOW_POLL) -> threading.Thread:
 
 def timed_shutdown(server, thread: threading.Thread) -> float:
     """How long shutdown() takes once the loop is asleep in its wait."""
-    wait_until(lambda: waiting_for_requests(thread))
-    began = time.monotonic()
-    server.shutdown()
-    elapsed = time.monotonic() - began
-    thread.join(SOCKET_TIMEOUT)
+    try:
+        wait_until(lambda: waiting_for_requests(thread))
+    finally:
+        # Stop the loop even when the wait failed: a live non-daemon thread would keep the
+        # whole pytest process from exiting.
+        began = time.monotonic()
+        server.shutdown()
+        elapsed = time.monotonic() - began
+        thread.join(SOCKET_TIMEOUT)
     assert not thread.is_alive()
     return elapsed
 

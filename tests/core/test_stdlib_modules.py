@@ -151,7 +151,8 @@ def test_xmlrpc_server():
     server.register_function(lambda a, b: a + b, "add")
     host, port = server.server_address
     with serving(server):
-        with xmlrpc.client.ServerProxy("http://%s:%d/" % (host, port), transport=TimeoutTransport()) as proxy:
+        url = "http://%s:%d/" % (host, port)
+        with xmlrpc.client.ServerProxy(url, transport=TimeoutTransport()) as proxy:
             assert proxy.pow(2, 10) == 1024
             assert proxy.add("pre", "fork") == "prefork"
             with pytest.raises(xmlrpc.client.Fault):

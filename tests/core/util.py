@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import linecache
 import os
 import select
 import socket
-import linecache
 import sys
 import threading
 from typing import Any

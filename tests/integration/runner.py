@@ -7,11 +7,11 @@ master's pid and bound listener names there, so the test knows ports bound to 0.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 
 import prefork
+from prefork import log
 from prefork.config import make_settings
 from prefork.errors import PreforkError
 
@@ -21,8 +21,6 @@ def main() -> int:
     app = options.pop("app")
     ready_file = options.pop("ready_file")
     service_options = options.pop("service_options", None)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="[%(process)d] %(levelname)s %(name)s: %(message)s")
 
     def when_ready(arbiter):
         data = {"pid": os.getpid(), "listeners": [listener.name for listener in arbiter.listeners]}
@@ -33,6 +31,7 @@ def main() -> int:
 
     try:
         settings = make_settings({**options, "when_ready": when_ready})
+        log.setup(settings)  # as the CLI does
         return prefork.serve(app, settings=settings, service_options=service_options)
     except PreforkError as exc:  # as the CLI reports it: the message, no traceback
         print(f"prefork: {exc}", file=sys.stderr)

@@ -206,11 +206,11 @@ def test_default_bind_comes_from_the_service_module(cli_master, tmp_path):
         DEFAULT_BIND = ["tcp://127.0.0.1:0"]
         class StreamHandler(StreamRequestHandler):
             def handle(self):
-                self.wfile.write(b"svc\\n")
+                self.wfile.write(b"svc " + self.rfile.readline())
         """))
     master = cli_master("svc", "--workers", "1", workers=1)
     assert len(master.listening()["tcp"]) == 1
-    assert tcp_line(master.listening()["tcp"][0], b"") == b"svc"
+    assert tcp_line(master.listening()["tcp"][0], b"hi") == b"svc hi"
 
 
 # -- failures of `prefork run` -----------------------------------------------------------------

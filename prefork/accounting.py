@@ -1,0 +1,142 @@
+"""Per-request bookkeeping in a worker: scoreboard, access log, read timeout. Runs in: worker.
+
+Everything here wraps a server's own hooks on the instance, so the app's server class runs as
+written and the hooks keep their order:
+
+- ``process_request`` is framed by the scoreboard (busy/idle, client, listener, counts) and gives
+  stream connections the ``read_timeout`` before the handler reads;
+- with an access log, ``finish_request`` is timed and logged (in the thread or child that serves
+  the request), and ``verify_request`` logs refusals.
+
+Byte counts: TCP from the kernel's TCP_INFO (one getsockopt per request, only with an access
+log), datagrams from the packet and the replies sent; Unix streams are not counted ("-").
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+from typing import Any
+
+from prefork.scoreboard import SlotWriter
+
+__all__ = ["instrument", "client_text"]
+
+# struct tcp_info (linux/tcp.h): offsets of the u64 counters read here. bytes_sent and
+# bytes_retrans exist since Linux 4.19; notsent_bytes (u32) since 4.6.
+_TCP_INFO_SIZE = 232
+_BYTES_RECEIVED = 128
+_NOTSENT_BYTES = 144
+_BYTES_SENT = 200
+_BYTES_RETRANS = 208
+# Connection states (tcpi_state) in which the peer's FIN has been received: TIME_WAIT, CLOSE,
+# CLOSE_WAIT, LAST_ACK, CLOSING.
+_PEER_FIN_STATES = frozenset({6, 7, 8, 9, 11})
+
+
+def instrument(server: Any, slot: SlotWriter, listener: str, index: int, access: Any = None,
+               read_timeout: float = 0.0) -> None:
+    """Wrap *server*'s hooks for the scoreboard and, if given, the access log."""
+    _report_to_scoreboard(server, slot, listener.encode(), index, read_timeout)
+    if access is not None:
+        _log_requests(server, access, listener)
+
+
+def client_text(address: Any) -> str:
+    """'127.0.0.1:5555', '[::1]:5555', or the Unix peer's path (often empty: 'unix')."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(address or "unix")
+
+
+def _report_to_scoreboard(server: Any, slot: SlotWriter, listener: bytes, index: int,
+                          read_timeout: float) -> None:
+    process_request = server.process_request
+
+    def process_request_reported(request: Any, client_address: Any) -> None:
+        if read_timeout and isinstance(request, socket.socket) and request.gettimeout() is None:
+            request.settimeout(read_timeout)  # a silent client cannot hold the worker for ever
+        slot.begin(client_text(client_address).encode(), listener)
+        try:
+            process_request(request, client_address)
+        finally:
+            slot.end(index)
+
+    server.process_request = process_request_reported
+
+
+def _log_requests(server: Any, access: Any, listener: str) -> None:
+    finish_request, verify_request = server.finish_request, server.verify_request
+    worker_pid = os.getpid()
+
+    def finish_request_logged(request: Any, client_address: Any) -> None:
+        started, outcome = time.monotonic(), "error"
+        counted = _CountingSocket.wrap(request)
+        try:
+            finish_request(counted, client_address)
+            outcome = "ok"
+        finally:
+            bytes_in, bytes_out = _byte_counts(request, counted)
+            access.record(client_text(client_address), listener, os.getpid(), time.monotonic() - started,
+                          bytes_in, bytes_out, outcome)
+            if os.getpid() != worker_pid:
+                access.flush()  # a forked per-request child leaves by os._exit: write it now
+
+    def verify_request_logged(request: Any, client_address: Any) -> bool:
+        allowed = bool(verify_request(request, client_address))
+        if not allowed:
+            access.record(client_text(client_address), listener, os.getpid(), 0.0, None, None, "refused")
+        return allowed
+
+    server.finish_request = finish_request_logged
+    server.verify_request = verify_request_logged
+
+
+def _byte_counts(request: Any, counted: Any) -> tuple[int | None, int | None]:
+    if isinstance(counted, tuple) and isinstance(counted[1], _CountingSocket):
+        return len(counted[0]), counted[1].sent
+    if isinstance(request, socket.socket) and request.family in (socket.AF_INET, socket.AF_INET6):
+        return _tcp_byte_counts(request)
+    return None, None
+
+
+def _tcp_byte_counts(conn: socket.socket) -> tuple[int | None, int | None]:
+    try:
+        info = conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
+    except (OSError, AttributeError):
+        return None, None  # closed by the handler, or no TCP_INFO here
+    if len(info) < _BYTES_RETRANS + 8:
+        return None, None  # a kernel older than 4.19
+    received, = struct.unpack_from("Q", info, _BYTES_RECEIVED)
+    if info[0] in _PEER_FIN_STATES:
+        received = max(0, received - 1)  # the client's FIN takes a sequence number, not a byte
+    notsent, = struct.unpack_from("I", info, _NOTSENT_BYTES)
+    sent, retrans = struct.unpack_from("QQ", info, _BYTES_SENT)
+    return received, sent - retrans + notsent
+
+
+class _CountingSocket:
+    """The reply socket of a datagram request, counting what the handler sends through it."""
+
+    __slots__ = ("_sock", "sent")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.sent = 0
+
+    @classmethod
+    def wrap(cls, request: Any) -> Any:
+        if isinstance(request, tuple) and len(request) == 2 and isinstance(request[1], socket.socket):
+            return request[0], cls(request[1])
+        return request
+
+    def sendto(self, data: Any, *args: Any) -> int:
+        sent: int = self._sock.sendto(data, *args)
+        self.sent += sent
+        return sent
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
