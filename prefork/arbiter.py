@@ -78,6 +78,7 @@ class Arbiter:
         self.upgrade_child = 0
         self.handed_over = False  # a new master took over: leave its sockets and pidfile alone
         self.metrics_pid = 0
+        self.reloads_refused = 0
         self._metrics_due = 0.0  # when to restart a metrics process that died
         self.upgrade_parent = int(os.environ.pop(UPGRADE_PARENT_ENV, "0") or 0)
         self._exit: policy.Halt | None = None
@@ -116,7 +117,7 @@ class Arbiter:
                  ", ".join(l.name for l in self.listeners), self.pool.target)
         self._execute(self.pool.start(time.monotonic()))
         # Published at once: readers (the CLI, metrics) must never see the header's zeros.
-        self.scoreboard.publish(self.pool.generation, self.pool.target, self.pool.restarts)
+        self._publish()
 
     def _loop(self) -> None:
         assert self.signals is not None
@@ -146,9 +147,15 @@ class Arbiter:
         # Only our workers' slots: scanning the whole map each tick would cost for nothing.
         slots = {w.slot: self.scoreboard.read(w.slot) for w in self.pool.workers.values()}
         self._execute(self.pool.tick(now, slots, self._memory(now)))
-        self.scoreboard.publish(self.pool.generation, self.pool.target, self.pool.restarts)
+        self._publish()
         if self._metrics_due and now >= self._metrics_due and not self.pool.stopping:
             self._start_metrics(wait=False)
+
+    def _publish(self) -> None:
+        assert self.scoreboard is not None
+        pool = self.pool
+        self.scoreboard.publish(pool.generation, pool.target, pool.restarts, self.reloads_refused,
+                                pool.reload_failures)
 
     def _memory(self, now: float) -> dict[int, int] | None:
         if not self.settings.max_worker_memory or now < self._next_memory_check:
@@ -310,6 +317,7 @@ class Arbiter:
             try:
                 self.settings = self.reload_settings()
             except ConfigError as exc:
+                self.reloads_refused += 1
                 log.error("reload refused, keeping the running configuration: %s", exc)
                 notify.ready("reload refused")
                 return

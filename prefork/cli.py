@@ -44,13 +44,6 @@ __all__ = ["main", "split_run_args", "RunArgs"]
 # How long a control command waits for its effect unless --timeout says otherwise: more than
 # the default graceful_timeout (30 s), so that `prefork stop` sees a graceful stop through.
 DEFAULT_WAIT = 60.0
-# The master starts a reload in the turn of its loop that receives HUP (well under a second);
-# a generation that has not moved after this long means the reload was refused.
-RELOAD_START_LIMIT = 5.0
-# A new generation with no worker of it while the old ones serve lasts one loop turn during a
-# reload (the successor's slot is claimed in the turn that starts the reload); longer than this
-# means the reload was cancelled.
-RELOAD_CANCEL_LIMIT = 2.0
 # A master publishes its pool's figures on its first turn, a moment after it starts; a command
 # that reads them waits this long at most.
 PUBLISH_WAIT = 5.0
@@ -457,7 +450,7 @@ def _wait(what: str, done: Callable[[], bool], timeout: float, hint: str = "") -
 
 def _cmd_reload(args: argparse.Namespace) -> int:
     master = _Master.find(args)
-    watch = _ReloadWatch(master, master.published()[0].generation)
+    watch = _ReloadWatch(master, master.published()[0])
     master.signal(signal.SIGHUP)
     _wait(f"reload of master {master.pid}", watch.done, args.timeout,
           "; the new workers are not all accepting yet, see the master's error log")
@@ -468,40 +461,30 @@ def _cmd_reload(args: argparse.Namespace) -> int:
 class _ReloadWatch:
     """Follows a reload: the scoreboard's generation goes up, then every worker is of it.
 
-    The master starts a reload in the loop turn that receives HUP, so a generation that does
-    not move means the reload was refused (the new configuration is wrong). A new generation
-    whose workers all gave way to the old ones again means the reload was cancelled (the new
-    workers could not load the app). Both are logged by the master, not published: the waiting
-    command recognises them by how long the state lasts.
+    The master publishes how reloads ended: a refused one (the new configuration is wrong) and a
+    failed one (the new workers could not load the app; the old ones keep serving) each raise a
+    counter in the scoreboard's header, which this compares with its reading before the HUP.
     """
 
-    def __init__(self, master: _Master, before: int) -> None:
+    def __init__(self, master: _Master, before: MasterView) -> None:
         self.master = master
         self.before = before
-        self.generation = before
+        self.generation = before.generation
         self.workers = 0
-        self._started = time.monotonic()
-        self._old_only_since: float | None = None
 
     def done(self) -> bool:
         view, slots = self.master.snapshot("reloading")
-        now = time.monotonic()
-        if view.generation == self.before:
-            if now - self._started > RELOAD_START_LIMIT:
-                raise ConfigError(f"master {self.master.pid} refused the reload (the generation is still "
-                                  f"{self.before}): its new configuration is wrong; see its error log")
-            return False
-        self.generation, self.workers = view.generation, len(slots)
-        self._check_cancelled(view, slots, now)
-        return _settled(view, slots, view.generation)
-
-    def _check_cancelled(self, view: MasterView, slots: list[SlotView], now: float) -> None:
-        old_only = _settled(view, slots) and all(slot.generation < view.generation for slot in slots)
-        self._old_only_since = (self._old_only_since or now) if old_only else None
-        if self._old_only_since is not None and now - self._old_only_since > RELOAD_CANCEL_LIMIT:
+        if view.reloads_refused > self.before.reloads_refused:
+            raise ConfigError(f"master {self.master.pid} refused the reload: its new configuration is "
+                              f"wrong; see its error log")
+        if view.reloads_failed > self.before.reloads_failed:
             raise AppLoadError(f"master {self.master.pid} cancelled the reload: the workers of generation "
                                f"{view.generation} could not load the app, the old ones keep serving; "
                                f"see its error log")
+        if view.generation == self.before.generation:
+            return False
+        self.generation, self.workers = view.generation, len(slots)
+        return _settled(view, slots, view.generation)
 
 
 def _cmd_stop(args: argparse.Namespace) -> int:

@@ -437,7 +437,7 @@ class Settings:
     error_log: str = _setting("-", 'where the error log goes: "-" for stderr, or a file (reopened on USR1)',
                               _path_or_dash, section="logging")
     access_log: str | None = _setting(None, 'where the access log goes, one line per request: "-" for '
-                                      "stderr, or a file (reopened on USR1); unset: no access log",
+                                      "stdout, or a file (reopened on USR1); unset: no access log",
                                       _optional(_path_or_dash), section="logging", sample="-")
     log_format: str = _setting("text", "format of both logs: text, or json (one object per line)",
                                _one_of("text", "json"), section="logging", kind=WORD)

@@ -74,6 +74,8 @@ class _Header(ctypes.Structure):
         ("generation", ctypes.c_int64),
         ("target", ctypes.c_int64),
         ("restarts", ctypes.c_int64 * len(RESTART_CAUSES)),
+        ("reloads_refused", ctypes.c_int64),  # HUP with a configuration that did not load
+        ("reloads_failed", ctypes.c_int64),  # HUP whose new workers could not load the app
     ]
 
 
@@ -86,6 +88,8 @@ class MasterView:
     generation: int
     target: int
     restarts: dict[str, int]
+    reloads_refused: int = 0
+    reloads_failed: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,10 +166,12 @@ class Scoreboard:
     def set_master_pid(self, pid: int) -> None:
         self._header.master_pid = pid
 
-    def publish(self, generation: int, target: int, restarts: dict[str, int]) -> None:
+    def publish(self, generation: int, target: int, restarts: dict[str, int], reloads_refused: int = 0,
+                reloads_failed: int = 0) -> None:
         """Master: the pool's figures, for `prefork status`, reload waits and metrics."""
         header = self._header
         header.generation, header.target = generation, target
+        header.reloads_refused, header.reloads_failed = reloads_refused, reloads_failed
         for i, cause in enumerate(RESTART_CAUSES):
             header.restarts[i] = restarts.get(cause, 0)
 
@@ -173,7 +179,7 @@ class Scoreboard:
         header = self._header
         restarts = {cause: int(header.restarts[i]) for i, cause in enumerate(RESTART_CAUSES)}
         return MasterView(int(header.master_pid), float(header.master_started), int(header.generation),
-                          int(header.target), restarts)
+                          int(header.target), restarts, int(header.reloads_refused), int(header.reloads_failed))
 
     def writer(self, index: int) -> SlotWriter:
         return SlotWriter(self._slots[index])
