@@ -259,9 +259,11 @@ def test_hup_loads_new_code_without_preload(start_master, tmp_path):
     assert master.request(b"x") == b"two"
 
 
-def test_ttin_ttou(start_master):
+def test_ttin_ttou_under_load_fail_no_request(start_master, load):
     master = start_master(workers=2)
     master.wait_workers(2)
+    running = load(master, clients=3)
+    running.wait_requests(30)
     master.signal(signal.SIGTTIN)
     master.wait_workers(3)
     # One at a time: two signals of one kind sent before the first is handled merge into one.
@@ -271,6 +273,9 @@ def test_ttin_ttou(start_master):
     master.wait_workers(1)
     master.signal(signal.SIGTTOU)  # never below one worker
     master.wait_workers(1)
+    running.wait_requests(30)
+    running.stop()
+    assert running.failures == []
 
 
 def test_winch_stops_the_workers_and_keeps_the_master(start_master):
