@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 import types
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 from prefork import log as log_files
 from prefork.arbiter import Arbiter, Hooks
@@ -59,6 +59,10 @@ class PreforkMixIn:
     prefork_settings: dict[str, Any] = {}
     exit_code: int | None = None
     _arbiter: Arbiter | None = None
+    # Provided by the socket server class this is mixed into.
+    socket: Any
+    server_address: Any
+    _adopted: bool
 
     def __init__(self, server_address: Any, RequestHandlerClass: Any, *args: Any, **kwargs: Any) -> None:
         names = {name for name in Settings.__dataclass_fields__}
@@ -71,15 +75,16 @@ class PreforkMixIn:
         """Bind as the server class does, unless a master we replace (USR2) handed us the socket."""
         inherited = _take_inherited(self)
         if inherited is not None:
-            self.socket.close()  # type: ignore[attr-defined]
+            self.socket.close()
             self.socket = inherited
             self._adopted = True
         super().server_bind()  # type: ignore[misc]
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         """Fork the workers and supervise them until a stop signal or shutdown()."""
-        listener = listener_for_socket(self.socket)  # type: ignore[attr-defined]
-        spec = _worker_spec(self.settings, [listener], lambda listeners: [self], self._service_name())
+        listener = listener_for_socket(self.socket)
+        itself = cast(BaseServer, self)  # in each worker, this very object serves the inherited socket
+        spec = _worker_spec(self.settings, [listener], lambda listeners: [itself], self._service_name())
         self._arbiter = Arbiter(self.settings, [listener], spec, _hooks(self.settings))
         try:
             self.exit_code = self._arbiter.run()

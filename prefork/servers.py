@@ -269,7 +269,7 @@ class BaseServer:
 
     def _request_timeout(self) -> float | None:
         """The wait of handle_request(): the socket's timeout bounded by self.timeout."""
-        sock_timeout = self.socket.gettimeout()  # type: ignore[attr-defined]
+        sock_timeout: float | None = self.socket.gettimeout()  # type: ignore[attr-defined]
         if sock_timeout is None:
             return self.timeout
         if self.timeout is None:
@@ -279,7 +279,8 @@ class BaseServer:
     def _handle_request_noblock(self) -> None:
         """Handle one request, without blocking: the caller knows the listener is readable."""
         try:
-            request, client_address = self.get_request()
+            # get_request() is defined by the concrete servers, as in the stdlib.
+            request, client_address = self.get_request()  # type: ignore[attr-defined]
         except OSError as exc:
             self._request_failed(exc)
             return
@@ -493,7 +494,8 @@ class TCPServer(BaseServer):
 
         Extra arguments go to the class's constructor, which must accept ``bind_and_activate``.
         """
-        server = cls(sock.getsockname(), RequestHandlerClass, *args, bind_and_activate=False, **kwargs)
+        server = cls(sock.getsockname(), RequestHandlerClass, *args, bind_and_activate=False,  # type: ignore[misc]
+                     **kwargs)
         try:
             server.adopt_socket(sock)
         except BaseException:
@@ -564,7 +566,7 @@ def _accept_plain(listener: socket.socket) -> tuple[socket.socket, Any]:
     """
     fd, address = listener._accept()  # type: ignore[attr-defined]
     c_level = super(socket.socket, listener)
-    conn = socket.socket(c_level.family, c_level.type, listener.proto, fd)
+    conn = socket.socket(c_level.family, c_level.type, listener.proto, fd)  # type: ignore[attr-defined]
     if listener.gettimeout() and socket.getdefaulttimeout() is None:
         conn.setblocking(True)  # what socket.accept() does (bpo-7995)
     return conn, address

@@ -61,7 +61,7 @@ class WorkerSpec:
     drop_privileges: Callable[[], None] | None = None
     post_fork: Callable[[Any], None] | None = None
     on_reopen_logs: Callable[[], None] | None = None
-    set_title: Callable[[int, int], None] | None = None
+    set_title: Callable[[int, int], object] | None = None
     boot_error_fd: int = -1  # where a worker that cannot load the app says why (read by the master)
     access_log: Any = None  # prefork.log.AccessLog, opened by the master before fork
     read_timeout: float = 0.0
@@ -154,7 +154,7 @@ class _Loop:
         self.by_fd: dict[int, BaseServer] = {}
         for index, (server, listener) in enumerate(zip(servers, listeners)):
             instrument(server, self.slot, listener.name, index, spec.access_log, spec.read_timeout)
-            self.by_fd[server.fileno()] = server
+            self.by_fd[server.fileno()] = server  # type: ignore[attr-defined]
 
     def run(self) -> int:
         with _Poller() as poller:
