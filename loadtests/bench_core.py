@@ -72,6 +72,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import psutil
+from loadtests.common import positive
 
 # The comparison: the stdlib's module is imported only by name, in this script.
 STDLIB = "socketserver"
@@ -821,23 +822,16 @@ def render_report(settings: Settings, shutdown: dict[str, LatencySummary], runs:
 # -- the command line ------------------------------------------------------------------------------
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n", 1)[0])
     add = parser.add_argument
-    add("--trials", type=_positive, default=50, help="shutdown trials per implementation")
-    add("--rounds", type=_positive, default=3, help="CPU rounds, each with fresh servers of both")
-    add("--warmup", type=_positive, default=2_000, help="unmeasured requests per server")
-    add("--requests", type=_positive, default=20_000, help="measured requests per server")
+    add("--trials", type=positive, default=50, help="shutdown trials per implementation")
+    add("--rounds", type=positive, default=3, help="CPU rounds, each with fresh servers of both")
+    add("--warmup", type=positive, default=2_000, help="unmeasured requests per server")
+    add("--requests", type=positive, default=20_000, help="measured requests per server")
     add("--load", choices=("gated", "free"), default="gated", help="how the client drives")
-    add("--batch", type=_positive, default=DEFAULT_BATCH, help="gated: connections per gate")
-    add("--concurrency", type=_positive, default=DEFAULT_CONCURRENCY,
+    add("--batch", type=positive, default=DEFAULT_BATCH, help="gated: connections per gate")
+    add("--concurrency", type=positive, default=DEFAULT_CONCURRENCY,
         help="free: connections in flight (keep below the backlog of 5)")
     add("--seed", type=int, default=None, help="seed of the shutdown points")
     add("--output", default=str(DEFAULT_OUTPUT), help="report file, '-' for none")

@@ -73,6 +73,7 @@ import psutil
 
 from prefork.pool import YOUNG_AGE
 from prefork.scoreboard import IDLE, Scoreboard, SlotView
+from loadtests.common import positive
 
 COMMAND = ".venv/bin/python -m loadtests.bench_master"
 ROOT = Path(__file__).resolve().parents[1]
@@ -826,20 +827,13 @@ def render_report(r: Results, argv: list[str], load_before: float) -> str:
 # -- the command line ------------------------------------------------------------------------------
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=COMMAND, description=(__doc__ or "").split("\n", 1)[0])
     add = parser.add_argument
-    add("--connections", type=_positive, default=2000, help="sequential connections per wake-up run")
+    add("--connections", type=positive, default=2000, help="sequential connections per wake-up run")
     add("--gap-ms", type=float, default=DEFAULT_GAP * 1000, help="pause after each wake-up connection")
     add("--load-seconds", type=float, default=10.0, help="duration of the master-CPU load")
-    add("--samples", type=_positive, default=20, help="worker kills for the respawn time")
+    add("--samples", type=positive, default=20, help="worker kills for the respawn time")
     add("--output", default=str(DEFAULT_OUTPUT), help="where to write the report ('-': nowhere)")
     return parser.parse_args(argv)
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 import contextlib
 import http.client
 import logging
-import shutil
 import socket
 import sys
-import tempfile
 import textwrap
 import threading
 from pathlib import Path
@@ -23,23 +21,6 @@ from tests.support import SOCKET_TIMEOUT, datagram_request, recv_all, serving, s
 from workers import echo
 from workers import http as http_service
 from workers import wsgi
-
-# AF_UNIX paths are limited to 107 bytes on Linux; leave room for the socket's file name.
-_MAX_UNIX_DIR = 80
-
-
-@pytest.fixture
-def sock_dir(tmp_path: Path) -> Iterator[Path]:
-    """A directory whose paths are short enough to bind Unix sockets in."""
-    if len(str(tmp_path)) <= _MAX_UNIX_DIR:
-        yield tmp_path
-        return
-    short = Path(tempfile.mkdtemp(prefix="pf-", dir="/tmp"))
-    try:
-        yield short
-    finally:
-        shutil.rmtree(short, ignore_errors=True)
-
 
 @contextlib.contextmanager
 def tcp_service(server_class: Any, handler: Any) -> Iterator[Any]:
