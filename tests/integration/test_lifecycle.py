@@ -9,6 +9,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -212,3 +213,20 @@ def test_sd_notify_messages_in_order(start_master, tmp_path):
         master.signal(signal.SIGTERM)
         assert b"STOPPING=1" in sock.recv(4096).split(b"\n")
         assert master.wait_exit() == EXIT_OK
+
+
+def test_umask_applies_to_the_workers(start_master, tmp_path):
+    master = start_master(workers=1, umask=0o027)
+    assert master.request(b"touch %s" % str(tmp_path / "made-by-worker").encode()) == b"0o640"
+
+
+def test_workers_dying_young_are_restarted_with_back_off(start_master):
+    master = start_master(app="tests.integration.dies_young", workers=1, ready=False)
+    started = time.monotonic()
+    deaths = lambda: master.log().count("died unexpectedly")  # noqa: E731
+    wait_until(lambda: deaths() >= 5, timeout=30, message=master.log())
+    # Without back-off five deaths take a few milliseconds; with it at least 0.1+0.2+0.4+0.8 s.
+    assert time.monotonic() - started >= 1.5
+    assert master.proc.poll() is None, "a worker dying at import is not a boot failure to halt on"
+    master.signal(signal.SIGTERM)
+    assert master.wait_exit() == EXIT_OK
