@@ -1,4 +1,7 @@
-"""Bind specs to bound sockets, before any fork; fd inheritance and systemd activation. Runs in: master.
+"""Bind specs to bound sockets, before any fork. Runs in: master.
+
+Parsing lives in prefork.bindspec, sockets handed over from outside (systemd, an upgrade) in
+prefork.handover; this module re-exports their public names.
 
 Rules of this module:
 
@@ -24,14 +27,23 @@ import ipaddress
 import logging
 import os
 import pwd
-import re
 import socket
 import stat
-import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+from prefork.bindspec import _DIGITS, _INET_SCHEMES, _UNIX_SCHEMES, BindSpec, _host_text, _unix_text, parse_bind
+from prefork.bindspec import failure_reason as _reason
 from prefork.errors import BindSpecError, ConfigError, ListenerError
+from prefork.handover import (
+    InheritedSockets,
+    _inherited_groups,
+    _no_systemd_reason,
+    _systemd_fds,
+    inherit_env,
+    inherited_listeners,
+    systemd_listeners,
+)
 
 __all__ = [
     "BindSpec",
@@ -50,184 +62,15 @@ __all__ = [
 
 log = logging.getLogger("prefork.listeners")
 
-_FORMS = ("tcp://HOST:PORT, udp://HOST:PORT, HOST:PORT (tcp), unix:PATH, unix-dgram:PATH, fd://N, "
-          "systemd, systemd:NAME; IPv6 addresses go in brackets, as in tcp://[::1]:8000")
-_INET_SCHEMES = ("tcp", "udp")
-_UNIX_SCHEMES = ("unix", "unix-dgram")
-_STREAM_SCHEMES = ("tcp", "unix")
 _INET_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 
-# Host names as getaddrinfo takes them (letters, digits, '-', '.', '_'); IPv6 goes in brackets.
-_HOSTNAME = re.compile(r"[A-Za-z0-9_.-]{1,253}")
-_DIGITS = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() would also accept '٣'
-_MAX_PORT = 65535
-# File descriptors are C ints; a longer number would overflow before the kernel could refuse it.
-_MAX_FD = 2**31 - 1
-# Linux's sun_path holds 108 bytes including the terminating NUL; a longer path cannot be bound.
-_UNIX_PATH_MAX = 107
-# LISTEN_FDNAMES entries: printable ASCII except ':' (the separator), at most 255 characters,
-# as systemd's fdname_is_valid() checks.
-_FDNAME = re.compile(r"[\x20-\x39\x3b-\x7e]{1,255}")
 
-# sd_listen_fds(3): passed sockets start at fd 3, after stdin, stdout and stderr.
-_SD_LISTEN_FDS_START = 3
-_ENV_FDS = "PREFORK_FDS"
-# Characters of a spec text left as they are in PREFORK_FDS; ';' (the separator) and '%' are
-# escaped, so a Unix path containing them survives the round trip.
-_ENV_SAFE = ":/[]@!$&'()*+,=~ "
 
 # How long the stale-socket probe waits for a listener on a Unix path to answer. A live local
 # server answers at once; a full backlog makes connect() wait, which also means "in use".
 _PROBE_TIMEOUT = 1.0
 
-# Below this port, binding needs privileges (the default of net.ipv4.ip_unprivileged_port_start).
-_PRIVILEGED_PORTS = 1024
 
-_REASONS = {
-    errno.EADDRINUSE: "address already in use",
-    errno.EADDRNOTAVAIL: "cannot assign requested address (no local interface has this address)",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "operation not permitted",
-    errno.EAFNOSUPPORT: "address family not supported (is IPv6 disabled?)",
-    errno.ENOTSOCK: "not a socket",
-    errno.EBADF: "no such open file descriptor",
-}
-
-
-# -- specs ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BindSpec:
-    """A parsed bind spec. Build with ``parse_bind``; ``text`` is its canonical form.
-
-    ``address`` is ``(host, port)`` for tcp and udp (IPv6 without brackets), the path for
-    unix and unix-dgram, the descriptor number for fd, and the name (or None) for systemd.
-    """
-
-    scheme: str
-    address: Any
-    text: str
-
-    @property
-    def is_stream(self) -> bool:
-        """True for tcp and unix, False for udp and unix-dgram.
-
-        fd and systemd sockets are whatever was passed in, so their type is known only once
-        adopted: ask ``Listener.is_stream``. For them this raises ValueError.
-        """
-        if self.scheme in _STREAM_SCHEMES:
-            return True
-        if self.scheme in _INET_SCHEMES + _UNIX_SCHEMES:
-            return False
-        raise ValueError(f"{self.text}: the socket type is known only once adopted; use Listener.is_stream")
-
-    def __str__(self) -> str:
-        return self.text
-
-
-def parse_bind(text: str) -> BindSpec:
-    """Parse a bind spec (see ``_FORMS``); raises BindSpecError naming the spec and the problem."""
-    if not isinstance(text, str) or not text:
-        raise _bad(text, "empty bind spec")
-    head, sep, rest = text.partition(":")
-    scheme = head.lower()
-    if scheme in _UNIX_SCHEMES:
-        return _parse_unix(text, scheme, rest, sep)
-    if scheme == "systemd":
-        return _parse_systemd(text, rest, sep)
-    if sep and rest.startswith("//"):
-        return _parse_url(text, scheme, head, rest[2:])
-    if scheme in _INET_SCHEMES + ("fd",):
-        raise _bad(text, f"'{head}:' must be followed by '//'")
-    return _parse_inet(text, "tcp", text)
-
-
-def _bad(text: object, what: str) -> BindSpecError:
-    return BindSpecError(f"bind spec {text!r}: {what}; accepted forms: {_FORMS}")
-
-
-def _parse_url(text: str, scheme: str, head: str, rest: str) -> BindSpec:
-    if scheme in _INET_SCHEMES:
-        return _parse_inet(text, scheme, rest)
-    if scheme == "fd":
-        return _parse_fd(text, rest)
-    raise _bad(text, f"unknown scheme {head!r}")
-
-
-def _parse_inet(text: str, scheme: str, hostport: str) -> BindSpec:
-    host, port_text = _split_host_port(text, hostport)
-    if not _DIGITS.fullmatch(port_text) or len(port_text) > 5 or int(port_text) > _MAX_PORT:
-        raise _bad(text, f"port {port_text!r} is not a number from 0 to {_MAX_PORT}")
-    port = int(port_text)
-    return BindSpec(scheme, (host, port), f"{scheme}://{_host_text(host)}:{port}")
-
-
-def _split_host_port(text: str, hostport: str) -> tuple[str, str]:
-    if hostport.startswith("["):
-        end = hostport.find("]")
-        if end < 0:
-            raise _bad(text, "missing ']' after the IPv6 address")
-        host, after = _parse_ipv6(text, hostport[1:end]), hostport[end + 1:]
-        if not after.startswith(":"):
-            raise _bad(text, "missing ':PORT' after the IPv6 address")
-        return host, after[1:]
-    host, sep, port = hostport.rpartition(":")
-    if not sep:
-        raise _bad(text, "missing ':PORT'")
-    if ":" in host:
-        raise _bad(text, "an IPv6 address goes in brackets, as in tcp://[::1]:8000")
-    if not host:
-        raise _bad(text, "missing host (0.0.0.0 or [::] listen on every interface)")
-    if not _HOSTNAME.fullmatch(host):
-        raise _bad(text, f"{host!r} is not a host name or IP address")
-    return host, port
-
-
-def _parse_ipv6(text: str, host: str) -> str:
-    try:
-        return str(ipaddress.IPv6Address(host))
-    except ValueError:
-        raise _bad(text, f"{host!r} is not an IPv6 address") from None
-
-
-def _host_text(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
-
-
-def _parse_fd(text: str, number: str) -> BindSpec:
-    if not _DIGITS.fullmatch(number) or len(number) > 10 or int(number) > _MAX_FD:
-        raise _bad(text, f"{number!r} is not a file descriptor number")
-    fd = int(number)
-    return BindSpec("fd", fd, f"fd://{fd}")
-
-
-def _parse_unix(text: str, scheme: str, rest: str, sep: str) -> BindSpec:
-    path = rest[2:] if rest.startswith("//") else rest
-    if not sep or not path:
-        raise _bad(text, f"missing the socket's path after '{scheme}:'")
-    if "\0" in path:
-        raise _bad(text, "a path cannot contain a NUL character")
-    try:
-        size = len(os.fsencode(path))
-    except UnicodeError:
-        raise _bad(text, "the path cannot be encoded for the file system") from None
-    if size > _UNIX_PATH_MAX:
-        raise _bad(text, f"the path is {size} bytes long; Unix sockets allow at most {_UNIX_PATH_MAX}")
-    return BindSpec(scheme, path, _unix_text(scheme, path))
-
-
-def _unix_text(scheme: str, path: str) -> str:
-    # 'unix://X' means the path X, so a path that itself starts with '//' keeps its prefix.
-    return f"{scheme}://{path}" if path.startswith("//") else f"{scheme}:{path}"
-
-
-def _parse_systemd(text: str, name: str, sep: str) -> BindSpec:
-    if not sep:
-        return BindSpec("systemd", None, "systemd")
-    if not _FDNAME.fullmatch(name):
-        raise _bad(text, f"{name!r} is not a socket name (1 to 255 printable ASCII characters, no ':')")
-    return BindSpec("systemd", name, f"systemd:{name}")
 
 
 # -- listeners -----------------------------------------------------------------------------------
@@ -542,17 +385,6 @@ def _failing(address: str, sock: socket.socket | None = None, *, port: int | Non
         raise ListenerError(address, f"{doing}: {reason}" if doing else reason) from exc
 
 
-def _reason(exc: OSError, *, port: int | None = None, path: str | None = None) -> str:
-    """The user-facing reason of a failed socket call."""
-    if exc.errno == errno.EACCES and port is not None and 0 < port < _PRIVILEGED_PORTS:
-        return f"permission denied (ports below {_PRIVILEGED_PORTS} need privileges)"
-    if exc.errno == errno.ENOENT and path is not None:
-        return f"the directory {os.path.dirname(os.path.abspath(path))} does not exist"
-    if exc.errno == errno.EACCES and path is not None:
-        return f"permission denied (check the permissions of {os.path.dirname(os.path.abspath(path))})"
-    return _REASONS.get(exc.errno or 0) or (exc.strerror or str(exc)).lower()
-
-
 # -- tcp and udp ---------------------------------------------------------------------------------
 
 
@@ -751,133 +583,3 @@ def _socket_text(sock: socket.socket, address: Any) -> str | None:
     if sock.family == socket.AF_UNIX and isinstance(address, str) and address:
         return _unix_text("unix" if stream else "unix-dgram", address)
     return None  # unbound, abstract namespace, or a family prefork does not serve
-
-
-# -- systemd socket activation ---------------------------------------------------------------------
-
-
-def systemd_listeners(environ: Mapping[str, str]) -> list[tuple[str | None, socket.socket]]:
-    """The sockets systemd passed to this process, with their names (LISTEN_FDNAMES).
-
-    Empty unless LISTEN_PID is this process. Each fd gets FD_CLOEXEC; non-socket fds are
-    skipped. *environ* is not changed: the caller unsets LISTEN_PID, LISTEN_FDS and
-    LISTEN_FDNAMES so that children do not see them.
-    """
-    found = []
-    for name, fd in _systemd_fds(environ):
-        try:
-            os.set_inheritable(fd, False)
-            found.append((name, socket.socket(fileno=fd)))
-        except OSError as exc:
-            log.warning("ignoring fd %d passed by systemd: %s", fd, _reason(exc))
-    return found
-
-
-def _systemd_fds(environ: Mapping[str, str]) -> list[tuple[str | None, int]]:
-    """(name, fd) of every fd passed to this process by socket activation; nothing is wrapped."""
-    if not _is_our_pid(environ.get("LISTEN_PID", "")) or "LISTEN_FDS" not in environ:
-        return []
-    count_text = environ.get("LISTEN_FDS", "")
-    if not _DIGITS.fullmatch(count_text) or len(count_text) > 6:
-        raise ListenerError("systemd", f"LISTEN_FDS={count_text!r} is not a number of file descriptors")
-    count = int(count_text)
-    names: list[str | None] = list(environ.get("LISTEN_FDNAMES", "").split(":"))
-    if len(names) != count:
-        if "LISTEN_FDNAMES" in environ:
-            log.warning("LISTEN_FDNAMES has %d names for %d sockets: ignoring the names", len(names), count)
-        names = [None] * count
-    return [(name or None, _SD_LISTEN_FDS_START + i) for i, name in enumerate(names)]
-
-
-def _is_our_pid(text: str) -> bool:
-    return bool(_DIGITS.fullmatch(text)) and len(text) < 20 and int(text) == os.getpid()
-
-
-def _no_systemd_reason(environ: Mapping[str, str]) -> str:
-    if "LISTEN_FDS" not in environ or "LISTEN_PID" not in environ:
-        return ("LISTEN_FDS was not set for this process: start it from a systemd socket unit "
-                "(or systemd-socket-activate) to use systemd sockets")
-    if not _is_our_pid(environ["LISTEN_PID"]):
-        return (f"LISTEN_FDS was set for process {environ['LISTEN_PID']}, not for this one "
-                f"({os.getpid()}): the sockets were passed to another process")
-    return "systemd passed no sockets (LISTEN_FDS=0)"
-
-
-# -- in-place upgrade (re-exec) --------------------------------------------------------------------
-
-
-class InheritedSockets(dict[str, socket.socket]):
-    """Spec text -> inherited socket, as ``inherited_listeners`` returns it.
-
-    Each socket is listed under the spec the user gave and under its bound name. ``groups``
-    keeps every socket of a spec when there are several (systemd sockets, a spec given twice),
-    which a plain mapping of one socket per text cannot.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.groups: dict[str, list[socket.socket]] = {}
-
-    def add(self, text: str, sock: socket.socket) -> None:
-        group = self.groups.setdefault(text, [])
-        if sock not in group:
-            group.append(sock)
-        self.setdefault(text, sock)
-
-
-def inherit_env(listeners: Sequence[Listener]) -> dict[str, str]:
-    """The environment that hands *listeners* to a re-executed master (in-place upgrade).
-
-    ``{"PREFORK_FDS": "FD:SPEC;FD:SPEC..."}`` with each listener under the spec the user gave
-    and under its bound name, so that ``tcp://127.0.0.1:0`` finds its socket again. The fds
-    are made inheritable here, so that exec keeps them open.
-    """
-    entries = []
-    for listener in listeners:
-        fd = listener.fileno()
-        os.set_inheritable(fd, True)
-        for text in dict.fromkeys((listener.spec.text, listener.name)):
-            entries.append(f"{fd}:{urllib.parse.quote(text, safe=_ENV_SAFE, errors='surrogateescape')}")
-    return {_ENV_FDS: ";".join(entries)}
-
-
-def inherited_listeners(environ: Mapping[str, str]) -> InheritedSockets:
-    """The sockets a previous master handed over in PREFORK_FDS, by spec text. Call it once.
-
-    Pass the result to ``bind_all(..., inherited=...)``. Each fd is wrapped in one socket
-    object (non-inheritable); every call wraps them again, so call it once and close what is
-    not used (bind_all does). *environ* is not changed: the caller unsets PREFORK_FDS.
-    """
-    found = InheritedSockets()
-    by_fd: dict[int, socket.socket] = {}
-    try:
-        for entry in filter(None, environ.get(_ENV_FDS, "").split(";")):
-            fd, text = _parse_env_entry(entry)
-            if fd not in by_fd:
-                by_fd[fd] = _inherited_socket(fd, text)
-            found.add(text, by_fd[fd])
-    except BaseException:
-        for sock in by_fd.values():
-            sock.close()
-        raise
-    return found
-
-
-def _parse_env_entry(entry: str) -> tuple[int, str]:
-    number, sep, quoted = entry.partition(":")
-    if not sep or not _DIGITS.fullmatch(number) or len(number) > 10 or not quoted:
-        raise ListenerError(_ENV_FDS, f"entry {entry!r} is not FD:SPEC")
-    return int(number), urllib.parse.unquote(quoted, errors="surrogateescape")
-
-
-def _inherited_socket(fd: int, text: str) -> socket.socket:
-    try:
-        os.set_inheritable(fd, False)
-        return socket.socket(fileno=fd)
-    except OSError as exc:
-        raise ListenerError(text, f"inherited file descriptor {fd} ({_ENV_FDS}): {_reason(exc)}") from exc
-
-
-def _inherited_groups(inherited: Mapping[str, socket.socket]) -> Mapping[str, Sequence[socket.socket]]:
-    groups = getattr(inherited, "groups", None)
-    return groups if groups is not None else {text: [sock] for text, sock in inherited.items()}

@@ -1,0 +1,196 @@
+"""Bind specs: parsing, canonical text, and what a failure on an address means. Runs in: both.
+
+A spec has one canonical text (``BindSpec.text``) and ``parse_bind(spec.text) == spec``. The
+master's listeners (prefork.listeners), the configuration and the CLI all parse specs here.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from prefork.errors import BindSpecError
+
+__all__ = ["BindSpec", "parse_bind", "failure_reason"]
+
+_FORMS = ("tcp://HOST:PORT, udp://HOST:PORT, HOST:PORT (tcp), unix:PATH, unix-dgram:PATH, fd://N, "
+          "systemd, systemd:NAME; IPv6 addresses go in brackets, as in tcp://[::1]:8000")
+_INET_SCHEMES = ("tcp", "udp")
+_UNIX_SCHEMES = ("unix", "unix-dgram")
+_STREAM_SCHEMES = ("tcp", "unix")
+
+# Host names as getaddrinfo takes them (letters, digits, '-', '.', '_'); IPv6 goes in brackets.
+_HOSTNAME = re.compile(r"[A-Za-z0-9_.-]{1,253}")
+_DIGITS = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() would also accept '٣'
+_MAX_PORT = 65535
+# File descriptors are C ints; a longer number would overflow before the kernel could refuse it.
+_MAX_FD = 2**31 - 1
+# Linux's sun_path holds 108 bytes including the terminating NUL; a longer path cannot be bound.
+_UNIX_PATH_MAX = 107
+# LISTEN_FDNAMES entries: printable ASCII except ':' (the separator), at most 255 characters,
+# as systemd's fdname_is_valid() checks.
+_FDNAME = re.compile(r"[\x20-\x39\x3b-\x7e]{1,255}")
+
+# Below this port, binding needs privileges (the default of net.ipv4.ip_unprivileged_port_start).
+_PRIVILEGED_PORTS = 1024
+
+_REASONS = {
+    errno.EADDRINUSE: "address already in use",
+    errno.EADDRNOTAVAIL: "cannot assign requested address (no local interface has this address)",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EAFNOSUPPORT: "address family not supported (is IPv6 disabled?)",
+    errno.ENOTSOCK: "not a socket",
+    errno.EBADF: "no such open file descriptor",
+}
+
+
+# -- specs ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BindSpec:
+    """A parsed bind spec. Build with ``parse_bind``; ``text`` is its canonical form.
+
+    ``address`` is ``(host, port)`` for tcp and udp (IPv6 without brackets), the path for
+    unix and unix-dgram, the descriptor number for fd, and the name (or None) for systemd.
+    """
+
+    scheme: str
+    address: Any
+    text: str
+
+    @property
+    def is_stream(self) -> bool:
+        """True for tcp and unix, False for udp and unix-dgram.
+
+        fd and systemd sockets are whatever was passed in, so their type is known only once
+        adopted: ask ``Listener.is_stream``. For them this raises ValueError.
+        """
+        if self.scheme in _STREAM_SCHEMES:
+            return True
+        if self.scheme in _INET_SCHEMES + _UNIX_SCHEMES:
+            return False
+        raise ValueError(f"{self.text}: the socket type is known only once adopted; use Listener.is_stream")
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def parse_bind(text: str) -> BindSpec:
+    """Parse a bind spec (see ``_FORMS``); raises BindSpecError naming the spec and the problem."""
+    if not isinstance(text, str) or not text:
+        raise _bad(text, "empty bind spec")
+    head, sep, rest = text.partition(":")
+    scheme = head.lower()
+    if scheme in _UNIX_SCHEMES:
+        return _parse_unix(text, scheme, rest, sep)
+    if scheme == "systemd":
+        return _parse_systemd(text, rest, sep)
+    if sep and rest.startswith("//"):
+        return _parse_url(text, scheme, head, rest[2:])
+    if scheme in _INET_SCHEMES + ("fd",):
+        raise _bad(text, f"'{head}:' must be followed by '//'")
+    return _parse_inet(text, "tcp", text)
+
+
+def _bad(text: object, what: str) -> BindSpecError:
+    return BindSpecError(f"bind spec {text!r}: {what}; accepted forms: {_FORMS}")
+
+
+def _parse_url(text: str, scheme: str, head: str, rest: str) -> BindSpec:
+    if scheme in _INET_SCHEMES:
+        return _parse_inet(text, scheme, rest)
+    if scheme == "fd":
+        return _parse_fd(text, rest)
+    raise _bad(text, f"unknown scheme {head!r}")
+
+
+def _parse_inet(text: str, scheme: str, hostport: str) -> BindSpec:
+    host, port_text = _split_host_port(text, hostport)
+    if not _DIGITS.fullmatch(port_text) or len(port_text) > 5 or int(port_text) > _MAX_PORT:
+        raise _bad(text, f"port {port_text!r} is not a number from 0 to {_MAX_PORT}")
+    port = int(port_text)
+    return BindSpec(scheme, (host, port), f"{scheme}://{_host_text(host)}:{port}")
+
+
+def _split_host_port(text: str, hostport: str) -> tuple[str, str]:
+    if hostport.startswith("["):
+        end = hostport.find("]")
+        if end < 0:
+            raise _bad(text, "missing ']' after the IPv6 address")
+        host, after = _parse_ipv6(text, hostport[1:end]), hostport[end + 1:]
+        if not after.startswith(":"):
+            raise _bad(text, "missing ':PORT' after the IPv6 address")
+        return host, after[1:]
+    host, sep, port = hostport.rpartition(":")
+    if not sep:
+        raise _bad(text, "missing ':PORT'")
+    if ":" in host:
+        raise _bad(text, "an IPv6 address goes in brackets, as in tcp://[::1]:8000")
+    if not host:
+        raise _bad(text, "missing host (0.0.0.0 or [::] listen on every interface)")
+    if not _HOSTNAME.fullmatch(host):
+        raise _bad(text, f"{host!r} is not a host name or IP address")
+    return host, port
+
+
+def _parse_ipv6(text: str, host: str) -> str:
+    try:
+        return str(ipaddress.IPv6Address(host))
+    except ValueError:
+        raise _bad(text, f"{host!r} is not an IPv6 address") from None
+
+
+def _host_text(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _parse_fd(text: str, number: str) -> BindSpec:
+    if not _DIGITS.fullmatch(number) or len(number) > 10 or int(number) > _MAX_FD:
+        raise _bad(text, f"{number!r} is not a file descriptor number")
+    fd = int(number)
+    return BindSpec("fd", fd, f"fd://{fd}")
+
+
+def _parse_unix(text: str, scheme: str, rest: str, sep: str) -> BindSpec:
+    path = rest[2:] if rest.startswith("//") else rest
+    if not sep or not path:
+        raise _bad(text, f"missing the socket's path after '{scheme}:'")
+    if "\0" in path:
+        raise _bad(text, "a path cannot contain a NUL character")
+    try:
+        size = len(os.fsencode(path))
+    except UnicodeError:
+        raise _bad(text, "the path cannot be encoded for the file system") from None
+    if size > _UNIX_PATH_MAX:
+        raise _bad(text, f"the path is {size} bytes long; Unix sockets allow at most {_UNIX_PATH_MAX}")
+    return BindSpec(scheme, path, _unix_text(scheme, path))
+
+
+def _unix_text(scheme: str, path: str) -> str:
+    # 'unix://X' means the path X, so a path that itself starts with '//' keeps its prefix.
+    return f"{scheme}://{path}" if path.startswith("//") else f"{scheme}:{path}"
+
+
+def _parse_systemd(text: str, name: str, sep: str) -> BindSpec:
+    if not sep:
+        return BindSpec("systemd", None, "systemd")
+    if not _FDNAME.fullmatch(name):
+        raise _bad(text, f"{name!r} is not a socket name (1 to 255 printable ASCII characters, no ':')")
+    return BindSpec("systemd", name, f"systemd:{name}")
+
+
+def failure_reason(exc: OSError, *, port: int | None = None, path: str | None = None) -> str:
+    """The user-facing reason of a failed socket call."""
+    if exc.errno == errno.EACCES and port is not None and 0 < port < _PRIVILEGED_PORTS:
+        return f"permission denied (ports below {_PRIVILEGED_PORTS} need privileges)"
+    if exc.errno == errno.ENOENT and path is not None:
+        return f"the directory {os.path.dirname(os.path.abspath(path))} does not exist"
+    if exc.errno == errno.EACCES and path is not None:
+        return f"permission denied (check the permissions of {os.path.dirname(os.path.abspath(path))})"
+    return _REASONS.get(exc.errno or 0) or (exc.strerror or str(exc)).lower()

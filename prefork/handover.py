@@ -1,0 +1,162 @@
+"""Sockets handed over from outside: systemd socket activation and in-place upgrades. Runs in: master.
+
+Rules: a socket passed in is wrapped in exactly one socket object (two objects on one fd means
+one closes the descriptor under the other), made non-inheritable, and its environment variables
+are left for the caller to unset; only ``inherit_env`` marks sockets inheritable, for the
+re-exec of an upgrade.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import urllib.parse
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+from prefork.bindspec import _DIGITS, failure_reason as _reason
+from prefork.errors import ListenerError
+
+if TYPE_CHECKING:
+    from prefork.listeners import Listener
+
+__all__ = ["InheritedSockets", "inherit_env", "inherited_listeners", "systemd_listeners"]
+
+log = logging.getLogger("prefork.listeners")
+
+# sd_listen_fds(3): passed sockets start at fd 3, after stdin, stdout and stderr.
+_SD_LISTEN_FDS_START = 3
+_ENV_FDS = "PREFORK_FDS"
+# Characters of a spec text left as they are in PREFORK_FDS; ';' (the separator) and '%' are
+# escaped, so a Unix path containing them survives the round trip.
+_ENV_SAFE = ":/[]@!$&'()*+,=~ "
+
+
+# -- systemd socket activation ---------------------------------------------------------------------
+
+
+def systemd_listeners(environ: Mapping[str, str]) -> list[tuple[str | None, socket.socket]]:
+    """The sockets systemd passed to this process, with their names (LISTEN_FDNAMES).
+
+    Empty unless LISTEN_PID is this process. Each fd gets FD_CLOEXEC; non-socket fds are
+    skipped. *environ* is not changed: the caller unsets LISTEN_PID, LISTEN_FDS and
+    LISTEN_FDNAMES so that children do not see them.
+    """
+    found = []
+    for name, fd in _systemd_fds(environ):
+        try:
+            os.set_inheritable(fd, False)
+            found.append((name, socket.socket(fileno=fd)))
+        except OSError as exc:
+            log.warning("ignoring fd %d passed by systemd: %s", fd, _reason(exc))
+    return found
+
+
+def _systemd_fds(environ: Mapping[str, str]) -> list[tuple[str | None, int]]:
+    """(name, fd) of every fd passed to this process by socket activation; nothing is wrapped."""
+    if not _is_our_pid(environ.get("LISTEN_PID", "")) or "LISTEN_FDS" not in environ:
+        return []
+    count_text = environ.get("LISTEN_FDS", "")
+    if not _DIGITS.fullmatch(count_text) or len(count_text) > 6:
+        raise ListenerError("systemd", f"LISTEN_FDS={count_text!r} is not a number of file descriptors")
+    count = int(count_text)
+    names: list[str | None] = list(environ.get("LISTEN_FDNAMES", "").split(":"))
+    if len(names) != count:
+        if "LISTEN_FDNAMES" in environ:
+            log.warning("LISTEN_FDNAMES has %d names for %d sockets: ignoring the names", len(names), count)
+        names = [None] * count
+    return [(name or None, _SD_LISTEN_FDS_START + i) for i, name in enumerate(names)]
+
+
+def _is_our_pid(text: str) -> bool:
+    return bool(_DIGITS.fullmatch(text)) and len(text) < 20 and int(text) == os.getpid()
+
+
+def _no_systemd_reason(environ: Mapping[str, str]) -> str:
+    if "LISTEN_FDS" not in environ or "LISTEN_PID" not in environ:
+        return ("LISTEN_FDS was not set for this process: start it from a systemd socket unit "
+                "(or systemd-socket-activate) to use systemd sockets")
+    if not _is_our_pid(environ["LISTEN_PID"]):
+        return (f"LISTEN_FDS was set for process {environ['LISTEN_PID']}, not for this one "
+                f"({os.getpid()}): the sockets were passed to another process")
+    return "systemd passed no sockets (LISTEN_FDS=0)"
+
+
+# -- in-place upgrade (re-exec) --------------------------------------------------------------------
+
+
+class InheritedSockets(dict[str, socket.socket]):
+    """Spec text -> inherited socket, as ``inherited_listeners`` returns it.
+
+    Each socket is listed under the spec the user gave and under its bound name. ``groups``
+    keeps every socket of a spec when there are several (systemd sockets, a spec given twice),
+    which a plain mapping of one socket per text cannot.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.groups: dict[str, list[socket.socket]] = {}
+
+    def add(self, text: str, sock: socket.socket) -> None:
+        group = self.groups.setdefault(text, [])
+        if sock not in group:
+            group.append(sock)
+        self.setdefault(text, sock)
+
+
+def inherit_env(listeners: Sequence[Listener]) -> dict[str, str]:
+    """The environment that hands *listeners* to a re-executed master (in-place upgrade).
+
+    ``{"PREFORK_FDS": "FD:SPEC;FD:SPEC..."}`` with each listener under the spec the user gave
+    and under its bound name, so that ``tcp://127.0.0.1:0`` finds its socket again. The fds
+    are made inheritable here, so that exec keeps them open.
+    """
+    entries = []
+    for listener in listeners:
+        fd = listener.fileno()
+        os.set_inheritable(fd, True)
+        for text in dict.fromkeys((listener.spec.text, listener.name)):
+            entries.append(f"{fd}:{urllib.parse.quote(text, safe=_ENV_SAFE, errors='surrogateescape')}")
+    return {_ENV_FDS: ";".join(entries)}
+
+
+def inherited_listeners(environ: Mapping[str, str]) -> InheritedSockets:
+    """The sockets a previous master handed over in PREFORK_FDS, by spec text. Call it once.
+
+    Pass the result to ``bind_all(..., inherited=...)``. Each fd is wrapped in one socket
+    object (non-inheritable); every call wraps them again, so call it once and close what is
+    not used (bind_all does). *environ* is not changed: the caller unsets PREFORK_FDS.
+    """
+    found = InheritedSockets()
+    by_fd: dict[int, socket.socket] = {}
+    try:
+        for entry in filter(None, environ.get(_ENV_FDS, "").split(";")):
+            fd, text = _parse_env_entry(entry)
+            if fd not in by_fd:
+                by_fd[fd] = _inherited_socket(fd, text)
+            found.add(text, by_fd[fd])
+    except BaseException:
+        for sock in by_fd.values():
+            sock.close()
+        raise
+    return found
+
+
+def _parse_env_entry(entry: str) -> tuple[int, str]:
+    number, sep, quoted = entry.partition(":")
+    if not sep or not _DIGITS.fullmatch(number) or len(number) > 10 or not quoted:
+        raise ListenerError(_ENV_FDS, f"entry {entry!r} is not FD:SPEC")
+    return int(number), urllib.parse.unquote(quoted, errors="surrogateescape")
+
+
+def _inherited_socket(fd: int, text: str) -> socket.socket:
+    try:
+        os.set_inheritable(fd, False)
+        return socket.socket(fileno=fd)
+    except OSError as exc:
+        raise ListenerError(text, f"inherited file descriptor {fd} ({_ENV_FDS}): {_reason(exc)}") from exc
+
+
+def _inherited_groups(inherited: Mapping[str, socket.socket]) -> Mapping[str, Sequence[socket.socket]]:
+    groups = getattr(inherited, "groups", None)
+    return groups if groups is not None else {text: [sock] for text, sock in inherited.items()}
