@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 
 import psutil
 
-from prefork import __version__, config
+from prefork import __version__, config, settings_docs
 from prefork.arbiter import SCOREBOARD_CAPACITY
 from prefork.master import serve
 from prefork.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, AppLoadError, ConfigError, PidfileError, PreforkError
@@ -700,7 +700,7 @@ def _duration(seconds: float) -> str:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    stale = config.write_generated(args.root, check=args.check)
+    stale = settings_docs.write_generated(args.root, check=args.check)
     if args.check and stale:
         _error("stale, run `prefork generate`: " + ", ".join(map(str, stale)))
         return EXIT_FAILURE

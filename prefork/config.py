@@ -21,16 +21,38 @@ import argparse
 import dataclasses
 import difflib
 import functools
-import json
-import math
 import os
-import re
 import tomllib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, NoReturn, Sequence
 
 from prefork.errors import ConfigError
-from prefork.listeners import parse_bind
+from prefork.setting_types import (  # the checks and parsers the declarations below use
+    _ADDRESS,
+    _at_least,
+    _bind_list,
+    BOOL,
+    _boolean,
+    HOOK,
+    _hook,
+    _integer,
+    Kind,
+    _KIND_BY_TYPE,
+    _metrics_address,
+    MODE,
+    _mode,
+    _name_or_id,
+    _NotAllowed,
+    _one_of,
+    _optional,
+    _path,
+    _path_or_dash,
+    SIZE,
+    _text,
+    TEXT_LIST,
+    _toml_plain,
+    WORD,
+)
 
 __all__ = [
     "Settings",
@@ -43,9 +65,6 @@ __all__ = [
     "unknown_option",
     "load",
     "format_value",
-    "settings_table",
-    "example_config",
-    "write_generated",
     "ENV_PREFIX",
     "RESERVED_ENV",
     "FALLBACK_BIND",
@@ -67,281 +86,6 @@ TABLE_START = "<!-- settings-table:start -->"
 TABLE_END = "<!-- settings-table:end -->"
 
 
-# -- validators: (setting name, value) -> value, or ConfigError naming both -----------------------
-
-
-class _NotAllowed(ConfigError):
-    """A value a validator refuses; ``expected`` says what would do."""
-
-    def __init__(self, name: str, value: Any, expected: str) -> None:
-        super().__init__(f"setting {name!r}: {value!r} is not allowed; expected {expected}")
-        self.expected = expected
-
-
-def _not_allowed(name: str, value: Any, expected: str) -> ConfigError:
-    return _NotAllowed(name, value, expected)
-
-
-def _at_least(minimum: float) -> _Validator:
-    def check(name: str, value: Any) -> Any:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= minimum:
-            raise _not_allowed(name, value, f"a number >= {minimum}")
-        return value
-    return check
-
-
-def _integer(minimum: int) -> _Validator:
-    def check(name: str, value: Any) -> Any:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise _not_allowed(name, value, f"an integer >= {minimum}")
-        return value
-    return check
-
-
-def _one_of(*choices: str) -> _Validator:
-    def check(name: str, value: Any) -> Any:
-        if value not in choices:
-            raise _not_allowed(name, value, f"one of: {', '.join(choices)}")
-        return value
-    return check
-
-
-def _boolean(name: str, value: Any) -> Any:
-    if not isinstance(value, bool):
-        raise _not_allowed(name, value, "true or false")
-    return value
-
-
-def _text(name: str, value: Any) -> Any:
-    if not isinstance(value, str):
-        raise _not_allowed(name, value, "text")
-    return value
-
-
-def _path(name: str, value: Any) -> Any:
-    if isinstance(value, os.PathLike):
-        value = os.fspath(value)  # a pathlib.Path through the Python API
-    if not isinstance(value, str) or not value:
-        raise _not_allowed(name, value, "a file path")
-    return value
-
-
-def _path_or_dash(name: str, value: Any) -> Any:
-    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
-        raise _not_allowed(name, value, '"-" (stderr) or a file path')
-    return os.fspath(value)
-
-
-def _optional(check: _Validator) -> _Validator:
-    def optional(name: str, value: Any) -> Any:
-        return None if value is None else check(name, value)
-    return optional
-
-
-def _name_or_id(name: str, value: Any) -> Any:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):
-        raise _not_allowed(name, value, "a name, a number or nothing")
-    return value
-
-
-def _mode(name: str, value: Any) -> Any:
-    # Permission bits plus setuid, setgid and sticky: 0o7777 is the largest meaningful mode.
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0o7777):
-        raise _not_allowed(name, value, "an octal mode from 0o000 to 0o7777, such as 0o660")
-    return value
-
-
-def _hook(name: str, value: Any) -> Any:
-    if value is not None and not callable(value) and not (isinstance(value, str) and ":" in value):
-        raise _not_allowed(name, value, "a callable or 'module:function'")
-    return value
-
-
-def _bind_list(name: str, value: Any) -> Any:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise _not_allowed(name, value, "a list of bind specs")
-    for spec in value:
-        parse_bind(spec)  # BindSpecError names the spec and the accepted forms
-    return list(value)
-
-
-def _metrics_address(name: str, value: Any) -> Any:
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value.startswith("tcp://"):
-        raise _not_allowed(name, value, "tcp://HOST:PORT or nothing")
-    parse_bind(value)
-    return value
-
-
-# -- kinds: how a type of setting is read from text (environment, flags) and from TOML -----------
-
-
-@dataclasses.dataclass(frozen=True)
-class Kind:
-    """Parsers and the printed form of one type of setting. Parsers raise ValueError."""
-
-    allowed: str  # what a value may be, for messages and the settings table
-    metavar: str  # the value's name in --help
-    from_text: Callable[[str], Any]
-    from_toml: Callable[[Any], Any]
-    to_toml: Callable[[Any], str]
-
-
-# ASCII digits only: int() and float() would also accept other scripts' digits.
-_INT_TEXT = re.compile(r"[+-]?[0-9]+")
-_FLOAT_TEXT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
-_MODE_TEXT = re.compile(r"(0o)?([0-7]{1,4})", re.IGNORECASE)
-_SIZE_TEXT = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([a-z]*)", re.IGNORECASE)
-_TRUE = ("true", "yes", "on", "1")
-_FALSE = ("false", "no", "off", "0")
-# Memory sizes: decimal units as disks and `ls -h --si` count, binary ones as RSS is paged; a
-# bare K/M/G/T is binary, as systemd's MemoryMax= and most ops tools read it.
-_SIZE_UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-}
-
-
-def _expect(condition: bool) -> None:
-    if not condition:
-        raise ValueError
-
-
-def _int_from_text(text: str) -> int:
-    _expect(_INT_TEXT.fullmatch(text.strip()) is not None)
-    return int(text)
-
-
-def _int_from_toml(value: Any) -> int:
-    _expect(isinstance(value, int) and not isinstance(value, bool))
-    return int(value)
-
-
-def _float_from_text(text: str) -> float:
-    _expect(_FLOAT_TEXT.fullmatch(text.strip()) is not None)
-    return float(text)
-
-
-def _float_from_toml(value: Any) -> float:
-    _expect(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
-    return float(value)
-
-
-def _bool_from_text(text: str) -> bool:
-    word = text.strip().lower()
-    _expect(word in _TRUE + _FALSE)
-    return word in _TRUE
-
-
-def _bool_from_toml(value: Any) -> bool:
-    _expect(isinstance(value, bool))
-    return bool(value)
-
-
-def _str_from_toml(value: Any) -> str:
-    _expect(isinstance(value, str))
-    return str(value)
-
-
-def _optional_from_text(text: str) -> str | None:
-    return text or None  # an empty value unsets an optional setting
-
-
-def _lower_text(text: str) -> str:
-    return text.strip().lower()
-
-
-def _lower_toml(value: Any) -> str:
-    return _str_from_toml(value).lower()
-
-
-def _list_from_text(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
-
-
-def _list_from_toml(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    _expect(isinstance(value, list) and all(isinstance(item, str) for item in value))
-    return list(value)
-
-
-def _name_or_id_from_text(text: str) -> str | int | None:
-    text = text.strip()
-    return int(text) if text.isascii() and text.isdigit() else (text or None)
-
-
-def _name_or_id_from_toml(value: Any) -> str | int | None:
-    if isinstance(value, str):
-        return _name_or_id_from_text(value)
-    return _int_from_toml(value)
-
-
-def _mode_from_text(text: str) -> int | None:
-    if not text.strip():
-        return None
-    match = _MODE_TEXT.fullmatch(text.strip())
-    _expect(match is not None)
-    return int(match.group(2), 8)  # type: ignore[union-attr]
-
-
-def _mode_from_toml(value: Any) -> int | None:
-    # A TOML integer is taken as written: write 0o660 (octal) or "660", not 660 (decimal).
-    return _mode_from_text(value) if isinstance(value, str) else _int_from_toml(value)
-
-
-def _size_from_text(text: str) -> int:
-    match = _SIZE_TEXT.fullmatch(text.strip())
-    _expect(match is not None and match.group(2).lower() in _SIZE_UNITS)
-    number, unit = match.groups()  # type: ignore[union-attr]
-    return int(float(number) * _SIZE_UNITS[unit.lower()])
-
-
-def _size_from_toml(value: Any) -> int:
-    return _size_from_text(value) if isinstance(value, str) else _int_from_toml(value)
-
-
-def _toml_string(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
-
-
-def _toml_plain(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_plain(item) for item in value) + "]"
-    return _toml_string(value)
-
-
-def _toml_mode(value: Any) -> str:
-    return f"0o{value:03o}" if isinstance(value, int) else _toml_plain(value)
-
-
-INT = Kind("an integer", "N", _int_from_text, _int_from_toml, _toml_plain)
-FLOAT = Kind("a number", "SECONDS", _float_from_text, _float_from_toml, _toml_plain)
-BOOL = Kind("true or false", "", _bool_from_text, _bool_from_toml, _toml_plain)
-TEXT = Kind("text", "TEXT", str, _str_from_toml, _toml_plain)
-WORD = Kind("a name from the list", "NAME", _lower_text, _lower_toml, _toml_plain)
-OPTIONAL_TEXT = Kind("text (empty: unset)", "TEXT", _optional_from_text, _str_from_toml, _toml_plain)
-TEXT_LIST = Kind("a list of text (comma-separated in the environment)", "SPEC", _list_from_text,
-                 _list_from_toml, _toml_plain)
-NAME_OR_ID = Kind("a name or a numeric id", "NAME", _name_or_id_from_text, _name_or_id_from_toml, _toml_plain)
-MODE = Kind("an octal mode such as 0o660 or 660", "MODE", _mode_from_text, _mode_from_toml, _toml_mode)
-SIZE = Kind("a size in bytes, optionally with a unit: 200MB, 1.5GiB, 512M (binary), 0 for none",
-            "SIZE", _size_from_text, _size_from_toml, _toml_plain)
-_ADDRESS = dataclasses.replace(OPTIONAL_TEXT, allowed="tcp://HOST:PORT (empty: unset)", metavar="ADDRESS")
-HOOK = Kind("'module:function'", "MODULE:FUNCTION", _optional_from_text, _str_from_toml, _toml_plain)
-
-# The kind of a field whose annotation says enough; others name their kind in the metadata.
-_KIND_BY_TYPE = {"int": INT, "float": FLOAT, "bool": BOOL, "str": TEXT, "list[str]": TEXT_LIST,
-                 "str | None": OPTIONAL_TEXT, "str | int | None": NAME_OR_ID}
 
 
 def _setting(default: Any, help: str, validate: _Validator | None = None, *, factory: bool = False,
@@ -737,99 +481,3 @@ def load(argv: Sequence[str] = (), environ: Mapping[str, str] | None = None,
         for name, (value, source) in layer.items():
             values[name], sources[name] = value, source
     return Settings(**values), sources
-
-
-# -- generated files: the README's settings table and deploy/prefork.toml ---------------------
-
-
-def settings_table() -> str:
-    """The Markdown table between the README's settings-table markers."""
-    lines = [
-        "<!-- generated from prefork/config.py by `prefork generate`; do not edit by hand -->",
-        "Each setting is a key in the config file (`-c FILE`, else `[tool.prefork]` in "
-        "`./pyproject.toml`), an environment variable and a flag of `prefork run`. Later sources "
-        "win: defaults < config file < environment < command line. In the environment and on the "
-        "command line an empty value unsets an optional setting, and a list is comma-separated in "
-        "the environment. `deploy/prefork.toml` is an example file with every key.",
-        "",
-        "| key | flag | environment | default | meaning |",
-        "|---|---|---|---|---|",
-    ]
-    for option in options():
-        flags = f"`{option.short}`, `{option.flag}`" if option.short else f"`{option.flag}`"
-        if option.kind is BOOL:
-            flags += f", `--no-{option.flag[2:]}`"
-        meaning = f"{option.help}; {option.kind.allowed}".replace("|", "\\|")
-        lines.append(f"| `{option.name}` | {flags} | `{option.env}` | {option.describe_default()} | {meaning} |")
-    return "\n".join(lines)
-
-
-def example_config() -> str:
-    """deploy/prefork.toml: every key with its help and default; commented out where the default is fine."""
-    lines = [
-        "# prefork configuration: every setting, with its help and default.",
-        "# Generated from prefork/config.py by `prefork generate`; edit a copy, not the comments.",
-        "# Use it with: prefork run APP -c prefork.toml   (or put the keys under [tool.prefork] in",
-        "# pyproject.toml). PREFORK_<KEY> environment variables and command-line flags override it.",
-        "# A commented-out key shows its default; remove the '#' to change it.",
-    ]
-    section = None
-    for option in options():
-        if option.section != section:
-            section = option.section
-            lines += ["", f"# == {section} " + "=" * (90 - len(section))]
-        lines += ["", *_wrap_comment(f"{option.help}; {option.kind.allowed}."), _example_line(option)]
-    return "\n".join(lines) + "\n"
-
-
-def _example_line(option: Option) -> str:
-    if option.deploy is not None:
-        return f"{option.name} = {option.kind.to_toml(option.deploy)}"
-    if option.default_text is not None:
-        return f"# {option.name}: default: {option.default_text}"
-    if option.default is None:
-        if option.sample is None:
-            raise TypeError(f"setting {option.name!r} is unset by default: give it a sample= in _setting()")
-        return f"# {option.name} = {option.kind.to_toml(option.sample)}    # default: unset"
-    return f"# {option.name} = {option.kind.to_toml(option.default)}"
-
-
-def _wrap_comment(text: str, width: int = 98) -> list[str]:
-    lines, line = [], "#"
-    for word in text.split():
-        if len(line) + 1 + len(word) > width and line != "#":
-            lines.append(line)
-            line = "#"
-        line += " " + word
-    return lines + [line]
-
-
-def write_generated(root: str | os.PathLike[str], check: bool = False) -> list[Path]:
-    """Regenerate README.md's settings table and deploy/prefork.toml under *root*.
-
-    Returns the files that were stale; with *check* they are only reported, not written.
-    """
-    readme, example = Path(root, "README.md"), Path(root, "deploy", "prefork.toml")
-    stale = []
-    for path, new in ((readme, _with_table(readme, _read(readme))), (example, example_config())):
-        if _read(path) != new:
-            stale.append(path)
-            if not check:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(new, encoding="utf-8")
-    return stale
-
-
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-
-
-def _with_table(path: Path, text: str | None) -> str:
-    if text is None or TABLE_START not in text or TABLE_END not in text:
-        raise ConfigError(f"{path}: the markers {TABLE_START} and {TABLE_END} are missing")
-    head, _, rest = text.partition(TABLE_START)
-    _, _, tail = rest.partition(TABLE_END)
-    return f"{head}{TABLE_START}\n{settings_table()}\n{TABLE_END}{tail}"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, strategies as st
 
-from prefork import config
+from prefork import config, settings_docs
 from prefork.config import load, make_settings, options
 from prefork.errors import BindSpecError, ConfigError
 
@@ -223,20 +223,20 @@ def test_bind_on_the_command_line_replaces_the_file_list(tmp_path):
 
 
 def test_generated_readme_table_and_example_config_are_up_to_date():
-    stale = config.write_generated(ROOT, check=True)
+    stale = settings_docs.write_generated(ROOT, check=True)
     assert not stale, f"stale generated files {stale}: run `prefork generate` (python -m prefork generate)"
 
 
 def test_write_generated_rewrites_a_stale_copy(tmp_path):
     readme = write(tmp_path / "README.md", f"intro\n{config.TABLE_START}\nold\n{config.TABLE_END}\nrest\n")
-    assert config.write_generated(tmp_path) == [readme, tmp_path / "deploy" / "prefork.toml"]
+    assert settings_docs.write_generated(tmp_path) == [readme, tmp_path / "deploy" / "prefork.toml"]
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith(f"{config.TABLE_END}\nrest\n") and "old" not in text
-    assert config.write_generated(tmp_path, check=True) == []
+    assert settings_docs.write_generated(tmp_path, check=True) == []
 
 
 def test_the_table_has_a_row_per_setting():
-    rows = [line for line in config.settings_table().splitlines() if line.startswith("| `")]
+    rows = [line for line in settings_docs.settings_table().splitlines() if line.startswith("| `")]
     assert [row.split("`")[1] for row in rows] == [option.name for option in options()]
 
 
