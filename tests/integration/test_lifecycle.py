@@ -230,3 +230,24 @@ def test_workers_dying_young_are_restarted_with_back_off(start_master):
     assert master.proc.poll() is None, "a worker dying at import is not a boot failure to halt on"
     master.signal(signal.SIGTERM)
     assert master.wait_exit() == EXIT_OK
+
+
+def test_sd_notify_mainpid_follows_an_upgrade(start_master, tmp_path):
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.settimeout(SOCKET_TIMEOUT)
+        master = start_master(workers=1, env={"NOTIFY_SOCKET": str(path)})
+        old = master.pid
+        assert b"READY=1" in sock.recv(4096).split(b"\n")
+        master.ready_file.unlink()
+        master.signal(signal.SIGUSR2)
+        new = json.loads(wait_until(lambda: master.ready_file.exists() and master.ready_file.read_text(),
+                                    timeout=30, message=master.log()))["pid"]
+        assert new != old
+        messages = []
+        wait_until(lambda: messages.extend(sock.recv(4096).split(b"\n")) or f"MAINPID={new}".encode() in messages,
+                   timeout=30, message=f"no MAINPID={new} in {messages}")
+        wait_pid_gone(old, timeout=30)
+        os.kill(new, signal.SIGTERM)
+        wait_pid_gone(new, timeout=30)
