@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from prefork import cli
+from prefork import cli, control
 from prefork.cli import main, split_run_args
 from prefork.errors import EXIT_APP_LOAD, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, ConfigError
 
@@ -209,10 +209,10 @@ def test_scale_checks_its_argument_before_looking_for_a_master(capsys, in_tmp, c
 
 @pytest.mark.parametrize("text, current, desired", [("3", 1, 3), ("+2", 2, 4), ("-1", 3, 2)])
 def test_scale_targets(text, current, desired):
-    assert cli._scale_target(text, cli._parse_scale(text), current) == desired
+    assert control._scale_target(text, control._parse_scale(text), current) == desired
 
 
 @pytest.mark.parametrize("text, current", [("-2", 2), ("0", 4), ("+2000", 1)])
 def test_scale_refuses_to_leave_no_worker_or_too_many(text, current):
     with pytest.raises(ConfigError, match=re.escape(f"scale: '{text}' would make")):
-        cli._scale_target(text, cli._parse_scale(text), current)
+        control._scale_target(text, control._parse_scale(text), current)
