@@ -299,14 +299,29 @@ class Arbiter:
     def handle_term(self) -> None:
         if self.upgrade_child:
             self.handed_over = True  # the new master serves our sockets now: leave them be
-            # Sent by us, the current main process, so it counts under NotifyAccess=main too.
+            # Sent by us, the current main process, so it counts under NotifyAccess=main too;
+            # no STOPPING after it: the service is not stopping, only this process is.
             notify.mainpid(self.upgrade_child)
-        notify.stopping()
+        else:
+            notify.stopping()
         self._execute(self.pool.stop(time.monotonic(), fast=False, reason="SIGTERM: graceful stop"))
+        self._close_listeners()
 
     def handle_int(self) -> None:
         notify.stopping()
         self._execute(self.pool.stop(time.monotonic(), fast=True, reason="fast stop"))
+        self._close_listeners()
+
+    def _close_listeners(self) -> None:
+        """Stopping: give up the master's copies of the listeners now, not at exit.
+
+        The workers still hold theirs and serve what is queued; when the last of them closes, the
+        listener is gone at once, instead of accepting connections into a backlog that nobody
+        drains any more while the master waits for its workers. A Unix socket file is removed
+        now, so new clients are refused instead of queued (unless a new master took it over).
+        """
+        for listener in self.listeners:
+            listener.close(unlink=not self.handed_over)
 
     handle_quit = handle_int
 

@@ -236,7 +236,7 @@ def test_http_404_and_nothing_outside_the_root(http_server, path):
 
 
 def test_http_logs_requests_through_logging_not_stderr(http_server, caplog, capsys):
-    caplog.set_level(logging.INFO, "prefork.access.http")
+    caplog.set_level(logging.DEBUG, "prefork.access.http")
     with http_connection(http_server) as conn:
         fetch(conn, "GET", "/hello.txt")
         fetch(conn, "GET", "/missing.txt")
@@ -259,7 +259,7 @@ def test_http_module_level_handler_serves_the_current_directory(site, monkeypatc
 
 
 def test_http_on_a_unix_stream(site, sock_dir, caplog):
-    caplog.set_level(logging.INFO, "prefork.access.http")
+    caplog.set_level(logging.DEBUG, "prefork.access.http")
     service = http_service.configure(root=str(site))
     with unix_service(service.server_class, service.StreamHandler, sock_dir / "http.sock") as server:
         assert (server.server_name, server.server_port) == ("localhost", 0)

@@ -28,10 +28,11 @@ What it serves:
   limit for reading one request head) is closed, so idle or slow clients cannot hold a
   synchronous worker; use ``--mode thread`` to serve many keep-alive clients per worker.
 
-Logs go through ``logging``, never straight to stderr: one line per request on
-``prefork.access.http`` (INFO: client, request line, status, size), http.server's diagnostics
-(bad requests, timeouts, the reason of an error status) on ``prefork.workers.http`` at DEBUG,
-and an exception in a handler with its traceback on ``prefork.workers.http`` at ERROR.
+Logs go through ``logging``, never straight to stderr: one line per HTTP request on
+``prefork.access.http`` at DEBUG (client, request line, status, size; prefork's own access_log
+records each connection), http.server's diagnostics (bad requests, timeouts, the reason of an
+error status) on ``prefork.workers.http`` at DEBUG, and an exception in a handler with its
+traceback on ``prefork.workers.http`` at ERROR.
 
 ``HTTPServer`` and ``HTTPHandlerBase`` are also the base of ``workers.wsgi``.
 """
@@ -135,14 +136,14 @@ class HTTPHandlerBase(BaseHTTPRequestHandler):
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         if isinstance(code, HTTPStatus):
             code = code.value
-        access_log.info('%s "%s" %s %s', self.peer(), self.requestline, code, size)
+        access_log.debug('%s "%s" %s %s', self.peer(), self.requestline, code, size)
 
     def log_error(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
         # send_error() reports every 4xx/5xx here and the access line already has the status.
         log.debug("%s " + format, self.peer(), *args)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
-        access_log.info("%s " + format, self.peer(), *args)
+        access_log.debug("%s " + format, self.peer(), *args)
 
 
 class StaticHandler(HTTPHandlerBase, SimpleHTTPRequestHandler):

@@ -55,7 +55,7 @@ def test_echo_on_tcp_udp_and_unix_listeners(start_master, short_dir):
 
 
 def test_http_serves_the_current_directory_in_thread_mode(start_master):
-    master = start_master(app="workers.http", workers=2, mode="thread", threads=4)
+    master = start_master(app="workers.http", workers=2, mode="thread", threads=4, loglevel="debug")
     conn = open_connection(master.address())
     try:
         assert http_get(conn, "/health") == (200, b"ok")
