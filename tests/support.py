@@ -75,7 +75,7 @@ def datagram_request(address: Any, payload: bytes, family: int = socket.AF_INET,
 def require_tool(name: str) -> str:
     """The path of the external tool *name*; skip the test if it is missing.
 
-    CI installs every tool the tests use and sets PREFORK_REQUIRE_TOOLS=1, so there a missing
+    CI installs every tool the tests use and sets CI_REQUIRE_TOOLS=1, so there a missing
     tool fails the test instead of skipping it: nothing passes in CI by not running.
     """
     import os
@@ -85,7 +85,7 @@ def require_tool(name: str) -> str:
 
     path = shutil.which(name)
     if path is None:
-        if os.environ.get("PREFORK_REQUIRE_TOOLS") == "1":
-            pytest.fail(f"{name} is required in CI (PREFORK_REQUIRE_TOOLS=1) but is not installed")
+        if os.environ.get("CI_REQUIRE_TOOLS") == "1":
+            pytest.fail(f"{name} is required in CI (CI_REQUIRE_TOOLS=1) but is not installed")
         pytest.skip(f"needs {name} (installed by .ci/run)")
     return path
