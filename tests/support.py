@@ -89,3 +89,33 @@ def require_tool(name: str) -> str:
             pytest.fail(f"{name} is required in CI (CI_REQUIRE_TOOLS=1) but is not installed")
         pytest.skip(f"needs {name} (installed by .ci/run)")
     return path
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group *pgid*."""
+    import os
+
+    import psutil
+
+    members = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                members.append(proc.pid)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return members
+
+
+def kill_process_group(pgid: int, term_grace: float = 5.0, kill_grace: float = 10.0) -> None:
+    """Teardown: TERM, then KILL, the process group a test started, until none of it is left."""
+    import os
+    import signal
+
+    for signum, grace in ((signal.SIGTERM, term_grace), (signal.SIGKILL, kill_grace)):
+        try:
+            os.killpg(pgid, signum)
+        except ProcessLookupError:
+            return
+        if wait_until(lambda: not group_members(pgid), grace, fail=False):
+            return

@@ -10,7 +10,6 @@ import importlib
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ import psutil
 import pytest
 
 from prefork.scoreboard import Scoreboard
-from tests.support import require_tool, wait_until
+from tests.support import kill_process_group, require_tool, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -112,27 +111,10 @@ class Proc:
 
     def kill_group(self) -> None:
         """Teardown: TERM, then KILL, to everything in the process group."""
-        for signum, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(self.pgid, signum)
-            except ProcessLookupError:
-                break
-            if wait_until(lambda: not group_members(self.pgid), grace, fail=False):
-                break
+        kill_process_group(self.pgid)
         if self.proc.poll() is None:
             self.proc.wait(10)
         self._log.close()
-
-
-def group_members(pgid: int) -> list[int]:
-    members = []
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
-                members.append(proc.pid)
-        except (ProcessLookupError, psutil.Error):
-            continue
-    return members
 
 
 def gone(pid: int) -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import pytest
 
 from prefork.listeners import parse_bind
 from prefork.scoreboard import Scoreboard, SlotView
-from tests.support import SOCKET_TIMEOUT, wait_until
+from tests.support import SOCKET_TIMEOUT, kill_process_group, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 # How long a master gets to start every worker, or to stop.
@@ -73,13 +72,7 @@ class Master:
 
     def kill_group(self) -> None:
         """Teardown: TERM then KILL everything in the master's process group."""
-        for signum in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(self.pgid, signum)
-            except ProcessLookupError:
-                break
-            if _group_gone(self.pgid, timeout=5 if signum == signal.SIGTERM else 10):
-                break
+        kill_process_group(self.pgid)
         if self.proc.poll() is None:
             self.proc.wait(10)
         self._log.close()
@@ -127,18 +120,6 @@ def _read_line(sock: socket.socket) -> bytes:
             raise ConnectionError(f"closed after {data!r}")
         data += chunk
     return data[:-1]
-
-
-def _group_gone(pgid: int, timeout: float) -> bool:
-    def gone() -> bool:
-        for proc in psutil.process_iter(["pid"]):
-            try:
-                if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
-                    return False
-            except (ProcessLookupError, psutil.Error):
-                continue
-        return True
-    return bool(wait_until(gone, timeout, fail=False))
 
 
 @pytest.fixture

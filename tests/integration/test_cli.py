@@ -6,7 +6,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import pytest
 from prefork.cli import main
 from prefork.errors import EXIT_APP_LOAD, EXIT_BIND, EXIT_OK
 from prefork.scoreboard import Scoreboard, SlotView
-from tests.support import SOCKET_TIMEOUT, datagram_request, wait_until
+from tests.support import SOCKET_TIMEOUT, datagram_request, kill_process_group, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -82,27 +81,10 @@ class CliMaster:
 
     def kill_group(self) -> None:
         """Teardown: TERM, then KILL, to everything in the master's process group (new masters too)."""
-        for signum, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(self.proc.pid, signum)
-            except ProcessLookupError:
-                break
-            if wait_until(lambda: not _group_members(self.proc.pid), grace, fail=False):
-                break
+        kill_process_group(self.proc.pid)
         if self.proc.poll() is None:
             self.proc.wait(10)
         self._log.close()
-
-
-def _group_members(pgid: int) -> list[int]:
-    members = []
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
-                members.append(proc.pid)
-        except (ProcessLookupError, psutil.Error):
-            continue
-    return members
 
 
 @pytest.fixture

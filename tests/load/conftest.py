@@ -12,17 +12,15 @@ import importlib.util
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-import psutil
 import pytest
 
 from prefork.scoreboard import Scoreboard
-from tests.support import wait_until
+from tests.support import kill_process_group, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCUSTFILE = ROOT / "loadtests" / "locustfile.py"
@@ -68,27 +66,10 @@ class Group:
         return self.log_path.read_text(errors="replace")
 
     def kill_group(self) -> None:
-        for signum, grace in ((signal.SIGTERM, STOP_GRACE), (signal.SIGKILL, STOP_GRACE)):
-            try:
-                os.killpg(self.proc.pid, signum)
-            except ProcessLookupError:
-                break
-            if wait_until(lambda: not _group_members(self.proc.pid), grace, fail=False):
-                break
+        kill_process_group(self.proc.pid, STOP_GRACE, STOP_GRACE)
         if self.proc.poll() is None:
             self.proc.wait(STOP_GRACE)
         self._log.close()
-
-
-def _group_members(pgid: int) -> list[int]:
-    members = []
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
-                members.append(proc.pid)
-        except (ProcessLookupError, psutil.Error):
-            continue
-    return members
 
 
 class LoadMaster(Group):
