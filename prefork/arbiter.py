@@ -30,8 +30,8 @@ from prefork.pidfile import Pidfile
 from prefork.procstats import rss
 from prefork.proctitle import set_title
 from prefork.scoreboard import Scoreboard
-from prefork.signals import MASTER_SIGNALS, SignalQueue, signal_name
-from prefork.worker import WorkerIdentity, WorkerSpec, run_worker
+from prefork.signals import MASTER_SIGNALS, SignalQueue, reset_to_defaults, signal_name
+from prefork.worker import WorkerIdentity, WorkerSpec, flush_std_streams, run_worker
 
 __all__ = ["Arbiter", "Hooks", "UPGRADE_PARENT_ENV"]
 
@@ -46,6 +46,8 @@ MEMORY_CHECK_INTERVAL = 1.0
 # The metrics process gets this long to listen at start; a crashed one is restarted after this.
 METRICS_START_TIMEOUT = 10.0
 METRICS_RESTART_DELAY = 1.0
+# On the way out, how often a child that was told to leave is looked for (a short, bounded wait).
+_REAP_POLL = 0.01
 
 
 @dataclasses.dataclass
@@ -220,7 +222,7 @@ class Arbiter:
         assert self.scoreboard is not None
         self._call_hook("pre_fork", self, worker)
         self.scoreboard.claim(worker.slot, worker.number, worker.generation)
-        _flush_std_streams()
+        flush_std_streams()
         try:
             pid = os.fork()
         except OSError as exc:
@@ -258,21 +260,9 @@ class Arbiter:
         for worker in self.pool.workers.values():
             self._signal(worker.pid, signum)
         deadline = time.monotonic() + policy.FAST_STOP_GRACE
-        while self.pool.workers and time.monotonic() < deadline:
-            self._wait_one(deadline)
-
-    def _wait_one(self, deadline: float) -> None:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            self.pool.workers.clear()
-            return
-        if pid:
-            worker = self.pool.by_pid(pid)
-            if worker is not None:
+        for worker in list(self.pool.workers.values()):
+            if _reap_before(worker.pid, deadline):
                 del self.pool.workers[worker.slot]
-        else:
-            time.sleep(min(0.01, max(0.0, deadline - time.monotonic())))
 
     @staticmethod
     def _signal(pid: int, signum: int) -> None:
@@ -368,7 +358,7 @@ class Arbiter:
         argv = [sys.executable, *sys.orig_argv[1:]]
         if not self._move_pidfile(f"{self.settings.pidfile}.oldbin"):
             return
-        _flush_std_streams()
+        flush_std_streams()
         pid = os.fork()
         if pid == 0:
             _exec_new_master(argv, env)
@@ -421,7 +411,7 @@ class Arbiter:
         if not bind:
             return
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-        _flush_std_streams()
+        flush_std_streams()
         pid = os.fork()
         if pid == 0:
             os.close(read_fd)
@@ -441,9 +431,7 @@ class Arbiter:
         try:
             if self.signals is not None:
                 self.signals.forget()
-            signal.set_wakeup_fd(-1)
-            for signum in MASTER_SIGNALS:
-                signal.signal(signum, signal.SIG_DFL)
+            reset_to_defaults(MASTER_SIGNALS)
             for listener in self.listeners:
                 listener.sock.close()  # this process serves no traffic and must not hold the ports
             set_title("metrics", self.spec.name)
@@ -460,7 +448,7 @@ class Arbiter:
         except BaseException:
             log.exception("metrics process failed")
         finally:
-            _flush_std_streams()
+            flush_std_streams()
             os._exit(code)
 
     def _metrics_exited(self, code: int) -> None:
@@ -475,14 +463,9 @@ class Arbiter:
         if not pid:
             return
         self._signal(pid, signal.SIGTERM)
-        deadline = time.monotonic() + policy.FAST_STOP_GRACE
-        while time.monotonic() < deadline:
-            done, _ = os.waitpid(pid, os.WNOHANG)
-            if done:
-                return
-            time.sleep(0.01)
-        self._signal(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+        if not _reap_before(pid, time.monotonic() + policy.FAST_STOP_GRACE):
+            self._signal(pid, signal.SIGKILL)
+            _reap_before(pid, time.monotonic() + policy.FAST_STOP_GRACE)
 
     # -- end -------------------------------------------------------------------------------------
 
@@ -529,6 +512,25 @@ class Arbiter:
             log.exception("hook %s failed", name)
 
 
+def _reap_before(pid: int, deadline: float) -> bool:
+    """Reap our child *pid* once it has exited, waiting until *deadline* at most.
+
+    True when it is gone (also when something else reaped it already). Used only on the way
+    out, where the loop that reaps on SIGCHLD no longer runs.
+    """
+    while pid > 0:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return True
+        if done:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(_REAP_POLL)
+    return True
+
+
 def _read_report(fd: int, timeout: float) -> bytes:
     """What a child writes on *fd* until it closes it (or *timeout* passes)."""
     deadline = time.monotonic() + timeout
@@ -568,20 +570,9 @@ def _no_core_dump(pid: int) -> None:
 def _exec_new_master(argv: list[str], env: dict[str, str]) -> None:
     """Called in the child of an upgrade: become the new master. Never returns."""
     try:
-        signal.set_wakeup_fd(-1)
-        for signum in MASTER_SIGNALS:
-            signal.signal(signum, signal.SIG_DFL)
+        reset_to_defaults(MASTER_SIGNALS)
         os.execve(argv[0], argv, env)
     except BaseException:
         os.write(2, f"prefork: cannot start the new master {argv}\n".encode())
     finally:
         os._exit(127)
-
-
-def _flush_std_streams() -> None:
-    """Called before fork, so that buffered output is not written twice."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass  # closed or broken stream: nothing to duplicate

@@ -36,7 +36,7 @@ from prefork.scoreboard import STOP_SHUTDOWN, SlotWriter
 from prefork.servers import BaseServer, _Poller
 from prefork.signals import MASTER_SIGNALS, WORKER_SIGNALS, SignalQueue, reset_to_defaults
 
-__all__ = ["WorkerSpec", "run_worker"]
+__all__ = ["WorkerSpec", "run_worker", "flush_std_streams"]
 
 log = logging.getLogger("prefork.worker")
 
@@ -89,7 +89,7 @@ def run_worker(spec: WorkerSpec, identity: WorkerIdentity, inherited_signals: Si
     finally:
         if spec.access_log is not None:
             spec.access_log.flush()  # os._exit writes no buffers
-        _flush_std_streams()
+        flush_std_streams()
         os._exit(status)
 
 
@@ -133,7 +133,7 @@ def _die_with_master(master_pid: int) -> None:
         os._exit(0)  # the master died between fork and prctl: nobody supervises us
 
 
-def _flush_std_streams() -> None:
+def flush_std_streams() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -198,7 +198,7 @@ class _Loop:
                 self.stopping = True
             elif signum in (signal.SIGQUIT, signal.SIGINT):
                 self._close()
-                _flush_std_streams()
+                flush_std_streams()
                 os._exit(0)
             elif signum == signal.SIGUSR1 and self.spec.on_reopen_logs is not None:
                 self.spec.on_reopen_logs()
