@@ -84,8 +84,9 @@ class PreforkMixIn:
         """Fork the workers and supervise them until a stop signal or shutdown()."""
         listener = listener_for_socket(self.socket)
         itself = cast(BaseServer, self)  # in each worker, this very object serves the inherited socket
-        spec = _worker_spec(self.settings, [listener], lambda listeners: [itself], self._service_name())
-        self._arbiter = Arbiter(self.settings, [listener], spec, _hooks(self.settings))
+        hooks = _hooks(self.settings)
+        spec = _worker_spec(self.settings, [listener], lambda listeners: [itself], self._service_name(), hooks)
+        self._arbiter = Arbiter(self.settings, [listener], spec, hooks)
         try:
             self.exit_code = self._arbiter.run()
         finally:
@@ -153,7 +154,7 @@ def serve(app: Any, bind: Sequence[str] | str | None = None, *, settings: Settin
         builder.app = app = builder.service(app)
     if not isinstance(app, str):
         builder.check(listeners)  # a mismatch is reported before any fork
-    spec = _worker_spec(settings, listeners, builder, settings.name or _app_name(app))
+    spec = _worker_spec(settings, listeners, builder, settings.name or _app_name(app), hooks)
     return Arbiter(settings, listeners, spec, hooks, reload_settings).run()
 
 
@@ -226,7 +227,7 @@ def handler_for(app: Any, listener: Listener) -> Any:
 
 
 def _worker_spec(settings: Settings, listeners: Sequence[Listener], build: Callable[..., list[BaseServer]],
-                 name: str) -> WorkerSpec:
+                 name: str, hooks: Hooks) -> WorkerSpec:
     from prefork.proctitle import set_title
     from prefork.privileges import privilege_dropper
 
@@ -240,7 +241,7 @@ def _worker_spec(settings: Settings, listeners: Sequence[Listener], build: Calla
         reuse_port=settings.reuse_port,
         rebind=rebind_reuse_port,
         drop_privileges=privilege_dropper(settings.user, settings.group),
-        post_fork=_hooks(settings).post_fork,
+        post_fork=hooks.post_fork,
         on_reopen_logs=log_files.reopen,
         set_title=lambda number, generation: set_title("worker", name, number, generation),
         access_log=log_files.AccessLog.from_settings(settings),  # opened now: a bad path fails before fork
