@@ -55,6 +55,12 @@ _RESOURCE_BACKOFF = 0.05
 # At most one log line per this many seconds about resource failures (the rest are counted).
 _RESOURCE_LOG_INTERVAL = 5.0
 
+# How many requests one wake-up of the loop may take from a ready listener. While connections
+# or datagrams keep arriving, each further accept()/recvfrom() replaces an epoll_wait() and a
+# turn of the loop (the stdlib waits again after every request); when the queue is empty the
+# extra attempt costs one EAGAIN. The bound keeps shutdown() and a worker's signals prompt.
+_READY_BATCH = 32
+
 # On Linux an accepted socket never inherits O_NONBLOCK from the listener; on the BSDs and
 # macOS it does, so there the accepted socket is put back in blocking mode explicitly.
 _ACCEPT_INHERITS_NONBLOCK = not sys.platform.startswith("linux")
@@ -68,7 +74,7 @@ class _Poller:
     """
 
     def __init__(self) -> None:
-        self._epoll: Any = select.epoll() if hasattr(select, "epoll") else None
+        self._epoll: Any = _new_epoll()
         self._poll: Any = None if self._epoll is not None else select.poll()
 
     def add(self, fd: int, *, shared: bool = False) -> None:
@@ -111,6 +117,22 @@ class _Poller:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _new_epoll() -> Any:
+    """An epoll object; None where there is none, or when no descriptor is left to make one.
+
+    poll() needs no descriptor of its own, so a server out of descriptors (the very reason it
+    backs off, and then waits in ``_pause``) still waits with it instead of raising EMFILE.
+    """
+    if not hasattr(select, "epoll"):
+        return None
+    try:
+        return select.epoll()
+    except OSError as exc:
+        if exc.errno not in _RESOURCE_ERRNOS:
+            raise
+        return None
 
 
 class _WakeupChannel:
@@ -228,7 +250,7 @@ class BaseServer:
                         break
                     for fd, _ in events:
                         if fd == listener:
-                            self._handle_request_noblock()
+                            self._serve_ready()
                         else:
                             wakeup.drain()
                     self.service_actions()
@@ -261,7 +283,8 @@ class BaseServer:
             poller.add(listener, shared=True)
             while True:
                 if poller.wait(timeout):
-                    return self._handle_request_noblock()
+                    self._handle_request_noblock()
+                    return
                 if deadline is not None:
                     timeout = deadline - time.monotonic()
                     if timeout < 0:
@@ -276,17 +299,38 @@ class BaseServer:
             return sock_timeout
         return min(sock_timeout, self.timeout)
 
-    def _handle_request_noblock(self) -> None:
-        """Handle one request, without blocking: the caller knows the listener is readable."""
+    def _serve_ready(self, interrupted: Callable[[], bool] | None = None) -> None:
+        """Handle the request the poller announced, then those already queued behind it.
+
+        Each further request is taken as if the wait had returned at once: service_actions()
+        runs between requests, as between turns of serve_forever(). Only where get_request()
+        is prefork's own non-blocking one (an override might block); at most _READY_BATCH,
+        and none once shutdown() is called or *interrupted()* (a prefork worker's pending
+        signal) is true, so a stop never waits behind queued work.
+        """
+        if not self._handle_request_noblock() or not _takes_batches(type(self)):
+            return
+        for _ in range(_READY_BATCH - 1):
+            self.service_actions()
+            if self.__shutdown_request or (interrupted is not None and interrupted()):
+                return
+            if not self._handle_request_noblock():
+                return
+
+    def _handle_request_noblock(self) -> bool:
+        """Handle one request, without blocking: the caller knows the listener is readable.
+
+        Returns False if there was no request to take (get_request() failed), else True.
+        """
         try:
             # get_request() is defined by the concrete servers, as in the stdlib.
             request, client_address = self.get_request()  # type: ignore[attr-defined]
         except OSError as exc:
             self._request_failed(exc)
-            return
+            return False
         if not self.verify_request(request, client_address):
             self.shutdown_request(request)
-            return
+            return True
         try:
             self.process_request(request, client_address)
         except Exception:
@@ -295,6 +339,7 @@ class BaseServer:
         except BaseException:
             self.shutdown_request(request)
             raise
+        return True
 
     def _request_failed(self, exc: OSError) -> None:
         """get_request() failed: silent after a lost race, logged and backed off when out of resources."""
@@ -557,6 +602,11 @@ if hasattr(socket, "AF_UNIX"):
         address_family = socket.AF_UNIX
 
 
+def _takes_batches(cls: type) -> bool:
+    """True if *cls* gets requests with prefork's own non-blocking get_request()."""
+    return getattr(cls, "get_request", None) in _BATCH_GET_REQUEST
+
+
 def _accept_plain(listener: socket.socket) -> tuple[socket.socket, Any]:
     """socket.accept() without its two enum conversions per call.
 
@@ -607,3 +657,6 @@ class _RateLimitedReporter:
 
 _resource_limiter = _RateLimitedReporter(_RESOURCE_LOG_INTERVAL)
 
+
+# The get_request() methods that never block (on a listener _prepare_listener() made non-blocking).
+_BATCH_GET_REQUEST = (TCPServer.get_request, UDPServer.get_request)

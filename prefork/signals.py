@@ -85,6 +85,10 @@ class SignalQueue:
     def fileno(self) -> int:
         return self._read_fd
 
+    def has_pending(self) -> bool:
+        """True if a signal arrived since the last pop_all() (no system call)."""
+        return bool(self._pending)
+
     def pop_all(self) -> list[int]:
         """The signals recorded since the last call, oldest first; drains the wake-up pipe."""
         try:

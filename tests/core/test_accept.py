@@ -195,3 +195,51 @@ def test_back_off_with_high_descriptor_numbers(caplog, fresh_rate_limit, high_fd
             flaky.failing = False
             assert recv_all(client) == b"None True"
     assert len(resource_errors(caplog)) == 1
+
+
+class Counting(socketserver.TCPServer):
+    """Counts service_actions() calls and the requests served, in the order they come."""
+
+    def __init__(self, *args):
+        self.events: list[str] = []
+        super().__init__(*args)
+
+    def finish_request(self, request, client_address):
+        self.events.append("request")
+        super().finish_request(request, client_address)
+
+    def service_actions(self):
+        self.events.append("service_actions")
+
+
+class Echo(socketserver.StreamRequestHandler):
+    def handle(self):
+        self.wfile.write(self.rfile.readline())
+
+
+def test_queued_requests_are_taken_in_one_wake_up(monkeypatch):
+    """Connections already queued are served without a wait per request, and service_actions()
+    still follows every request, as after every turn of the stdlib's loop."""
+    queued = 5
+    waits = []
+    raw_wait = prefork.servers._Poller.raw_wait
+
+    def counted_raw_wait(poller):
+        wait = raw_wait(poller)
+        return lambda timeout: waits.append(timeout) or wait(timeout)
+
+    monkeypatch.setattr(prefork.servers._Poller, "raw_wait", counted_raw_wait)
+    with Counting(LOCALHOST, Echo) as server:
+        clients = [connect(server.server_address) for _ in range(queued)]
+        for client in clients:
+            client.sendall(b"hi\n")
+        with serving(server, poll_interval=SOCKET_TIMEOUT):
+            replies = [recv_all(client) for client in clients]
+            wait_until(lambda: server.events.count("service_actions") >= queued)
+        for client in clients:
+            client.close()
+    assert replies == [b"hi\n"] * queued
+    events = server.events[: 2 * queued]
+    assert events == ["request", "service_actions"] * queued
+    # All five were taken in the first wake-up; the stdlib's loop waits once per request.
+    assert len(waits) < queued, waits
