@@ -2,23 +2,35 @@
 
 A spec has one canonical text (``BindSpec.text``) and ``parse_bind(spec.text) == spec``. The
 master's listeners (prefork.listeners), the configuration and the CLI all parse specs here.
+
+A tcp, udp, fd or systemd spec may end in an allow-list of client networks,
+``tcp://0.0.0.0:8000?allow=10.0.0.0/8,127.0.0.1/32``, which workers enforce
+(prefork.allowlist). In its canonical text the networks are in CIDR form, sorted (IPv4 first),
+each once. Unix specs refuse ``?allow=``: a Unix peer has no network address (file
+permissions, ``unix_mode``/``unix_owner``/``unix_group``, restrict who connects), and a path
+cannot contain ``?allow=`` for that reason; any other ``?`` in a path is part of the path.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import ipaddress
 import os
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Union
 
 from prefork.errors import BindSpecError
 
-__all__ = ["BindSpec", "parse_bind", "failure_reason"]
+__all__ = ["BindSpec", "Network", "parse_bind", "split_bind_list", "failure_reason"]
+
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 _FORMS = ("tcp://HOST:PORT, udp://HOST:PORT, HOST:PORT (tcp), unix:PATH, unix-dgram:PATH, fd://N, "
-          "systemd, systemd:NAME; IPv6 addresses go in brackets, as in tcp://[::1]:8000")
+          "systemd, systemd:NAME; IPv6 addresses go in brackets, as in tcp://[::1]:8000; all but "
+          "the unix forms may end in ?allow=NETWORK[,NETWORK...], as in "
+          "tcp://0.0.0.0:8000?allow=10.0.0.0/8,127.0.0.1/32")
 _INET_SCHEMES = ("tcp", "udp")
 _UNIX_SCHEMES = ("unix", "unix-dgram")
 _STREAM_SCHEMES = ("tcp", "unix")
@@ -34,6 +46,12 @@ _UNIX_PATH_MAX = 107
 # LISTEN_FDNAMES entries: printable ASCII except ':' (the separator), at most 255 characters,
 # as systemd's fdname_is_valid() checks.
 _FDNAME = re.compile(r"[\x20-\x39\x3b-\x7e]{1,255}")
+
+# What starts a spec's allow-list of client networks; the only query a spec takes.
+_ALLOW = "?allow="
+# The characters of a network in CIDR form (ASCII: ipaddress would refuse the rest anyway, with
+# a less helpful message), and the longest one: a full IPv6 address and a 3-digit prefix.
+_NETWORK = re.compile(r"[0-9A-Fa-f.:/]{1,43}")
 
 # Below this port, binding needs privileges (the default of net.ipv4.ip_unprivileged_port_start).
 _PRIVILEGED_PORTS = 1024
@@ -63,6 +81,13 @@ class BindSpec:
     scheme: str
     address: Any
     text: str
+    # Client networks a worker serves on this listener (``?allow=``); empty: every client.
+    allow: tuple[Network, ...] = ()
+
+    @property
+    def address_text(self) -> str:
+        """The canonical text without ``?allow=``: what a bound socket is known by (PREFORK_FDS)."""
+        return self.text.partition(_ALLOW)[0]
 
     @property
     def is_stream(self) -> bool:
@@ -85,17 +110,86 @@ def parse_bind(text: str) -> BindSpec:
     """Parse a bind spec (see ``_FORMS``); raises BindSpecError naming the spec and the problem."""
     if not isinstance(text, str) or not text:
         raise _bad(text, "empty bind spec")
-    head, sep, rest = text.partition(":")
+    base, query, listed = text.partition(_ALLOW)
+    spec = _parse_address(text, base)
+    if not query:
+        return spec
+    allow = _parse_allow(text, listed)
+    return dataclasses.replace(spec, allow=allow, text=f"{spec.text}{_ALLOW}{','.join(map(str, allow))}")
+
+
+def split_bind_list(text: str) -> list[str]:
+    """The specs of a comma-separated list (PREFORK_BIND), the networks of ``?allow=`` kept with theirs.
+
+    After a spec with an allow-list, an item that is not a spec but looks like a network
+    (``tcp://0.0.0.0:80?allow=10.0.0.0/8,::1,udp://0.0.0.0:53``) continues that list.
+    """
+    specs: list[str] = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        if specs and _ALLOW in specs[-1] and _continues_allow(item):
+            specs[-1] += f",{item}"
+        else:
+            specs.append(item)
+    return specs
+
+
+def _continues_allow(item: str) -> bool:
+    if not _NETWORK.fullmatch(item) or "//" in item:
+        return False
+    try:
+        parse_bind(item)
+    except BindSpecError:
+        return True
+    return False  # a bare HOST:PORT spec
+
+
+def _parse_address(text: str, base: str) -> BindSpec:
+    """The spec of *base*, the part of *text* before any ``?allow=``."""
+    head, sep, rest = base.partition(":")
     scheme = head.lower()
     if scheme in _UNIX_SCHEMES:
+        if base != text:
+            raise _bad(text, "allow= does not apply to Unix sockets: their clients have no network "
+                             "address (restrict them with unix_mode, unix_owner and unix_group)")
         return _parse_unix(text, scheme, rest, sep)
     if scheme == "systemd":
-        return _parse_systemd(text, rest, sep)
+        return _parse_systemd(text, rest, sep)  # '?' is allowed in a socket name
+    if "?" in base:
+        raise _bad(text, f"unknown option {base.partition('?')[2].partition('=')[0]!r} after '?'; "
+                         "the only option is allow=NETWORK[,NETWORK...]")
     if sep and rest.startswith("//"):
         return _parse_url(text, scheme, head, rest[2:])
     if scheme in _INET_SCHEMES + ("fd",):
         raise _bad(text, f"'{head}:' must be followed by '//'")
-    return _parse_inet(text, "tcp", text)
+    return _parse_inet(text, "tcp", base)
+
+
+def _parse_allow(text: str, listed: str) -> tuple[Network, ...]:
+    """The networks of ``?allow=``: sorted (IPv4 first), each once, so the text is canonical."""
+    if not listed:
+        raise _bad(text, "allow= lists no network; give NETWORK[,NETWORK...], e.g. allow=10.0.0.0/8,127.0.0.1/32")
+    networks = {_parse_network(text, item) for item in listed.split(",")}
+    return tuple(sorted(networks, key=lambda n: (n.version, int(n.network_address), n.prefixlen)))
+
+
+def _parse_network(text: str, item: str) -> Network:
+    if not item:
+        raise _bad(text, "allow= has an empty network (two commas in a row, or one at an end)")
+    if not _NETWORK.fullmatch(item):
+        raise _bad(text, f"allow= network {item!r} is not a network in CIDR form, such as 10.0.0.0/8, "
+                         "127.0.0.1 or 2001:db8::/32")
+    try:
+        return ipaddress.ip_network(item)
+    except ValueError as exc:
+        raise _bad(text, f"allow= network {item!r} is not valid: {_network_problem(item, exc)}") from None
+
+
+def _network_problem(item: str, exc: ValueError) -> str:
+    try:
+        loose = ipaddress.ip_network(item, strict=False)
+    except ValueError:
+        return str(exc)
+    return f"it has host bits set; did you mean {loose}?"
 
 
 def _bad(text: object, what: str) -> BindSpecError:

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import socket
 import urllib.parse
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from prefork.bindspec import _DIGITS, failure_reason as _reason
-from prefork.errors import ListenerError
+from prefork.bindspec import _DIGITS, _MAX_FD, failure_reason as _reason
+from prefork.errors import ConfigError, ListenerError
 
 if TYPE_CHECKING:
     from prefork.listeners import Listener
 
-__all__ = ["InheritedSockets", "inherit_env", "inherited_listeners", "systemd_listeners"]
+__all__ = ["InheritedSockets", "inherit_env", "inherited_listeners", "systemd_listeners", "upgrade_parent"]
 
 log = logging.getLogger("prefork.listeners")
 
@@ -60,12 +61,20 @@ def _systemd_fds(environ: Mapping[str, str]) -> list[tuple[str | None, int]]:
     if not _DIGITS.fullmatch(count_text) or len(count_text) > 6:
         raise ListenerError("systemd", f"LISTEN_FDS={count_text!r} is not a number of file descriptors")
     count = int(count_text)
+    if _SD_LISTEN_FDS_START + count > _open_files_limit():
+        raise ListenerError("systemd", f"LISTEN_FDS={count_text!r} is more file descriptors than this "
+                                       f"process may have open ({_open_files_limit()})")
     names: list[str | None] = list(environ.get("LISTEN_FDNAMES", "").split(":"))
     if len(names) != count:
         if "LISTEN_FDNAMES" in environ:
             log.warning("LISTEN_FDNAMES has %d names for %d sockets: ignoring the names", len(names), count)
         names = [None] * count
     return [(name or None, _SD_LISTEN_FDS_START + i) for i, name in enumerate(names)]
+
+
+def _open_files_limit() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else _MAX_FD
 
 
 def _is_our_pid(text: str) -> bool:
@@ -115,7 +124,8 @@ def inherit_env(listeners: Sequence[Listener]) -> dict[str, str]:
     for listener in listeners:
         fd = listener.fileno()
         os.set_inheritable(fd, True)
-        for text in dict.fromkeys((listener.spec.text, listener.name)):
+        # The address without ?allow=: the new master may allow other networks on the same socket.
+        for text in dict.fromkeys((listener.spec.address_text, listener.name)):
             entries.append(f"{fd}:{urllib.parse.quote(text, safe=_ENV_SAFE, errors='surrogateescape')}")
     return {_ENV_FDS: ";".join(entries)}
 
@@ -129,9 +139,10 @@ def inherited_listeners(environ: Mapping[str, str]) -> InheritedSockets:
     """
     found = InheritedSockets()
     by_fd: dict[int, socket.socket] = {}
+    # Every entry is checked before any fd is wrapped: a malformed variable touches none.
+    entries = [_parse_env_entry(entry) for entry in filter(None, environ.get(_ENV_FDS, "").split(";"))]
     try:
-        for entry in filter(None, environ.get(_ENV_FDS, "").split(";")):
-            fd, text = _parse_env_entry(entry)
+        for fd, text in entries:
             if fd not in by_fd:
                 by_fd[fd] = _inherited_socket(fd, text)
             found.add(text, by_fd[fd])
@@ -144,8 +155,9 @@ def inherited_listeners(environ: Mapping[str, str]) -> InheritedSockets:
 
 def _parse_env_entry(entry: str) -> tuple[int, str]:
     number, sep, quoted = entry.partition(":")
-    if not sep or not _DIGITS.fullmatch(number) or len(number) > 10 or not quoted:
-        raise ListenerError(_ENV_FDS, f"entry {entry!r} is not FD:SPEC")
+    if not sep or not _DIGITS.fullmatch(number) or len(number) > 10 or int(number) > _MAX_FD or not quoted:
+        raise ListenerError(_ENV_FDS, f"entry {entry!r} is not FD:SPEC (a file descriptor number, "
+                                      f"':' and a bind spec)")
     return int(number), urllib.parse.unquote(quoted, errors="surrogateescape")
 
 
@@ -160,3 +172,23 @@ def _inherited_socket(fd: int, text: str) -> socket.socket:
 def _inherited_groups(inherited: Mapping[str, socket.socket]) -> Mapping[str, Sequence[socket.socket]]:
     groups = getattr(inherited, "groups", None)
     return groups if groups is not None else {text: [sock] for text, sock in inherited.items()}
+
+
+# -- the master an upgraded master replaces --------------------------------------------------------
+
+# Set in the environment of a master started by USR2, naming the master it replaces.
+UPGRADE_PARENT_ENV = "PREFORK_UPGRADE_PARENT"
+
+
+def upgrade_parent(environ: Mapping[str, str]) -> int:
+    """The pid in PREFORK_UPGRADE_PARENT (0 when unset); ConfigError for anything but a pid.
+
+    The new master signals that pid once its workers accept, and only if it is its parent.
+    """
+    text = environ.get(UPGRADE_PARENT_ENV, "")
+    if not text:
+        return 0
+    if not _DIGITS.fullmatch(text) or len(text) > 10 or int(text) > _MAX_FD:
+        raise ConfigError(f"{UPGRADE_PARENT_ENV}={text!r} is not a process id; it is set by a master "
+                          "upgrading in place (USR2), never by hand")
+    return int(text)

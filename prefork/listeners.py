@@ -8,7 +8,8 @@ Rules of this module:
 1. Everything is bound in the master before the first fork; workers inherit the sockets through
    fork. The one exception is ``rebind_reuse_port``, called in the child after fork.
 2. A spec has one canonical text (``BindSpec.text``) and ``parse_bind(spec.text) == spec``. A
-   listener's ``name`` is the *bound* address in the same syntax (port 0 resolved).
+   listener's ``name`` is the *bound* address in the same syntax (port 0 resolved), without
+   the spec's ``?allow=`` (the workers enforce that, prefork.allowlist).
 3. ``bind_all`` binds all or none: on a failure nothing it bound stays open or on disk.
 4. Every socket handed out is non-inheritable (the master forks, it does not exec workers);
    only ``inherit_env`` marks sockets inheritable, for the re-exec of an in-place upgrade.
@@ -276,7 +277,8 @@ class _Binder:
     # -- adopting what is already bound
 
     def _take_inherited(self, spec: BindSpec, expand: bool) -> list[Listener]:
-        socks = [s for s in self.groups.get(spec.text, ()) if s.fileno() not in self.claimed | {-1}]
+        # By the address alone: a new allow-list on the same address takes over the same socket.
+        socks = [s for s in self.groups.get(spec.address_text, ()) if s.fileno() not in self.claimed | {-1}]
         if spec.scheme != "systemd":
             socks = socks[:1]  # one address, one socket (duplicates come from a spec given twice)
         elif len(socks) > 1 and not expand:
@@ -297,6 +299,11 @@ class _Binder:
     def _adopt(self, spec: BindSpec, sock: socket.socket, *, own_file: bool) -> Listener:
         self.claimed.add(sock.fileno())
         sock.set_inheritable(False)
+        if spec.allow and sock.family not in _INET_FAMILIES:
+            fd = sock.fileno()
+            sock.close()  # as _failing does: this process owns what it was handed
+            raise ListenerError(spec.text, f"allow= needs a TCP or UDP socket, and file descriptor "
+                                f"{fd} is not one (its clients have no network address)")
         with _failing(spec.text, sock):
             parked = self.reuse_port and _reuses_port(sock)
             if sock.type == socket.SOCK_STREAM and not parked and not _is_listening(sock):

@@ -57,7 +57,7 @@ TEXT_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s
 _TEXT_DATEFMT = "%Y-%m-%d %H:%M:%S %z"
 
 # Log files are readable by everyone and written by their owner, as nginx and logrotate's
-# `create` make them; the process umask can narrow this further.
+# `create` make them; the process umask and the `umask` setting can narrow this further.
 _LOG_FILE_MODE = 0o644
 _APPEND_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
 
@@ -87,6 +87,9 @@ def setup(settings: Any) -> None:
     """
     level = _level(getattr(settings, "loglevel", "info"))
     formatter = _formatter(getattr(settings, "log_format", "text"))
+    # The error log is opened before serve() sets the process umask: apply the setting's now.
+    umask = getattr(settings, "umask", None)
+    _STATE.file_mode = _LOG_FILE_MODE & ~umask if isinstance(umask, int) else _LOG_FILE_MODE
     handler = _error_handler_for(getattr(settings, "error_log", "-") or "-")
     handler.setFormatter(formatter)
     root = logging.getLogger()
@@ -228,6 +231,7 @@ class _State:
     def __init__(self) -> None:
         self.error_handler: logging.Handler | None = None
         self.files: list[tuple[str, IO[Any]]] = []
+        self.file_mode = _LOG_FILE_MODE  # less the `umask` setting, if any (see setup)
 
     def register(self, path: str, file: IO[Any]) -> None:
         self.files.append((path, file))
@@ -241,7 +245,7 @@ _STATE = _State()
 
 def _open_fd(path: str, setting: str) -> int:
     try:
-        return os.open(path, _APPEND_FLAGS, _LOG_FILE_MODE)
+        return os.open(path, _APPEND_FLAGS, _STATE.file_mode)
     except OSError as exc:
         raise ConfigError(f"setting {setting!r}: cannot open {path!r}: {exc.strerror}") from exc
 
@@ -262,7 +266,7 @@ def _open_binary(path: str) -> IO[bytes]:
 
 def _reopen_in_place(path: str, file: IO[Any]) -> None:
     file.flush()
-    fd = os.open(path, _APPEND_FLAGS, _LOG_FILE_MODE)
+    fd = os.open(path, _APPEND_FLAGS, _STATE.file_mode)
     try:
         os.dup2(fd, file.fileno(), inheritable=False)
     finally:

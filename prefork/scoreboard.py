@@ -10,12 +10,17 @@ Rules:
 3. Readers take a snapshot (``read``) and tolerate torn values: each field is read once and the
    master's decisions tolerate a value one request old.
 4. Times are ``time.monotonic()`` seconds; CLOCK_MONOTONIC is the same clock in every process.
+5. Nothing in the map is trusted beyond that: workers run app code and can write every slot,
+   so the master signals only the pids it forked (a slot's pid is compared, never used), times
+   read back are finite, and a file opened by ``open`` is checked whole (magic, version, size)
+   before any field is read. Nothing is unpickled or evaluated: fields are fixed ctypes.
 """
 
 from __future__ import annotations
 
 import ctypes
 import dataclasses
+import math
 import mmap
 import os
 import time
@@ -41,6 +46,13 @@ MAX_LISTENERS = 8
 # The file starts with a magic word and the layout version, so a reader never misreads a map
 # written by another version of prefork.
 _MAGIC = b"PFSB0001"
+# rw-r--r-- less the umask: `prefork status` and the metrics process read it; only the master
+# writes the file (workers write through the map they inherit).
+_FILE_MODE = 0o644
+# A reader refuses a header claiming more slots than this: no master makes that many.
+_MAX_CAPACITY = 1 << 20
+# Temporary names tried when creating the file (pid plus a counter; see _create_exclusive).
+_CREATE_ATTEMPTS = 100
 
 
 class _Slot(ctypes.Structure):
@@ -152,12 +164,17 @@ class Scoreboard:
     def open(cls, path: str) -> Scoreboard:
         """Map an existing scoreboard file for reading (``prefork status``)."""
         with open(path, "rb") as f:
-            buffer = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
-        if buffer[: len(_MAGIC)] != _MAGIC:
+            try:
+                buffer = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+            except ValueError:
+                raise ValueError(f"{path} is empty, not a prefork scoreboard") from None
+        try:
+            # ctypes needs a writable buffer: take a private copy of the read-only map.
+            data = bytearray(buffer)
+        finally:
             buffer.close()
-            raise ValueError(f"{path} is not a prefork scoreboard")
-        # ctypes needs a writable buffer: take a private copy of the read-only map.
-        return cls(bytearray(buffer), path, owner=False)
+        _check_layout(path, data)
+        return cls(data, path, owner=False)
 
     @property
     def master_pid(self) -> int:
@@ -178,7 +195,7 @@ class Scoreboard:
     def master(self) -> MasterView:
         header = self._header
         restarts = {cause: int(header.restarts[i]) for i, cause in enumerate(RESTART_CAUSES)}
-        return MasterView(int(header.master_pid), float(header.master_started), int(header.generation),
+        return MasterView(int(header.master_pid), _finite(header.master_started), int(header.generation),
                           int(header.target), restarts, int(header.reloads_refused), int(header.reloads_failed))
 
     def writer(self, index: int) -> SlotWriter:
@@ -209,9 +226,10 @@ class Scoreboard:
 
     def read(self, index: int) -> SlotView:
         slot = self._slots[index]
+        # Workers run app code and can write any slot: times a reader computes with are finite.
         return SlotView(
             index, slot.pid, slot.generation, slot.number, slot.state, slot.requests, slot.active,
-            slot.started, slot.request_started, slot.last_tick,
+            _finite(slot.started), _finite(slot.request_started), _finite(slot.last_tick),
             slot.client.decode(errors="replace"), slot.listener.decode(errors="replace"),
             tuple(slot.by_listener),
         )
@@ -275,17 +293,49 @@ class SlotWriter:
         return int(self._slot.stop_mode)
 
 
+def _finite(value: float) -> float:
+    """*value*, or 0.0 for NaN and infinities (a torn write, a stray store, a file of junk)."""
+    return value if math.isfinite(value) else 0.0
+
+
+def _check_layout(path: str, data: bytearray) -> None:
+    """ValueError unless *data* is a whole scoreboard of this version (the file is outside input)."""
+    header_size = ctypes.sizeof(_Header)
+    if len(data) < header_size or bytes(data[: len(_MAGIC)]) != _MAGIC:
+        raise ValueError(f"{path} is not a prefork scoreboard")
+    capacity = _Header.from_buffer_copy(data[:header_size]).capacity
+    if not 0 <= capacity <= _MAX_CAPACITY or len(data) != header_size + capacity * ctypes.sizeof(_Slot):
+        raise ValueError(f"{path} is not a whole prefork scoreboard ({len(data)} bytes for {capacity} slots)")
+
+
 def _map_new_file(path: str, size: int) -> mmap.mmap:
-    """A shared map backed by a new file at *path* (mode 0644: readable by the CLI, written by us)."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    """A shared map backed by a new file at *path* (mode 0644 less the umask: read by the CLI).
+
+    The temporary file is created exclusively and never through a symbolic link: the master
+    may run as root in a directory others can write to (the pidfile's, or /tmp for metrics).
+    """
+    fd, tmp = _create_exclusive(path)
     try:
         os.ftruncate(fd, size)
         buffer = mmap.mmap(fd, size, mmap.MAP_SHARED)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
     finally:
         os.close(fd)
-    os.replace(tmp, path)
     return buffer
+
+
+def _create_exclusive(path: str) -> tuple[int, str]:
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for attempt in range(_CREATE_ATTEMPTS):
+        tmp = f"{path}.{os.getpid()}.{attempt}.tmp"
+        try:
+            return os.open(tmp, flags, _FILE_MODE), tmp
+        except FileExistsError:
+            continue  # left by a crashed master of the same pid, or put there by someone else
+    raise FileExistsError(f"cannot create a temporary file beside {path}: {_CREATE_ATTEMPTS} names are taken")
 
 
 def _unlink_if_same(path: str, inode: int) -> None:

@@ -969,3 +969,93 @@ def test_inherited_fd_that_is_not_open_is_named() -> None:
     with pytest.raises(ListenerError, match=f"inherited file descriptor {fd} \\(PREFORK_FDS\\)"):
         inherited_listeners({"PREFORK_FDS": f"{fd}:tcp://127.0.0.1:0"})
     assert inherited_listeners({}) == {}
+
+
+# -- allow-lists (?allow=) ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, canonical, networks", [
+    ("tcp://0.0.0.0:8000?allow=10.0.0.0/8,127.0.0.1/32", "tcp://0.0.0.0:8000?allow=10.0.0.0/8,127.0.0.1/32",
+     ["10.0.0.0/8", "127.0.0.1/32"]),
+    ("TCP://0.0.0.0:8000?allow=127.0.0.1,10.0.0.0/8,10.0.0.0/8", "tcp://0.0.0.0:8000?allow=10.0.0.0/8,127.0.0.1/32",
+     ["10.0.0.0/8", "127.0.0.1/32"]),  # sorted, each once, bare address = /32
+    ("0.0.0.0:80?allow=10.0.0.0/255.0.0.0", "tcp://0.0.0.0:80?allow=10.0.0.0/8", ["10.0.0.0/8"]),
+    ("udp://[::]:53?allow=2001:DB8:0::/32,::1,192.0.2.0/24", "udp://[::]:53?allow=192.0.2.0/24,::1/128,2001:db8::/32",
+     ["192.0.2.0/24", "::1/128", "2001:db8::/32"]),  # IPv4 first
+    ("fd://03?allow=0.0.0.0/0", "fd://3?allow=0.0.0.0/0", ["0.0.0.0/0"]),
+    ("systemd?allow=10.1.0.0/16", "systemd?allow=10.1.0.0/16", ["10.1.0.0/16"]),
+    ("systemd:we?rd?allow=10.1.0.0/16", "systemd:we?rd?allow=10.1.0.0/16", ["10.1.0.0/16"]),
+])
+def test_allow_lists_parse_to_sorted_networks_and_a_canonical_text(text: str, canonical: str,
+                                                                   networks: list[str]) -> None:
+    spec = parse_bind(text)
+    assert spec.text == canonical
+    assert [str(n) for n in spec.allow] == networks
+    assert parse_bind(spec.text) == spec
+    assert spec.address_text == canonical.partition("?allow=")[0]
+    assert spec.address == parse_bind(spec.address_text).address
+
+
+def test_a_spec_without_allow_admits_every_client_and_equals_the_old_form() -> None:
+    assert parse_bind("tcp://127.0.0.1:80").allow == ()
+    assert parse_bind("tcp://127.0.0.1:80") == BindSpec("tcp", ("127.0.0.1", 80), "tcp://127.0.0.1:80")
+    assert parse_bind("unix:/run/a?b=c").address == "/run/a?b=c"  # '?' is just a character of a path
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("unix:/run/x.sock?allow=127.0.0.1", "allow= does not apply to Unix sockets"),
+    ("unix-dgram:/run/x.sock?allow=127.0.0.1", "allow= does not apply to Unix sockets"),
+    ("tcp://0.0.0.0:80?allow=", "allow= lists no network"),
+    ("tcp://0.0.0.0:80?allow=10.0.0.0/8,", "allow= has an empty network"),
+    ("tcp://0.0.0.0:80?allow=10.0.0.1/8", "'10.0.0.1/8' is not valid: it has host bits set; did you mean 10.0.0.0/8?"),
+    ("tcp://0.0.0.0:80?allow=10.0.0.0/33", "allow= network '10.0.0.0/33' is not valid"),
+    ("tcp://0.0.0.0:80?allow=300.0.0.0/8", "allow= network '300.0.0.0/8' is not valid"),
+    ("tcp://0.0.0.0:80?allow=localhost", "allow= network 'localhost' is not a network in CIDR form"),
+    ("tcp://0.0.0.0:80?allow=fe80::%eth0/64", "allow= network 'fe80::%eth0/64' is not a network"),
+    ("tcp://0.0.0.0:80?allow=١٠.0.0.0/8", "is not a network in CIDR form"),
+    ("tcp://0.0.0.0:80?allow=10.0.0.0/8?allow=::1", "'10.0.0.0/8?allow=::1' is not a network"),
+    ("tcp://0.0.0.0:80?deny=10.0.0.0/8", "unknown option 'deny' after '?'"),
+    ("tcp://0.0.0.0:80?", "unknown option '' after '?'"),
+    ("fd://3?ALLOW=10.0.0.0/8", "unknown option 'ALLOW' after '?'"),
+])
+def test_allow_list_errors_name_the_spec_and_the_bad_network(text: str, problem: str) -> None:
+    with pytest.raises(BindSpecError) as caught:
+        parse_bind(text)
+    assert problem in str(caught.value)
+    assert repr(text) in str(caught.value)
+    assert caught.value.exit_code == 2
+
+
+def test_check_config_refuses_a_unix_allow_list_with_exit_2() -> None:
+    result = subprocess.run([sys.executable, "-m", "prefork", "check-config", "--bind", "unix:/tmp/x.sock?allow=::1"],
+                            cwd=REPO, capture_output=True, text=True, timeout=CHILD_DEADLINE)
+    assert result.returncode == 2
+    assert "allow= does not apply to Unix sockets" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_listener_name_is_its_bound_address_without_the_allow_list(opened: list[Listener]) -> None:
+    listener = bound(opened, "tcp://127.0.0.1:0?allow=10.0.0.0/8")
+    assert listener.name == f"tcp://127.0.0.1:{address_of(listener)[1]}"
+    assert [str(n) for n in listener.spec.allow] == ["10.0.0.0/8"]
+
+
+def test_an_upgrade_may_change_the_allow_list_of_an_inherited_socket(opened: list[Listener]) -> None:
+    old = bound(opened, "tcp://127.0.0.1:0?allow=10.0.0.0/8")
+    entries = inherit_env([old])["PREFORK_FDS"].split(";")
+    assert entries == [f"{old.fileno()}:tcp://127.0.0.1:0", f"{old.fileno()}:{old.name}"]  # no allow= in them
+    dup = os.dup(old.fileno())  # as the re-executed master would find the original
+    inherited = inherited_listeners({"PREFORK_FDS": ";".join(f"{dup}:{e.partition(':')[2]}" for e in entries)})
+    new = bind_all(["tcp://127.0.0.1:0?allow=192.0.2.0/24"], inherited=inherited, environ={})
+    opened.extend(new)
+    assert new[0].fileno() == dup and new[0].name == old.name
+    assert [str(n) for n in new[0].spec.allow] == ["192.0.2.0/24"]
+
+
+def test_an_allow_list_on_an_adopted_unix_socket_is_refused(opened: list[Listener]) -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    fd = theirs.detach()  # handed to bind(), which owns (and on failure closes) it
+    with ours:
+        with pytest.raises(ListenerError, match=f"allow= needs a TCP or UDP socket, and file descriptor {fd} "):
+            bind(parse_bind(f"fd://{fd}?allow=127.0.0.0/8"), environ={})
+    with contextlib.suppress(OSError):
+        os.close(fd)
