@@ -22,7 +22,7 @@ from typing import Any
 
 from prefork.scoreboard import SlotWriter
 
-__all__ = ["instrument", "client_text"]
+__all__ = ["instrument", "client_text", "stricter_timeout"]
 
 # struct tcp_info (linux/tcp.h): offsets of the u64 counters read here. bytes_sent and
 # bytes_retrans exist since Linux 4.19; notsent_bytes (u32) since 4.6.
@@ -50,6 +50,18 @@ def client_text(address: Any) -> str:
         host, port = address[0], address[1]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return str(address or "unix")
+
+
+def stricter_timeout(connection: socket.socket, own: float | None) -> float | None:
+    """*own* (a handler's own limit), or the connection's timeout if that is shorter.
+
+    The ``read_timeout`` setting is set on a connection before its handler runs; a handler
+    that sets a timeout of its own (the bundled services do) keeps the stricter of the two.
+    """
+    given = connection.gettimeout()
+    if not given:
+        return own
+    return given if own is None else min(given, own)
 
 
 def _report_to_scoreboard(server: Any, slot: SlotWriter, listener: bytes, index: int,

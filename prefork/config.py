@@ -22,6 +22,7 @@ import dataclasses
 import difflib
 import functools
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, NoReturn, Sequence
@@ -68,6 +69,8 @@ __all__ = [
     "ENV_PREFIX",
     "RESERVED_ENV",
     "FALLBACK_BIND",
+    "MAX_WORKERS",
+    "MAX_SECONDS",
     "TABLE_START",
     "TABLE_END",
 ]
@@ -84,6 +87,16 @@ FALLBACK_BIND = "tcp://127.0.0.1:8000"
 # Markers around the generated settings table in README.md.
 TABLE_START = "<!-- settings-table:start -->"
 TABLE_END = "<!-- settings-table:end -->"
+# argparse's refusal of a value given to a switch (--preload=yes); the value is a repr.
+_SWITCH_VALUE = re.compile(r"argument (--[\w-]+)/(--no-[\w-]+): ignored explicit argument (.*)", re.DOTALL)
+# The most workers a setting may ask for: the scoreboard has this many slots
+# (prefork.arbiter.SCOREBOARD_CAPACITY; `prefork scale` has the same bound). More would be
+# forked up to the capacity and the master would wait for the rest, never ready.
+MAX_WORKERS = 1024
+# The longest duration a seconds setting may have: Python turns timeouts into 64-bit
+# nanoseconds (at most about 9.2e9 s) and a socket timeout above that fails on every
+# connection. 1e9 s (31 years) means "never" for every purpose.
+MAX_SECONDS = 1e9
 
 
 
@@ -113,7 +126,9 @@ class Settings:
 
     # -- listeners
     bind: list[str] = _setting(list, "listeners: tcp://HOST:PORT, udp://HOST:PORT, unix:PATH, "
-                               "unix-dgram:PATH, fd://N, systemd[:NAME]; repeat the flag for several",
+                               "unix-dgram:PATH, fd://N, systemd[:NAME]; all but the unix ones may end "
+                               "in ?allow=NETWORK[,NETWORK...] (only those clients are served); "
+                               "repeat the flag for several",
                                _bind_list, factory=True, section="listeners", short="-b",
                                default_text=f"the service's DEFAULT_BIND, else {FALLBACK_BIND}",
                                deploy=[FALLBACK_BIND])
@@ -129,26 +144,27 @@ class Settings:
     unix_group: str | int | None = _setting(None, "group of Unix socket files", _name_or_id,
                                             section="listeners", sample="www-data")
     # -- workers
-    workers: int = _setting(_cpu_count, "number of worker processes", _integer(0), factory=True,
-                            short="-w", default_text="the number of usable CPUs")
+    workers: int = _setting(_cpu_count, "number of worker processes", _integer(0, MAX_WORKERS),
+                            factory=True, short="-w", default_text="the number of usable CPUs")
     mode: str = _setting("sync", "what runs inside each worker: sync (one request at a time), "
                          "thread (a thread per request, at most `threads`), fork (a process per request)",
                          _one_of("sync", "thread", "fork"), kind=WORD)
     threads: int = _setting(16, "most concurrent request threads per worker in thread mode", _integer(1))
     wsgi: bool = _setting(False, "APP is a WSGI callable (module:callable), served by the bundled "
                           "workers.wsgi", _boolean)
-    max_workers: int = _setting(0, "adaptive pool: upper bound; 0 keeps the pool at `workers`", _integer(0))
-    min_workers: int = _setting(1, "adaptive pool: lower bound", _integer(1))
+    max_workers: int = _setting(0, "adaptive pool: upper bound; 0 keeps the pool at `workers`",
+                                _integer(0, MAX_WORKERS))
+    min_workers: int = _setting(1, "adaptive pool: lower bound", _integer(1, MAX_WORKERS))
     min_spare: int = _setting(1, "adaptive pool: start workers while fewer than this are idle", _integer(0))
     max_spare: int = _setting(4, "adaptive pool: stop workers while more than this are idle", _integer(1))
     read_timeout: float = _setting(0.0, "seconds a connection may stay silent before the worker drops "
-                                   "it; 0 means never", _at_least(0))
+                                   "it; 0 means never", _at_least(0, MAX_SECONDS))
     # -- supervision
     timeout: float = _setting(30.0, "seconds a worker may spend on one request before it is killed "
-                              "(its traceback logged first); 0 disables", _at_least(0), short="-t",
-                              section="supervision")
+                              "(its traceback logged first); 0 disables", _at_least(0, MAX_SECONDS),
+                              short="-t", section="supervision")
     graceful_timeout: float = _setting(30.0, "seconds a stopping worker gets to finish before SIGKILL",
-                                       _at_least(0), section="supervision")
+                                       _at_least(0, MAX_SECONDS), section="supervision")
     max_requests: int = _setting(0, "recycle a worker after this many requests; 0 disables", _integer(0),
                                  section="supervision")
     max_requests_jitter: int = _setting(0, "add up to this many requests at random to max_requests, "
@@ -157,7 +173,7 @@ class Settings:
     max_worker_memory: int = _setting(0, "recycle a worker whose RSS exceeds this size; 0 disables",
                                       _integer(0), kind=SIZE, section="supervision")
     max_worker_lifetime: float = _setting(0.0, "recycle a worker after this many seconds; 0 disables",
-                                          _at_least(0), section="supervision")
+                                          _at_least(0, MAX_SECONDS), section="supervision")
     preload: bool = _setting(False, "import the app in the master and gc.freeze() before forking "
                              "(then a reload does not load new code)", _boolean, section="supervision")
     # -- process
@@ -266,8 +282,9 @@ class Option:
             return self.validate(self.name, value)
         except _NotAllowed as exc:
             raise self._refused(raw, exc.expected, where) from exc  # the value as the user wrote it
-        except ConfigError as exc:
-            raise type(exc)(f"{exc} ({where})") from exc
+        except ConfigError as exc:  # a bind spec's own error: say which setting holds it
+            named = str(exc) if str(exc).startswith("setting ") else f"setting {self.name!r}: {exc}"
+            raise type(exc)(f"{named} ({where})") from exc
 
     def _refused(self, raw: Any, expected: str, where: str) -> ConfigError:
         return ConfigError(f"setting {self.name!r}: {raw!r} is not allowed; expected {expected} ({where})")
@@ -322,7 +339,18 @@ class _ErrorRaisingParser(argparse.ArgumentParser):
     """An ArgumentParser whose usage errors are ConfigErrors (exit code 2), not sys.exit()."""
 
     def error(self, message: str) -> NoReturn:
-        raise ConfigError(f"{message} (see {self.prog} --help)")
+        raise ConfigError(f"{_switch_value_error(message) or message} (see {self.prog} --help)")
+
+
+def _switch_value_error(message: str) -> str | None:
+    """argparse's "argument --x/--no-x: ignored explicit argument 'v'" said in settings' terms."""
+    match = _SWITCH_VALUE.fullmatch(message)
+    if match is None:
+        return None
+    on, off, value = match.groups()
+    name = on[2:].replace("-", "_")
+    return (f"setting {name!r} is a switch and takes no value (given {value}): write {on} for true "
+            f"or {off} for false")
 
 
 def argument_parser(prog: str = "prefork", parents: Sequence[argparse.ArgumentParser] = (),
@@ -377,7 +405,7 @@ def _from_argv(argv: Sequence[str]) -> tuple[dict[str, tuple[Any, str]], str | N
     namespace, extras = argument_parser().parse_known_args(list(argv))
     if extras:
         raise unknown_option(extras)
-    given = vars(namespace)
+    given = {name: _dashes(raw) for name, raw in vars(namespace).items()}
     config_file = given.pop("config", None)
     layer = {}
     for name, raw in given.items():
@@ -385,6 +413,16 @@ def _from_argv(argv: Sequence[str]) -> tuple[dict[str, tuple[Any, str]], str | N
         where = f"command line {option.flag}"
         layer[name] = (option.accept(raw, _cli_parser(option), where), "command line")
     return layer, config_file
+
+
+def _dashes(raw: Any) -> Any:
+    """argparse hands ``--flag=--`` over as [] (it drops a "--" it takes for the end of the
+    options): the value given was the text "--"."""
+    if raw == []:
+        return "--"
+    if isinstance(raw, list):  # a repeated flag (bind): one value per occurrence
+        return ["--" if item == [] else item for item in raw]
+    return raw
 
 
 def _cli_parser(option: Option) -> Callable[[Any], Any]:

@@ -1,7 +1,9 @@
 """Load application objects named by 'module:attribute' strings. Runs in: both.
 
 Used for the app (a handler class, a server class, a WSGI callable or a bundled service module)
-and for hooks. Every failure is an AppLoadError that names the string, the module and the cause.
+and for hooks. Every failure is an AppLoadError that names the string, the module and the cause
+in one line: the exception and where in the app's code it was raised (the file and line), not a
+traceback through importlib.
 """
 
 from __future__ import annotations
@@ -31,14 +33,22 @@ def load_object(target: str) -> Any:
     except ImportError as exc:
         if getattr(exc, "name", None) == module_name:
             raise AppLoadError(f"cannot load {target!r}: no module named {module_name!r}") from exc
-        raise AppLoadError(f"cannot load {target!r}: importing {module_name!r} failed:\n"
-                           f"{traceback.format_exc()}") from exc
+        raise AppLoadError(f"cannot load {target!r}: importing {module_name!r} failed: {_cause(exc)}") from exc
     except Exception as exc:
-        raise AppLoadError(f"cannot load {target!r}: importing {module_name!r} raised:\n"
-                           f"{traceback.format_exc()}") from exc
+        raise AppLoadError(f"cannot load {target!r}: importing {module_name!r} raised {_cause(exc)}") from exc
     for part in filter(None, attr.split(".")):
         try:
             obj = getattr(obj, part)
         except AttributeError:
             raise AppLoadError(f"cannot load {target!r}: module {module_name!r} has no attribute {attr!r}") from None
     return obj
+
+
+def _cause(exc: BaseException) -> str:
+    """'Type: message (at FILE:LINE)' on one line: where the app's code failed."""
+    if isinstance(exc, SyntaxError):  # where the code failed to compile, not where it was imported
+        return f"{type(exc).__name__}: {exc.msg} (at {exc.filename}:{exc.lineno})"
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    frames = [frame for frame in traceback.extract_tb(exc.__traceback__)
+              if not frame.filename.startswith("<frozen ") and frame.filename != __file__]
+    return f"{text} (at {frames[-1].filename}:{frames[-1].lineno})" if frames else text

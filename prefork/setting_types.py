@@ -7,13 +7,14 @@ particular setting, except that messages name the one being checked.
 from __future__ import annotations
 
 import dataclasses
+import fractions
 import json
 import math
 import os
 import re
 from typing import Any, Callable
 
-from prefork.bindspec import parse_bind
+from prefork.bindspec import parse_bind, split_bind_list
 from prefork.errors import ConfigError
 
 _Validator = Callable[[str, Any], Any]
@@ -34,18 +35,22 @@ def _not_allowed(name: str, value: Any, expected: str) -> ConfigError:
     return _NotAllowed(name, value, expected)
 
 
-def _at_least(minimum: float) -> _Validator:
+def _at_least(minimum: float, maximum: float | None = None) -> _Validator:
     def check(name: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= minimum:
             raise _not_allowed(name, value, f"a number >= {minimum}")
+        if maximum is not None and not value <= maximum:
+            raise _not_allowed(name, value, f"a number from {minimum} to {maximum:g}")
         return value
     return check
 
 
-def _integer(minimum: int) -> _Validator:
+def _integer(minimum: int, maximum: int | None = None) -> _Validator:
     def check(name: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise _not_allowed(name, value, f"an integer >= {minimum}")
+        if maximum is not None and value > maximum:
+            raise _not_allowed(name, value, f"an integer from {minimum} to {maximum}")
         return value
     return check
 
@@ -176,7 +181,9 @@ def _int_from_toml(value: Any) -> int:
 
 def _float_from_text(text: str) -> float:
     _expect(_FLOAT_TEXT.fullmatch(text.strip()) is not None)
-    return float(text)
+    value = float(text)
+    _expect(math.isfinite(value))  # "1e999" is inf, which TOML's form refuses too
+    return value
 
 
 def _float_from_toml(value: Any) -> float:
@@ -213,7 +220,9 @@ def _lower_toml(value: Any) -> str:
 
 
 def _list_from_text(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
+    # The one list setting is bind: split_bind_list is a split on commas that keeps the networks
+    # of a spec's ?allow=NETWORK,NETWORK together.
+    return split_bind_list(text)
 
 
 def _list_from_toml(value: Any) -> list[str]:
@@ -251,7 +260,8 @@ def _size_from_text(text: str) -> int:
     match = _SIZE_TEXT.fullmatch(text.strip())
     _expect(match is not None and match.group(2).lower() in _SIZE_UNITS)
     number, unit = match.groups()  # type: ignore[union-attr]
-    return int(float(number) * _SIZE_UNITS[unit.lower()])
+    # Exact (a float would overflow on long numbers and round 20-digit ones), rounded down.
+    return int(fractions.Fraction(number) * _SIZE_UNITS[unit.lower()])
 
 
 def _size_from_toml(value: Any) -> int:
@@ -259,7 +269,8 @@ def _size_from_toml(value: Any) -> int:
 
 
 def _toml_string(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+    # A JSON string is a TOML basic string, except that TOML also wants DEL escaped.
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def _toml_plain(value: Any) -> str:

@@ -16,9 +16,10 @@ What it does:
   its newline arrives, until the client closes; a last line without a newline is sent back too.
   A line longer than ``MAX_LINE`` (64 KiB) is sent back in ``MAX_LINE`` pieces as they arrive,
   so the reply is still byte for byte what was sent while a worker never holds more than one
-  piece in memory. A connection idle for ``IDLE_TIMEOUT`` seconds is closed, so a forgotten
-  client cannot hold a synchronous worker for ever. (The master's ``timeout`` setting counts a
-  whole connection as one request: leave it unset, or above the longest session you expect.)
+  piece in memory. A connection idle for ``IDLE_TIMEOUT`` seconds (or the ``read_timeout``
+  setting, if shorter) is closed, so a forgotten client cannot hold a synchronous worker for
+  ever. (The master's ``timeout`` setting counts a whole connection as one request: leave it
+  unset, or above the longest session you expect.)
 - Datagram listeners (``udp://``, ``unix-dgram:``): ``DatagramHandler`` sends each datagram back
   unchanged, to the address it came from. An empty datagram gets an empty datagram back (a
   cheap liveness probe). A Unix datagram from an unbound socket has no return address and
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import logging
 
+from prefork.accounting import stricter_timeout
 from prefork.handlers import DatagramRequestHandler, StreamRequestHandler
 from prefork.servers import UDPServer
 
@@ -52,7 +54,11 @@ log = logging.getLogger("prefork.workers.echo")
 class StreamHandler(StreamRequestHandler):
     """Echoes each line (or MAX_LINE piece of a longer one) until the client closes."""
 
-    timeout = IDLE_TIMEOUT
+    timeout: float | None = IDLE_TIMEOUT
+
+    def setup(self) -> None:
+        self.timeout = stricter_timeout(self.request, self.timeout)
+        super().setup()
 
     def handle(self) -> None:
         try:

@@ -25,8 +25,14 @@ What it serves:
   cannot leave ``root``.
 - HTTP/1.1 with keep-alive: every response carries its length, so a client can send several
   requests on one connection. A connection idle for ``KEEPALIVE_TIMEOUT`` seconds (also the
-  limit for reading one request head) is closed, so idle or slow clients cannot hold a
-  synchronous worker; use ``--mode thread`` to serve many keep-alive clients per worker.
+  limit for reading one request head; the ``read_timeout`` setting, if shorter) is closed, so
+  idle or slow clients cannot hold a synchronous worker; use ``--mode thread`` to serve many
+  keep-alive clients per worker.
+- A response after which the server closes the connection (the client sent ``Connection:
+  close``, an HTTP/1.0 request without keep-alive, any error) says ``Connection: close``, so
+  clients such as wrk do not count the close as a failure; a kept-alive HTTP/1.0 connection
+  is answered with ``Connection: keep-alive``. A request line that is not HTTP/1.x (binary
+  garbage, a bad version) gets a 400 with a status line, not http.server's bare HTTP/0.9 body.
 
 Logs go through ``logging``, never straight to stderr: one line per HTTP request on
 ``prefork.access.http`` at DEBUG (client, request line, status, size; prefork's own access_log
@@ -43,12 +49,14 @@ import logging
 import os
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler
 from typing import Any
 from urllib.parse import urlsplit
 
+from prefork.accounting import stricter_timeout
 from prefork.errors import AppLoadError
 from prefork.servers import TCPServer
 
@@ -61,6 +69,14 @@ DEFAULT_BIND = ["tcp://127.0.0.1:8000"]
 # A synchronous worker is held for that long by an idle client: short enough to free it soon,
 # long enough for a browser's next request (nginx waits 75 s, gunicorn 2 s).
 KEEPALIVE_TIMEOUT = 5.0
+
+# After an error response the client may still be sending the rest of its request (a 431 is sent
+# after 64 KiB of a 100 KB header): closing the socket with unread input resets the connection,
+# and the reset can destroy the response before the client reads it. So the server half-closes
+# and reads and discards what still comes, for at most this long and this much, before closing
+# (nginx's lingering_close). A client that reads the response closes at once.
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 1024 * 1024
 
 HEALTH_PATH = "/health"
 HEALTH_BODY = b"ok"
@@ -105,6 +121,23 @@ class HTTPServer(TCPServer):
         log.exception("error while serving %s", client_address)
 
 
+def _drain_and_half_close(connection: socket.socket) -> None:
+    """Send FIN after the response, then discard the client's input until it closes (or for
+    LINGER_SECONDS, or LINGER_BYTES), so that closing does not reset the connection."""
+    deadline = time.monotonic() + LINGER_SECONDS
+    discarded = 0
+    try:
+        connection.shutdown(socket.SHUT_WR)
+        while discarded < LINGER_BYTES and (left := deadline - time.monotonic()) > 0:
+            connection.settimeout(left)
+            chunk = connection.recv(65536)
+            if not chunk:
+                return
+            discarded += len(chunk)
+    except OSError:
+        pass  # reset, timed out or gone: closing is all that is left to do
+
+
 def _name_and_port(address: Any) -> tuple[str, int]:
     """(fully qualified name, port) of a bound address, as http.server computes them.
 
@@ -120,15 +153,57 @@ class HTTPHandlerBase(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     timeout = KEEPALIVE_TIMEOUT
+    # Whether the response being written has a Connection header yet, and is a final one
+    # (not "100 Continue"); set by send_response_only().
+    _connection_said = False
+    _final_response = False
+    # Set by send_error(): drain the client's input before closing (LINGER_SECONDS).
+    _linger = False
 
     def setup(self) -> None:
         if not isinstance(self.client_address, tuple):
             self.client_address = ("", 0)  # a Unix stream peer has no address
-        super().setup()
+        limit = stricter_timeout(self.request, self.timeout)
+        super().setup()  # sets the connection's timeout to self.timeout
+        self.connection.settimeout(limit)
         if self.connection.family in _TCP_FAMILIES:
             # Headers and body are separate writes: without TCP_NODELAY, Nagle's algorithm and
             # the client's delayed ACK can hold the body back ~40 ms on a kept-alive connection.
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        if self.request_version == "HTTP/0.9":
+            # http.server answers a request line it could not parse as HTTP/1.x (garbage, a bad
+            # version) the HTTP/0.9 way: a bare body, no status line, which no client of today
+            # can read. Answer it as HTTP/1.0: a status, the headers and Connection: close.
+            self.request_version = "HTTP/1.0"
+        self._linger = True
+        super().send_error(code, message, explain)
+
+    def finish(self) -> None:
+        super().finish()  # flushes the response
+        if self._linger:
+            _drain_and_half_close(self.connection)
+
+    def send_response_only(self, code: int, message: str | None = None) -> None:
+        super().send_response_only(code, message)
+        self._connection_said = False
+        self._final_response = int(code) >= HTTPStatus.OK
+
+    def send_header(self, keyword: str, value: str) -> None:
+        if keyword.lower() == "connection":
+            self._connection_said = True
+        super().send_header(keyword, value)
+
+    def end_headers(self) -> None:
+        """Say what becomes of the connection where the client cannot assume it: a close, or
+        keep-alive to an HTTP/1.0 client."""
+        if self._final_response and not self._connection_said:
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            elif self.request_version == "HTTP/1.0":
+                self.send_header("Connection", "keep-alive")
+        super().end_headers()
 
     def peer(self) -> str:
         return str(self.client_address[0]) or "unix"
