@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 
 from prefork import notify, pool as policy
 from prefork.errors import EXIT_APP_LOAD, EXIT_FAILURE, EXIT_OK, ConfigError, ListenerError, PidfileError, PreforkError
+from prefork.handover import UPGRADE_PARENT_ENV, upgrade_parent  # the variable: set by USR2, names the old master
 from prefork.listeners import inherit_env
 from prefork.pidfile import Pidfile
 from prefork.procstats import rss
@@ -37,8 +38,6 @@ __all__ = ["Arbiter", "Hooks", "UPGRADE_PARENT_ENV"]
 
 log = logging.getLogger("prefork.master")
 
-# Set in the environment of a master started by USR2, naming the master it replaces.
-UPGRADE_PARENT_ENV = "PREFORK_UPGRADE_PARENT"
 # Slots in the scoreboard: the most workers one master can run at once (surge included).
 SCOREBOARD_CAPACITY = 1024
 # How often worker memory is read for max_worker_memory (a /proc read per worker).
@@ -82,7 +81,8 @@ class Arbiter:
         self.metrics_pid = 0
         self.reloads_refused = 0
         self._metrics_due = 0.0  # when to restart a metrics process that died
-        self.upgrade_parent = int(os.environ.pop(UPGRADE_PARENT_ENV, "0") or 0)
+        self.upgrade_parent = upgrade_parent(os.environ)  # ConfigError for a value that is no pid
+        os.environ.pop(UPGRADE_PARENT_ENV, None)
         self._exit: policy.Halt | None = None
         self._boot_errors: tuple[int, ...] = ()  # pipe on which workers report why they cannot boot
         self._next_memory_check = 0.0
@@ -188,9 +188,11 @@ class Arbiter:
             return  # a child of a hook, not a worker
         self._log_exit(worker, code)
         assert self.scoreboard is not None
+        view = self.scoreboard.read(worker.slot)  # read before release: what it served
+        served = view.requests if view.pid == pid else 0
         self.scoreboard.release(worker.slot)
         self._call_hook("worker_exit", self, worker)
-        self._execute(self.pool.exited(pid, code, time.monotonic()))
+        self._execute(self.pool.exited(pid, code, time.monotonic(), served))
 
     def _log_exit(self, worker: policy.WorkerRecord, code: int) -> None:
         how = f"killed by SIG{signal_name(-code)}" if code < 0 else f"exit status {code}"
@@ -294,7 +296,8 @@ class Arbiter:
             notify.mainpid(self.upgrade_child)
         else:
             notify.stopping()
-        self._execute(self.pool.stop(time.monotonic(), fast=False, reason="SIGTERM: graceful stop"))
+        self._execute(self.pool.stop(time.monotonic(), fast=False, reason="SIGTERM: graceful stop",
+                                     handover=self.handed_over))
         self._close_listeners()
 
     def handle_int(self) -> None:

@@ -10,7 +10,9 @@ Rules:
    reload, or recycled) is stopped only once its successor reports that it accepts, and only
    one replacement is in flight at a time.
 3. A worker that cannot boot the app stops the service (exit code 3); workers that die young
-   are restarted with exponential back-off, never in a tight fork loop.
+   without having served a request are restarted with exponential back-off, never in a tight
+   fork loop. A worker that served is proof the app runs: its death (a poison request, the OOM
+   killer, an operator's kill) is replaced at once, so such deaths cannot empty the pool.
 4. Idle workers are never killed for the request timeout; busy ones are first sent SIGABRT
    (their tracebacks are dumped), then SIGKILL after a short grace.
 """
@@ -172,14 +174,15 @@ class Pool:
         self.workers.pop(worker.slot, None)
         self._died_young(now)
 
-    def exited(self, pid: int, exit_code: int, now: float) -> list[Action]:
+    def exited(self, pid: int, exit_code: int, now: float, served: int = 0) -> list[Action]:
+        """The worker *pid* exited with *exit_code* after serving *served* requests."""
         worker = self.by_pid(pid)
         if worker is None:
             return []
         del self.workers[worker.slot]
         if exit_code == WORKER_BOOT_FAILED and not self.stopping:
             return self._boot_failed(worker, now)
-        self._count_exit(worker, exit_code, now)
+        self._count_exit(worker, exit_code, now, served)
         return self._after_change(now)
 
     def _boot_failed(self, worker: WorkerRecord, now: float) -> list[Action]:
@@ -211,8 +214,13 @@ class Pool:
 
     # -- operator requests -----------------------------------------------------------------------
 
-    def stop(self, now: float, fast: bool = False, exit_code: int = EXIT_OK, reason: str = "") -> list[Action]:
-        """TERM (graceful) or INT/QUIT (fast): stop every worker, then Halt."""
+    def stop(self, now: float, fast: bool = False, exit_code: int = EXIT_OK, reason: str = "",
+             handover: bool = False) -> list[Action]:
+        """TERM (graceful) or INT/QUIT (fast): stop every worker, then Halt.
+
+        *handover*: a new master serves the same listeners (USR2), so the workers retire
+        without draining them; a shared listener under steady load is never empty.
+        """
         if self.stopping == "fast" or (self.stopping and not fast):
             return self._after_change(now)
         self.stopping, self.stop_started = ("fast" if fast else "graceful"), now
@@ -222,7 +230,8 @@ class Pool:
             if fast:
                 actions.append(Kill(worker, signal.SIGQUIT, self.exit_reason))
             elif not worker.stopping:
-                actions.append(self._stop(worker, now, STOP_SHUTDOWN, self.exit_reason))
+                mode = STOP_RETIRE if handover else STOP_SHUTDOWN
+                actions.append(self._stop(worker, now, mode, self.exit_reason))
         return actions + self._after_change(now)
 
     def reload(self, now: float, config: PoolConfig | None = None) -> list[Action]:
@@ -404,12 +413,12 @@ class Pool:
         self.workers[slot] = worker
         return worker
 
-    def _count_exit(self, worker: WorkerRecord, exit_code: int, now: float) -> None:
+    def _count_exit(self, worker: WorkerRecord, exit_code: int, now: float, served: int) -> None:
         if worker.stopping or self.stopping:
             self._young_deaths = 0 if worker.ready else self._young_deaths
             return
         self.restarts["crash" if exit_code else "exit"] += 1
-        if now - worker.spawned_at < YOUNG_AGE:
+        if now - worker.spawned_at < YOUNG_AGE and not served:
             self._died_young(now)
         else:
             self._young_deaths = 0

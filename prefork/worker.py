@@ -9,7 +9,8 @@ Rules:
    Exit status: 0 after a requested stop, WORKER_BOOT_FAILED when the app cannot be loaded,
    1 after an unexpected error (logged with its traceback).
 3. One loop serves every listener of the service: it waits on all of them and on the signal
-   pipe, and after each turn reports to the scoreboard with plain memory writes.
+   pipe, and after each turn reports to the scoreboard with plain memory writes. A listener
+   with an allow-list refuses other clients in ``verify_request`` (prefork.allowlist).
 4. On SIGTERM the worker finishes what it is serving; when the whole service stops it also
    serves the connections already queued on its listeners before it closes them, so none
    is reset. SIGQUIT and SIGINT stop it at once.
@@ -23,12 +24,15 @@ import faulthandler
 import logging
 import os
 import signal
+import socket
+import struct
 import sys
 import time
 import traceback
 from typing import Any, Callable, NoReturn, Sequence
 
 from prefork.accounting import instrument
+from prefork.allowlist import guard
 from prefork.errors import AppLoadError
 from prefork.log import error_stream
 from prefork.pool import WORKER_BOOT_FAILED
@@ -42,6 +46,13 @@ log = logging.getLogger("prefork.worker")
 
 # The worker's loop wakes at least this often to report liveness and check on its master.
 TICK = 1.0
+# A stopping worker takes at most this many requests from a listener whose queue length it
+# cannot read (UDP, Unix sockets): about a full backlog (somaxconn's default is 4096).
+DRAIN_LIMIT = 4096
+# struct tcp_info (linux/tcp.h): eight u8 fields, then u32 rto, ato, snd_mss, rcv_mss and
+# unacked, which on a listening socket is the length of its accept queue (sacked: the backlog).
+_TCPI_UNACKED = 24
+_TCP_INFO_LISTEN_BYTES = 32
 _PR_SET_PDEATHSIG = 1
 # Writes to a pipe up to this size are atomic (POSIX guarantees at least 512; Linux gives 4096).
 _PIPE_BUF = getattr(__import__("select"), "PIPE_BUF", 512)
@@ -153,6 +164,7 @@ class _Loop:
         self.stopping = False
         self.by_fd: dict[int, BaseServer] = {}
         for index, (server, listener) in enumerate(zip(servers, listeners)):
+            guard(server, listener.spec.allow, listener.name)  # first: the access log sees its refusals
             instrument(server, self.slot, listener.name, index, spec.access_log, spec.read_timeout)
             self.by_fd[server.fileno()] = server  # type: ignore[attr-defined]
 
@@ -173,12 +185,13 @@ class _Loop:
         by_fd, servers, slot = self.by_fd, self.servers, self.slot
         master_pid = self.spec.master_pid
         access = self.spec.access_log
+        interrupted = self.signals.has_pending  # a signal ends a batch of queued requests
         while not self.stopping:
             ready = poller.wait(TICK)
             for fd in ready:
                 server = by_fd.get(fd)
                 if server is not None:
-                    server._handle_request_noblock()
+                    server._serve_ready(interrupted)
                 else:
                     self._handle_signals()
             for server in servers:
@@ -206,17 +219,27 @@ class _Loop:
     def _drain(self, poller: _Poller) -> None:
         """Serve what is already queued before leaving.
 
-        When the whole service stops, every queued connection is served (until
-        graceful_timeout). When only this worker retires, one pass serves the connections whose
+        When the whole service stops, the connections queued when the stop began are served
+        (until graceful_timeout); later arrivals are not waited for. When only this worker retires, one pass serves the connections whose
         wake-up this worker received, so another worker is not left sleeping on them.
         """
         deadline = time.monotonic() + self.spec.graceful_timeout
-        whole_service = self.slot.stop_mode == STOP_SHUTDOWN
+        if self.slot.stop_mode != STOP_SHUTDOWN:
+            for fd in poller.wait(0):
+                if fd in self.by_fd:
+                    self.by_fd[fd]._handle_request_noblock()
+            return
+        # Only what is queued now: under steady load a listener is never empty, and serving
+        # new arrivals would hold the stop open until graceful_timeout and its SIGKILL.
+        budget = {server: queued_requests(server.socket) for server in self.servers}  # type: ignore[attr-defined]
         while time.monotonic() < deadline:
-            ready = [self.by_fd[fd] for fd in poller.wait(0) if fd in self.by_fd]
-            for server in ready:
-                server._handle_request_noblock()
-            if not ready or not whole_service:
+            served = False
+            for fd in poller.wait(0):
+                server = self.by_fd.get(fd)
+                if server is not None and budget[server] > 0 and server._handle_request_noblock():
+                    budget[server] -= 1
+                    served = True
+            if not served:
                 return
 
     def _close(self) -> None:
@@ -225,3 +248,19 @@ class _Loop:
                 server.server_close()
             except Exception:
                 log.exception("worker %d: error while closing %r", os.getpid(), server)
+
+
+def queued_requests(sock: socket.socket) -> int:
+    """How many connections wait in *sock*'s accept queue now; DRAIN_LIMIT where unknown.
+
+    Linux reports a TCP listener's queue length as tcpi_unacked of TCP_INFO. Other listeners
+    (UDP, Unix sockets) cannot say, so at most DRAIN_LIMIT requests are taken from them.
+    """
+    if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
+        try:
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LISTEN_BYTES)
+        except (OSError, AttributeError):
+            return DRAIN_LIMIT
+        if len(info) == _TCP_INFO_LISTEN_BYTES:
+            return int(struct.unpack_from("=I", info, _TCPI_UNACKED)[0])
+    return DRAIN_LIMIT
