@@ -722,8 +722,9 @@ def chart(passes: dict[str, list[Result]], path: Path) -> None:
             ax.set_xlabel(label)
             if line == 0:
                 ax.set_title(group)
-    axes[0][0].legend(fontsize=8)
-    figure.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9)  # clear of the bars
+    figure.tight_layout(rect=(0, 0.04, 1, 1))
     figure.savefig(path, dpi=90)
     plt.close(figure)
 

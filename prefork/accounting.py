@@ -4,7 +4,8 @@ Everything here wraps a server's own hooks on the instance, so the app's server 
 written and the hooks keep their order:
 
 - ``process_request`` is framed by the scoreboard (busy/idle, client, listener, counts) and gives
-  stream connections the ``read_timeout`` before the handler reads;
+  stream connections the ``read_timeout`` before the handler reads; ``handle_error`` then logs a
+  connection dropped for it in one line, without a traceback;
 - with an access log, ``finish_request`` is timed and logged (in the thread or child that serves
   the request), and ``verify_request`` logs refusals.
 
@@ -14,15 +15,19 @@ log), datagrams from the packet and the replies sent; Unix streams are not count
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import struct
+import sys
 import time
 from typing import Any
 
 from prefork.scoreboard import SlotWriter
 
 __all__ = ["instrument", "client_text", "stricter_timeout"]
+
+log = logging.getLogger("prefork.worker")
 
 # struct tcp_info (linux/tcp.h): offsets of the u64 counters read here. bytes_sent and
 # bytes_retrans exist since Linux 4.19; notsent_bytes (u32) since 4.6.
@@ -40,6 +45,8 @@ def instrument(server: Any, slot: SlotWriter, listener: str, index: int, access:
                read_timeout: float = 0.0) -> None:
     """Wrap *server*'s hooks for the scoreboard and, if given, the access log."""
     _report_to_scoreboard(server, slot, listener.encode(), index, read_timeout)
+    if read_timeout:
+        _quiet_read_timeouts(server, read_timeout)
     if access is not None:
         _log_requests(server, access, listener)
 
@@ -78,6 +85,25 @@ def _report_to_scoreboard(server: Any, slot: SlotWriter, listener: bytes, index:
             slot.end(index)
 
     server.process_request = process_request_reported
+
+
+def _quiet_read_timeouts(server: Any, read_timeout: float) -> None:
+    """A connection dropped for ``read_timeout`` is routine: one log line, not a traceback.
+
+    Only the timeout prefork set: a handler that set its own (a different value) and hit it
+    goes to the server's handle_error as before.
+    """
+    handle_error = server.handle_error
+
+    def handle_error_quiet(request: Any, client_address: Any) -> None:
+        if (isinstance(sys.exc_info()[1], TimeoutError) and isinstance(request, socket.socket)
+                and request.gettimeout() == read_timeout):
+            log.info("%s: silent for %gs (read_timeout): connection closed",
+                     client_text(client_address), read_timeout)
+            return
+        handle_error(request, client_address)
+
+    server.handle_error = handle_error_quiet
 
 
 def _log_requests(server: Any, access: Any, listener: str) -> None:

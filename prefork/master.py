@@ -253,7 +253,10 @@ def _hooks(settings: Settings) -> Hooks:
     resolved = {}
     for name in _HOOKS:
         value = getattr(settings, name)
-        resolved[name] = load_object(value) if isinstance(value, str) else value
+        try:
+            resolved[name] = load_object(value) if isinstance(value, str) else value
+        except AppLoadError as exc:
+            raise AppLoadError(f"setting {name!r}: {exc}") from exc
     return Hooks(**resolved)
 
 

@@ -250,10 +250,14 @@ class Scoreboard:
 class SlotWriter:
     """The worker's handle on its own slot. Every method is a few memory stores."""
 
-    __slots__ = ("_slot",)
+    __slots__ = ("_slot", "_by_listener", "_listener")
 
     def __init__(self, slot: _Slot) -> None:
         self._slot = slot
+        # Made once: each read of slot.by_listener builds a new ctypes array object.
+        self._by_listener = slot.by_listener
+        # The listener last written: most workers serve one, so it is written once.
+        self._listener = b""
 
     def booted(self, pid: int) -> None:
         """The worker is ready to accept."""
@@ -266,13 +270,15 @@ class SlotWriter:
         slot = self._slot
         slot.request_started = time.monotonic()
         slot.client = client[:_CLIENT_BYTES]
-        slot.listener = listener[:_LISTENER_BYTES]
+        if listener is not self._listener:
+            slot.listener = listener[:_LISTENER_BYTES]
+            self._listener = listener
         slot.state = BUSY
 
     def end(self, listener_index: int = 0) -> None:
         slot = self._slot
         slot.requests += 1
-        slot.by_listener[min(listener_index, MAX_LISTENERS - 1)] += 1
+        self._by_listener[min(listener_index, MAX_LISTENERS - 1)] += 1
         slot.state = IDLE
 
     def add_active(self, delta: int) -> None:

@@ -221,6 +221,9 @@ CASES: list[Any] = [
     pytest.param(["workers.http", "-w", "1", "-b", "udp://127.0.0.1:0"], {}, EXIT_APP_LOAD,
                  "has no DatagramHandler, so it cannot serve the datagram listener udp://127.0.0.1:", False,
                  id="stream-service-on-datagram"),
+    pytest.param(["workers.echo", "-w", "1", "--post-fork", "no_such_module_xyz:hook"], {}, EXIT_APP_LOAD,
+                 "setting 'post_fork': cannot load 'no_such_module_xyz:hook': no module named "
+                 "'no_such_module_xyz'", True, id="hook-no-module"),
     # -- listeners that cannot be bound: the address and the reason
     pytest.param(["workers.echo", "-w", "1", "-b", "tcp://192.0.2.1:0"], {}, EXIT_BIND,
                  "cannot listen on tcp://192.0.2.1:0: cannot assign requested address (no local interface has "

@@ -85,6 +85,9 @@ def test_a_silent_client_is_dropped_after_read_timeout_and_the_worker_serves_the
         assert silent.recv(1) == b"", "the silent connection should have been closed by the server"
     if app == "tests.integration.apps":
         assert reply == f"{worker}\n".encode()
+        # A routine event: one line naming the client and the setting, no traceback.
+        wait_until(lambda: "(read_timeout): connection closed" in master.log(), 10, message=master.log())
+        assert "Traceback" not in master.log()
     elif app == "workers.echo":
         assert reply == payload
         assert f"idle for {READ_TIMEOUT} s" in master.log()
