@@ -89,10 +89,11 @@ TABLE_START = "<!-- settings-table:start -->"
 TABLE_END = "<!-- settings-table:end -->"
 # argparse's refusal of a value given to a switch (--preload=yes); the value is a repr.
 _SWITCH_VALUE = re.compile(r"argument (--[\w-]+)/(--no-[\w-]+): ignored explicit argument (.*)", re.DOTALL)
-# The most workers a setting may ask for: the scoreboard has this many slots
+# The most workers a setting may ask for: one less than the scoreboard's slots
 # (prefork.arbiter.SCOREBOARD_CAPACITY; `prefork scale` has the same bound). More would be
-# forked up to the capacity and the master would wait for the rest, never ready.
-MAX_WORKERS = 1024
+# forked up to the capacity and the master would wait for the rest, never ready; and replacing
+# a worker (reload, recycling) starts its successor first, in a slot of its own.
+MAX_WORKERS = 1023
 # The longest duration a seconds setting may have: Python turns timeouts into 64-bit
 # nanoseconds (at most about 9.2e9 s) and a socket timeout above that fails on every
 # connection. 1e9 s (31 years) means "never" for every purpose.

@@ -39,8 +39,9 @@ POLL_INTERVAL = 0.05
 # `prefork status` measures CPU % between two readings of each process this far apart.
 CPU_SAMPLE_INTERVAL = 0.1
 
-# The most workers one master runs: its scoreboard's slots.
-MAX_WORKERS = SCOREBOARD_CAPACITY
+# The most workers one master runs: its scoreboard's slots, less one for the successor of a
+# worker being replaced (prefork.config.MAX_WORKERS).
+MAX_WORKERS = SCOREBOARD_CAPACITY - 1
 
 _READY = (IDLE, BUSY)
 _SCALE_TEXT = re.compile(r"([+-]?)([0-9]{1,6})")

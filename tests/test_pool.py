@@ -8,6 +8,8 @@ import signal
 import pytest
 
 from prefork import pool as policy
+from prefork.arbiter import SCOREBOARD_CAPACITY
+from prefork.config import MAX_WORKERS
 from prefork.pool import Halt, Kill, Notify, Pool, PoolConfig, Spawn, Stop
 from prefork.scoreboard import BOOTING, BUSY, IDLE, STOP_RETIRE, STOP_SHUTDOWN, SlotView
 
@@ -15,8 +17,8 @@ from prefork.scoreboard import BOOTING, BUSY, IDLE, STOP_RETIRE, STOP_SHUTDOWN, 
 class Harness:
     """Plays the arbiter: gives pids to Spawn actions and keeps a fake scoreboard."""
 
-    def __init__(self, **config):
-        self.pool = Pool(PoolConfig(**config), capacity=64, rng=random.Random(7))
+    def __init__(self, capacity=64, **config):
+        self.pool = Pool(PoolConfig(**config), capacity=capacity, rng=random.Random(7))
         self.now = 1000.0
         self.next_pid = 100
         self.slots: dict[int, SlotView] = {}
@@ -169,6 +171,14 @@ def test_reload_replaces_workers_one_at_a_time_never_below_capacity():
     assert min(ready_floor) >= 3
     assert Notify("reloaded") in h.actions
     assert all(a.mode == STOP_RETIRE for a in h.actions if isinstance(a, Stop))
+
+
+def test_the_largest_pool_settings_allow_still_reloads():
+    """MAX_WORKERS leaves one scoreboard slot free: a reload starts each successor there."""
+    h = Harness(capacity=SCOREBOARD_CAPACITY, workers=MAX_WORKERS)
+    h.start(); h.boot_all()
+    h.run(h.pool.reload(h.now))
+    assert [a for a in h.actions if isinstance(a, Spawn) and a.worker.generation == 2], "no successor started"
 
 
 def test_timeout_aborts_a_busy_worker_then_kills_it():

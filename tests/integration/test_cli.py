@@ -268,7 +268,7 @@ def test_scale_sends_one_signal_at_a_time_and_waits(cli_master, capsys):
         assert len(workers) == expected and all(w.state_name == "idle" for w in workers)
     assert master.log().count("SIGTTIN") == 2 + 2 and master.log().count("SIGTTOU") == 1 + 3
     code, _, err = prefork(capsys, "scale", "-1", "-p", str(master.pidfile))
-    assert code == 2 and "scale: '-1' would make 0 workers (now 1); allowed: 1 to 1024" in err
+    assert code == 2 and "scale: '-1' would make 0 workers (now 1); allowed: 1 to 1023" in err
 
 
 def test_upgrade_hands_over_to_a_new_master_on_the_same_port(cli_master, capsys):

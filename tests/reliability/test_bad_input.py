@@ -167,7 +167,7 @@ CASES: list[Any] = [
                  "setting 'backlog': '--' is not allowed; expected an integer (command line --backlog)", True,
                  id="type-cli-dashes"),
     pytest.param(["workers.echo", "-w", "5000"], {}, EXIT_USAGE,
-                 "setting 'workers': '5000' is not allowed; expected an integer from 0 to 1024 (command line "
+                 "setting 'workers': '5000' is not allowed; expected an integer from 0 to 1023 (command line "
                  "--workers)", True, id="range-workers-above-scoreboard"),
     pytest.param(["workers.echo", "--read-timeout", "1e300"], {}, EXIT_USAGE,
                  "setting 'read_timeout': '1e300' is not allowed; expected a number from 0 to 1e+09", True,

@@ -317,7 +317,8 @@ def test_text_with_del_is_written_as_valid_toml(tmp_path: Path) -> None:
     assert from_toml(tmp_path / "p.toml", toml_line(OPTIONS["name"], "a\x7fb")) == Settings(name="a\x7fb")
 
 
-def test_max_workers_is_the_scoreboard_capacity() -> None:
+def test_max_workers_leaves_the_scoreboard_a_slot_for_a_successor() -> None:
     from prefork.arbiter import SCOREBOARD_CAPACITY
+    from prefork.control import MAX_WORKERS as SCALE_LIMIT
 
-    assert MAX_WORKERS == SCOREBOARD_CAPACITY
+    assert MAX_WORKERS == SCALE_LIMIT == SCOREBOARD_CAPACITY - 1
