@@ -95,9 +95,14 @@ def _optional(check: _Validator) -> _Validator:
     return optional
 
 
+# User and group ids are 32-bit unsigned; (uid_t)-1 means "no change" to setuid(), never an id.
+_MAX_ID = 2**32 - 2
+
+
 def _name_or_id(name: str, value: Any) -> Any:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):
-        raise _not_allowed(name, value, "a name, a number or nothing")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))
+                              or (isinstance(value, int) and not 0 <= value <= _MAX_ID)):
+        raise _not_allowed(name, value, f"a name, a number from 0 to {_MAX_ID} or nothing")
     return value
 
 

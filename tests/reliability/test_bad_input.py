@@ -43,6 +43,7 @@ STDERR_LINE = re.compile(r"prefork: error: |\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
 FILES = {
     "wrong_type.toml": 'workers = "two"\n',
     "switch_text.toml": 'preload = "yes"\n',
+    "negative_user.toml": "user = -5\n",
     "unknown_key.toml": "wrkers = 2\n",
     "not_toml.toml": "workers = \n",
     "bad_bind.toml": 'bind = ["tcp://127.0.0.1"]\n',
@@ -148,6 +149,9 @@ CASES: list[Any] = [
     pytest.param(["workers.echo", "-c", "switch_text.toml"], {}, EXIT_USAGE,
                  "setting 'preload': 'yes' is not allowed; expected true or false (in {tmp}/switch_text.toml)",
                  True, id="type-toml-bool"),
+    pytest.param(["workers.echo", "-c", "negative_user.toml"], {}, EXIT_USAGE,
+                 "setting 'user': -5 is not allowed; expected a name, a number from 0 to 4294967294 or nothing "
+                 "(in {tmp}/negative_user.toml)", True, id="range-toml-negative-id"),
     pytest.param(["workers.echo"], {"PREFORK_TIMEOUT": "soon"}, EXIT_USAGE,
                  "setting 'timeout': 'soon' is not allowed; expected a number (environment variable "
                  "PREFORK_TIMEOUT)", True, id="type-env-float"),

@@ -87,7 +87,7 @@ def _name() -> st.SearchStrategy[str | int | None]:
     """A user or group: an id, a name (not all ASCII digits, which would read as an id), or none."""
     names = st.text(st.characters(blacklist_categories=("Cs", "Zs", "Cc"), blacklist_characters=","),
                     min_size=1, max_size=20).filter(lambda t: t == t.strip() and not (t.isascii() and t.isdigit()))
-    return st.one_of(st.none(), st.integers(0, 2**32), names)
+    return st.one_of(st.none(), st.integers(0, 2**32 - 2), names)  # (uid_t)-1 is no id
 
 
 def valid_values(option: Option) -> st.SearchStrategy[Any]:
