@@ -404,7 +404,7 @@ class Arbiter:
     # -- the metrics process -----------------------------------------------------------------
 
     def _start_metrics(self, wait: bool) -> None:
-        """Fork the process that serves metrics_bind from the scoreboard file.
+        """Fork the process that serves metrics_bind from the scoreboard.
 
         At start (*wait*), the master waits until it listens, so that a port that cannot be
         bound stops the service with exit code 4 instead of failing quietly.
@@ -440,9 +440,9 @@ class Arbiter:
             set_title("metrics", self.spec.name)
             from prefork import metrics  # only here: it brings in an HTTP server the rest never needs
 
-            assert self.scoreboard is not None and self.scoreboard.path
+            assert self.scoreboard is not None
             names = [listener.name for listener in self.listeners]
-            metrics.run(bind, self.scoreboard.path, names, self.spec.name,
+            metrics.run(bind, self.scoreboard, names, self.spec.name, drop_privileges=self.spec.drop_privileges,
                         ready=lambda address: _metrics_ready(report_fd, address))
             code = 0
         except PreforkError as exc:

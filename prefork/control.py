@@ -87,6 +87,10 @@ class _Master:
                                f"a prefork master?") from exc
         except ValueError as exc:  # not a scoreboard, or an empty file
             raise PreforkError(f"cannot read the scoreboard {self.scoreboard}: {exc}") from exc
+        except PermissionError as exc:  # the master's umask kept it from this user
+            raise PreforkError(f"cannot read the scoreboard {self.scoreboard}: permission denied "
+                               f"(run as the master's user, or give the master a umask that lets "
+                               f"this user read it)") from exc
         try:
             return board.master(), board.used()
         finally:

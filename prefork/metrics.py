@@ -6,9 +6,10 @@ scrape's path.
 
 Rules:
 
-1. Read, never write: every scrape opens the scoreboard file anew (``Scoreboard.open`` takes a
-   private copy), so a scrape is one snapshot, and after an upgrade (USR2) it reads the new
-   master's file, which replaced the old one at the same path.
+1. Read, never write. Under a master, the process reads the scoreboard map it inherited: its
+   own master's, even when an upgrade (USR2) has put the new master's file at the same path,
+   and whatever the file's mode. Given a path instead (tests, tools), every scrape opens the
+   file anew (``Scoreboard.open`` takes a private copy).
 2. The ``worker`` label is the worker *number* (1, 2, ... as in process titles), not the pid: a
    replacement takes the smallest free number, so label values stay bounded by the pool's
    size, where pids would add a series per restart. While a worker is being replaced, the
@@ -22,6 +23,9 @@ Rules:
 5. Signals are taken with ``sigwait`` in the main thread, with SIGTERM, SIGINT, SIGQUIT and
    SIGUSR1 blocked in every thread: no handler ever runs, so nothing logs in one. SIGUSR1
    reopens the log files. The process also leaves when its parent (the master) is gone.
+6. With ``user``/``group``, the process gives up root once its port is bound, as the workers do
+   before they load the app: it serves HTTP, so it runs as the service's user. It then reads
+   no USS of workers whose memory the kernel keeps from it (RSS and CPU remain).
 
 The HTTP side is prometheus_client's own ``start_http_server``: a threaded server in a daemon
 thread that already does content negotiation (OpenMetrics), gzip, HEAD, ``?name[]=`` filters
@@ -68,22 +72,25 @@ _OTHER_LISTENERS = "other"
 StatsReader = Callable[[int], ProcStats | None]
 
 
-def run(bind: str, scoreboard_path: str, listener_names: Sequence[str], service: str, *,
-        ready: Callable[[tuple[str, int]], object] | None = None) -> None:
+def run(bind: str, scoreboard: str | Scoreboard, listener_names: Sequence[str], service: str, *,
+        ready: Callable[[tuple[str, int]], object] | None = None,
+        drop_privileges: Callable[[], None] | None = None) -> None:
     """Serve the metrics on *bind* (tcp://HOST:PORT) until SIGTERM, SIGINT or SIGQUIT, then return.
 
-    Called in the metrics process. *listener_names* are in the order of the scoreboard's
-    per-listener counters. *ready*, if given, is called with the bound (host, port) once the
-    server accepts (the port is the real one when *bind* asks for port 0). Raises ConfigError
-    for a *bind* that is not tcp://, ListenerError when it cannot be bound.
+    Called in the metrics process. *scoreboard* is the map inherited from the master, or the
+    path of a scoreboard file. *listener_names* are in the order of the scoreboard's
+    per-listener counters. *drop_privileges*, if given, is called once the port is bound.
+    *ready*, if given, is called with the bound (host, port) once the server accepts (the port
+    is the real one when *bind* asks for port 0). Raises ConfigError for a *bind* that is not
+    tcp://, ListenerError when it cannot be bound.
     """
     host, port = _address(bind)
     parent = os.getppid()  # before anything can make us wait: the master may die at any time
     registry = CollectorRegistry()
-    registry.register(ScoreboardCollector(scoreboard_path, listener_names, service))
+    registry.register(ScoreboardCollector(scoreboard, listener_names, service))
     previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED_SIGNALS)  # before the thread starts
     try:
-        _serve_until_stopped(bind, (host, port), registry, service, ready, parent)
+        _serve_until_stopped(bind, (host, port), registry, service, ready, parent, drop_privileges)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
 
@@ -97,12 +104,15 @@ def _address(bind: str) -> tuple[str, int]:
 
 
 def _serve_until_stopped(bind: str, address: tuple[str, int], registry: CollectorRegistry, service: str,
-                         ready: Callable[[tuple[str, int]], object] | None, parent: int) -> None:
+                         ready: Callable[[tuple[str, int]], object] | None, parent: int,
+                         drop_privileges: Callable[[], None] | None) -> None:
     try:
         server, thread = start_http_server(address[1], addr=address[0], registry=registry)
     except OSError as exc:
         raise ListenerError(f"{bind} (metrics_bind)", exc.strerror or str(exc)) from exc
     try:
+        if drop_privileges is not None:
+            drop_privileges()  # the port is bound: nothing left that needs root
         bound = (str(server.server_address[0]), int(server.server_address[1]))
         log.info("metrics of %s on http://%s/metrics", service, _host_port(*bound))
         if ready is not None:
@@ -134,11 +144,12 @@ def _wait_for_stop(parent: int) -> None:
 
 
 class ScoreboardCollector:
-    """A prometheus_client collector reading the scoreboard file on every scrape."""
+    """A prometheus_client collector reading the scoreboard on every scrape: a live map, or a file."""
 
-    def __init__(self, path: str, listener_names: Sequence[str], service: str,
+    def __init__(self, scoreboard: str | Scoreboard, listener_names: Sequence[str], service: str,
                  stats_of: StatsReader | None = None) -> None:
-        self.path = path
+        self._board = scoreboard if isinstance(scoreboard, Scoreboard) else None
+        self.path = scoreboard if isinstance(scoreboard, str) else (scoreboard.path or "(inherited map)")
         self.service = service
         self._listeners = _listener_labels(listener_names)
         self._stats_of = stats_of if stats_of is not None else _stats_with_uss
@@ -158,6 +169,8 @@ class ScoreboardCollector:
         yield from _Families().all()
 
     def _read(self) -> tuple[MasterView, list[SlotView]] | None:
+        if self._board is not None:
+            return self._board.master(), self._board.used()
         try:
             board = Scoreboard.open(self.path)
         except (OSError, ValueError) as exc:  # no master yet, or between an upgrade's two files

@@ -34,20 +34,23 @@ import grp
 import json
 import os
 import pwd
+import re
 import socket
 import stat
+import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 from unittest import mock
 
+import psutil
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from prefork import control, handover
-from prefork.errors import ConfigError, ListenerError
+from prefork.errors import ConfigError, ListenerError, PreforkError
 from prefork.handover import inherited_listeners, upgrade_parent
 from prefork.scoreboard import Scoreboard, _Header, _Slot
-from tests.support import SOCKET_TIMEOUT
+from tests.support import SOCKET_TIMEOUT, wait_until
 
 pytestmark = pytest.mark.reliability
 
@@ -132,6 +135,27 @@ def test_workers_run_as_the_user_and_group_and_the_master_stays_root(root_groups
     # The app was imported in a worker, after the switch: the master runs no app code.
     imported_in = int(master.request(b"imported-in"))
     assert imported_in in workers and imported_in != master.pid
+
+
+def test_the_metrics_process_gives_up_root_once_its_port_is_bound(root_groups, start_master):
+    """It serves HTTP: after binding metrics_bind it runs as the service's user, and still
+    reads the scoreboard (the inherited map, whatever the file's mode: here 0600, root's)."""
+    uid, gid = ids()
+    master = start_master(user=USER, group=GROUP, workers=2, umask=0o077, metrics_bind="tcp://127.0.0.1:0")
+    workers = master.wait_workers(2)
+    url = wait_until(lambda: re.search(r"metrics on (http://\S+)", master.log()), message=master.log()).group(1)
+    (metrics_pid,) = [child.pid for child in psutil.Process(master.pid).children() if child.pid not in workers]
+    assert_runs_as(metrics_pid, uid, gid)
+    for _ in range(3):
+        master.request(b"count me")
+
+    def counted() -> bool:
+        with urllib.request.urlopen(url, timeout=SOCKET_TIMEOUT) as response:
+            text = response.read().decode()
+        served = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                  if line.startswith("prefork_requests_total{")]
+        return "prefork_up{" in text and sum(served) >= 3
+    wait_until(counted, message=master.log())
 
 
 @pytest.mark.parametrize("reuse_port", [False, True])
@@ -363,3 +387,14 @@ def test_a_scoreboard_file_of_junk_is_refused_or_read_as_finite_values(tmp_path_
             control._duration(slot.request_age(1000.0))
     finally:
         board.close()
+
+
+def test_status_names_an_unreadable_scoreboard_instead_of_a_traceback(tmp_path: Path) -> None:
+    """A user the master's umask keeps out of the scoreboard gets an error naming the file."""
+    board = tmp_path / "master.pid.scoreboard"
+    board.write_bytes(b"")
+    master = control._Master(str(tmp_path / "master.pid"), os.getpid())
+    denied = PermissionError(13, "Permission denied", str(board))
+    with mock.patch.object(Scoreboard, "open", side_effect=denied):
+        with pytest.raises(PreforkError, match=r"cannot read the scoreboard .*: permission denied"):
+            master.snapshot()
