@@ -12,11 +12,18 @@ from typing import Iterator
 
 import psutil
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from tests.support import wait_until
 
 # How long a test's children and threads get to finish after the test body returns.
 _LEAK_GRACE = 5.0
+
+# Property tests draw the same examples on every run, so that CI is reproducible and a red run
+# can be replayed. A wider random search: `pytest --hypothesis-profile=explore -m reliability`.
+hypothesis_settings.register_profile("reproducible", derandomize=True, database=None)
+hypothesis_settings.register_profile("explore", max_examples=1000)
+hypothesis_settings.load_profile("reproducible")  # --hypothesis-profile, if given, wins
 
 
 def _live_children() -> set[psutil.Process]:
