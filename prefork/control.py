@@ -19,7 +19,6 @@ from typing import Any, Callable, Sequence
 import psutil
 
 from prefork import config
-from prefork.arbiter import SCOREBOARD_CAPACITY
 from prefork.errors import EXIT_OK, AppLoadError, ConfigError, PidfileError, PreforkError
 from prefork.pidfile import is_running, read_pid
 from prefork.procstats import CpuSampler, ProcStats, stats
@@ -39,9 +38,8 @@ POLL_INTERVAL = 0.05
 # `prefork status` measures CPU % between two readings of each process this far apart.
 CPU_SAMPLE_INTERVAL = 0.1
 
-# The most workers one master runs: its scoreboard's slots, less one for the successor of a
-# worker being replaced (prefork.config.MAX_WORKERS).
-MAX_WORKERS = SCOREBOARD_CAPACITY - 1
+# The most workers `prefork scale` asks for: as many as the `workers` setting may be.
+MAX_WORKERS = config.MAX_WORKERS
 
 _READY = (IDLE, BUSY)
 _SCALE_TEXT = re.compile(r"([+-]?)([0-9]{1,6})")

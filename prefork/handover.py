@@ -60,10 +60,10 @@ def _systemd_fds(environ: Mapping[str, str]) -> list[tuple[str | None, int]]:
     count_text = environ.get("LISTEN_FDS", "")
     if not _DIGITS.fullmatch(count_text) or len(count_text) > 6:
         raise ListenerError("systemd", f"LISTEN_FDS={count_text!r} is not a number of file descriptors")
-    count = int(count_text)
-    if _SD_LISTEN_FDS_START + count > _open_files_limit():
+    count, limit = int(count_text), _open_files_limit()
+    if _SD_LISTEN_FDS_START + count > limit:
         raise ListenerError("systemd", f"LISTEN_FDS={count_text!r} is more file descriptors than this "
-                                       f"process may have open ({_open_files_limit()})")
+                                       f"process may have open ({limit})")
     names: list[str | None] = list(environ.get("LISTEN_FDNAMES", "").split(":"))
     if len(names) != count:
         if "LISTEN_FDNAMES" in environ:

@@ -220,10 +220,10 @@ class _Loop:
         """Serve what is already queued before leaving.
 
         When the whole service stops, the connections queued when the stop began are served
-        (until graceful_timeout); later arrivals are not waited for. When only this worker retires, one pass serves the connections whose
-        wake-up this worker received, so another worker is not left sleeping on them.
+        (until graceful_timeout); later arrivals are not waited for. When only this worker
+        retires, one pass serves the connections whose wake-up this worker received, so another
+        worker is not left sleeping on them.
         """
-        deadline = time.monotonic() + self.spec.graceful_timeout
         if self.slot.stop_mode != STOP_SHUTDOWN:
             for fd in poller.wait(0):
                 if fd in self.by_fd:
@@ -232,6 +232,7 @@ class _Loop:
         # Only what is queued now: under steady load a listener is never empty, and serving
         # new arrivals would hold the stop open until graceful_timeout and its SIGKILL.
         budget = {server: queued_requests(server.socket) for server in self.servers}  # type: ignore[attr-defined]
+        deadline = time.monotonic() + self.spec.graceful_timeout
         while time.monotonic() < deadline:
             served = False
             for fd in poller.wait(0):

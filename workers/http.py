@@ -165,7 +165,7 @@ class HTTPHandlerBase(BaseHTTPRequestHandler):
             self.client_address = ("", 0)  # a Unix stream peer has no address
         limit = stricter_timeout(self.request, self.timeout)
         super().setup()  # sets the connection's timeout to self.timeout
-        self.connection.settimeout(limit)
+        self.connection.settimeout(limit)  # timeout is a ClassVar of http.server's handler: not set per instance
         if self.connection.family in _TCP_FAMILIES:
             # Headers and body are separate writes: without TCP_NODELAY, Nagle's algorithm and
             # the client's delayed ACK can hold the body back ~40 ms on a kept-alive connection.
