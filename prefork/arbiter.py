@@ -31,7 +31,7 @@ from prefork.pidfile import Pidfile
 from prefork.procstats import rss
 from prefork.proctitle import set_title
 from prefork.scoreboard import Scoreboard
-from prefork.signals import MASTER_SIGNALS, SignalQueue, reset_to_defaults, signal_name
+from prefork.signals import MASTER_SIGNALS, SignalQueue, blocked, reset_to_defaults, signal_name
 from prefork.worker import WorkerIdentity, WorkerSpec, flush_std_streams, run_worker
 
 __all__ = ["Arbiter", "Hooks", "UPGRADE_PARENT_ENV"]
@@ -226,15 +226,16 @@ class Arbiter:
         self.scoreboard.claim(worker.slot, worker.number, worker.generation)
         flush_std_streams()
         try:
-            pid = os.fork()
+            with blocked(MASTER_SIGNALS):  # a signal for the new worker must not reach our handlers
+                pid = os.fork()
+                if pid == 0:
+                    identity = WorkerIdentity(worker.number, worker.generation, self.scoreboard.writer(worker.slot))
+                    run_worker(self.spec, identity, self.signals)
         except OSError as exc:
             log.error("cannot fork worker %d: %s", worker.number, exc)
             self.scoreboard.release(worker.slot)
             self.pool.spawn_failed(worker, time.monotonic())
             return
-        if pid == 0:
-            identity = WorkerIdentity(worker.number, worker.generation, self.scoreboard.writer(worker.slot))
-            run_worker(self.spec, identity, self.signals)
         self.scoreboard.set_pid(worker.slot, pid)
         self.pool.spawned(worker, pid)
         log.debug("worker %d (pid %d) generation %d started", worker.number, pid, worker.generation)

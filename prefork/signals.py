@@ -10,12 +10,13 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from types import FrameType
-from typing import Iterable
+from typing import Iterable, Iterator
 
-__all__ = ["MASTER_SIGNALS", "WORKER_SIGNALS", "SignalQueue", "signal_name", "reset_to_defaults"]
+__all__ = ["MASTER_SIGNALS", "WORKER_SIGNALS", "SignalQueue", "signal_name", "reset_to_defaults", "blocked"]
 
 # What the master answers, in the order of the README's table.
 MASTER_SIGNALS = (
@@ -109,7 +110,29 @@ class SignalQueue:
 
 
 def reset_to_defaults(signums: Iterable[int]) -> None:
-    """Called in the child after fork: default handlers, no wake-up fd inherited from the parent."""
+    """Called in the child after fork: default handlers, no wake-up fd inherited from the parent.
+
+    Then *signums* are unblocked: what arrived since the fork (held by ``blocked``) now takes
+    its default effect, and a TERM stops a worker that had not yet installed its own handlers.
+    """
+    signums = tuple(signums)
     signal.set_wakeup_fd(-1)
     for signum in signums:
         signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, signums)
+
+
+@contextlib.contextmanager
+def blocked(signums: Iterable[int]) -> Iterator[None]:
+    """Hold *signums* pending for the block (around fork in the master), then restore the mask.
+
+    A forked child inherits the blocked mask; it calls ``reset_to_defaults``, which unblocks
+    them once its parent's handlers are gone, so a signal sent to the child in between is
+    delivered to the child's own disposition instead of to the parent's handler, which records
+    it in a queue the child throws away.
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signums)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
