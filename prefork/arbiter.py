@@ -7,6 +7,11 @@ Rules:
 2. Single-threaded. Signal handlers only record (``prefork.signals``); the loop wakes on the
    signal pipe and dispatches to ``handle_<name>()``.
 3. The master is never on the request path: it wakes for signals, child exits and a tick.
+4. A generation of workers is built from a ``Plan`` (settings, listeners, worker spec, hooks).
+   A reload makes a new plan from the whole new configuration; each plan is kept while
+   workers of its generation live, and each listener while a kept plan has it: a listener a
+   reload removed is closed (its Unix socket file removed) once its last worker has left,
+   having answered what was queued on it.
 """
 
 from __future__ import annotations
@@ -26,15 +31,16 @@ from typing import Any, Callable, Sequence
 from prefork import notify, pool as policy
 from prefork.errors import EXIT_APP_LOAD, EXIT_FAILURE, EXIT_OK, ConfigError, ListenerError, PidfileError, PreforkError
 from prefork.handover import UPGRADE_PARENT_ENV, upgrade_parent  # the variable: set by USR2, names the old master
-from prefork.listeners import inherit_env
+from prefork.listeners import Listener, inherit_env
 from prefork.pidfile import Pidfile
 from prefork.procstats import rss
 from prefork.proctitle import set_title
+from prefork.reloads import CANCELLED, RELOADED, REFUSED, STARTED, ReloadReport, report_path, write_report
 from prefork.scoreboard import Scoreboard
 from prefork.signals import MASTER_SIGNALS, SignalQueue, blocked, reset_to_defaults, signal_name
 from prefork.worker import WorkerIdentity, WorkerSpec, flush_std_streams, run_worker
 
-__all__ = ["Arbiter", "Hooks", "UPGRADE_PARENT_ENV"]
+__all__ = ["Arbiter", "Hooks", "Plan", "UPGRADE_PARENT_ENV"]
 
 log = logging.getLogger("prefork.master")
 
@@ -61,17 +67,39 @@ class Hooks:
     on_exit: Callable[..., Any] | None = None
 
 
-class Arbiter:
-    """Supervises the workers of one service until a stop signal; ``run()`` returns the exit code."""
+@dataclasses.dataclass
+class Plan:
+    """What one generation of workers is made of, prepared in the master before it forks them."""
 
-    def __init__(self, settings: Any, listeners: Sequence[Any], worker_spec: WorkerSpec,
-                 hooks: Hooks | None = None, reload_settings: Callable[[], Any] | None = None) -> None:
-        self.settings = settings
-        self.listeners = list(listeners)
-        self.spec = worker_spec
-        self.hooks = hooks or Hooks()
-        self.reload_settings = reload_settings
-        self.pool = policy.Pool(policy.PoolConfig.from_settings(settings), SCOREBOARD_CAPACITY)
+    settings: Any
+    listeners: list[Listener]
+    spec: WorkerSpec
+    hooks: Hooks
+    changes: tuple[str, ...] = ()  # what differs from the plan before, one line per setting
+    held: tuple[str, ...] = ()  # the settings it keeps from the plan before, each with why and how
+    # The master's own part, run when the plan becomes the current one (log files, umask,
+    # process title); raises PreforkError when it cannot be applied.
+    enter: Callable[[], None] | None = None
+
+
+class Arbiter:
+    """Supervises the workers of one service until a stop signal; ``run()`` returns the exit code.
+
+    *replan*, called on HUP with the current plan, returns the plan of the next generation
+    (the configuration read again, added listeners bound) or raises PreforkError to refuse
+    the reload; without it a reload starts a new generation of the same plan.
+    """
+
+    def __init__(self, plan: Plan, replan: Callable[[Plan], Plan] | None = None) -> None:
+        self.plan = plan
+        self.plans = {1: plan}  # by generation: the plan its workers were forked from
+        self.replan = replan
+        self._previous_plan = plan  # what a cancelled reload goes back to
+        self._sockets: dict[int, Listener] = {}  # every listener the master holds, by id(socket)
+        self.counter_names: list[str] = []  # the scoreboard's per-listener counters, by index
+        self._take_listeners(plan)
+        self.reload_seq = 0  # HUPs taken, for PIDFILE.reload
+        self.pool = policy.Pool(policy.PoolConfig.from_settings(plan.settings), SCOREBOARD_CAPACITY)
         self.pid = os.getpid()
         self.signals: SignalQueue | None = None
         self.scoreboard: Scoreboard | None = None
@@ -81,11 +109,29 @@ class Arbiter:
         self.metrics_pid = 0
         self.reloads_refused = 0
         self._metrics_due = 0.0  # when to restart a metrics process that died
+        self._metrics_serves: tuple[Any, ...] = ()  # (address, service name, listener names) it serves
         self.upgrade_parent = upgrade_parent(os.environ)  # ConfigError for a value that is no pid
         os.environ.pop(UPGRADE_PARENT_ENV, None)
         self._exit: policy.Halt | None = None
         self._boot_errors: tuple[int, ...] = ()  # pipe on which workers report why they cannot boot
+        self._boot_messages: dict[int, str] = {}  # by pid: what a worker said before it died
         self._next_memory_check = 0.0
+
+    @property
+    def settings(self) -> Any:
+        return self.plan.settings
+
+    @property
+    def listeners(self) -> list[Listener]:
+        return self.plan.listeners
+
+    @property
+    def spec(self) -> WorkerSpec:
+        return self.plan.spec
+
+    @property
+    def hooks(self) -> Hooks:
+        return self.plan.hooks
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -107,7 +153,8 @@ class Arbiter:
 
     def _start(self) -> None:
         self._boot_errors = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.spec.boot_error_fd = self._boot_errors[1]
+        if self.plan.enter is not None:
+            self.plan.enter()
         self.scoreboard = Scoreboard.create(SCOREBOARD_CAPACITY, self._scoreboard_path())
         if self.settings.pidfile:
             self.pidfile = Pidfile(self.settings.pidfile)
@@ -158,6 +205,7 @@ class Arbiter:
         pool = self.pool
         self.scoreboard.publish(pool.generation, pool.target, pool.restarts, self.reloads_refused,
                                 pool.reload_failures)
+        self.scoreboard.publish_health(pool.health(time.monotonic()))
 
     def _memory(self, now: float) -> dict[int, int] | None:
         if not self.settings.max_worker_memory or now < self._next_memory_check:
@@ -186,22 +234,27 @@ class Arbiter:
         worker = self.pool.by_pid(pid)
         if worker is None:
             return  # a child of a hook, not a worker
-        self._log_exit(worker, code)
+        self._read_boot_messages()
+        said = self._boot_messages.pop(pid, "")
+        how = f"killed by SIG{signal_name(-code)}" if code < 0 else f"exit status {code}"
+        self._log_exit(worker, code, how, said)
         assert self.scoreboard is not None
         view = self.scoreboard.read(worker.slot)  # read before release: what it served
         served = view.requests if view.pid == pid else 0
         self.scoreboard.release(worker.slot)
         self._call_hook("worker_exit", self, worker)
-        self._execute(self.pool.exited(pid, code, time.monotonic(), served))
+        cause = f"{how}: {said}" if said else how
+        self._execute(self.pool.exited(pid, code, time.monotonic(), served, cause))
+        self._forget_finished_plans()
 
-    def _log_exit(self, worker: policy.WorkerRecord, code: int) -> None:
-        how = f"killed by SIG{signal_name(-code)}" if code < 0 else f"exit status {code}"
+    def _log_exit(self, worker: policy.WorkerRecord, code: int, how: str, said: str) -> None:
         if worker.stopping or self.pool.stopping:
             log.info("worker %d (pid %d) stopped (%s)", worker.number, worker.pid, how)
         elif code == policy.WORKER_BOOT_FAILED:
-            log.error("worker %d (pid %d) could not load the app", worker.number, worker.pid)
+            log.error("worker %d (pid %d) could not load the app: %s", worker.number, worker.pid, said or "see above")
         else:
-            log.warning("worker %d (pid %d) died unexpectedly (%s)", worker.number, worker.pid, how)
+            log.warning("worker %d (pid %d) died unexpectedly (%s)%s", worker.number, worker.pid, how,
+                        f": {said}" if said else "")
 
     # -- carrying out the policy's actions -----------------------------------------------------
 
@@ -214,15 +267,15 @@ class Arbiter:
             elif isinstance(action, policy.Kill):
                 self._kill(action)
             elif isinstance(action, policy.Notify):
-                self._notify(action.event)
+                self._notify(action)
             elif isinstance(action, policy.Halt) and self._exit is None:
-                self._exit = action
-                if action.exit_code == EXIT_APP_LOAD:
-                    log.error("cannot load the app: %s", self._first_boot_error())
+                self._exit = action  # its reason is the master's last line
 
     def _spawn(self, worker: policy.WorkerRecord) -> None:
         assert self.scoreboard is not None
-        self._call_hook("pre_fork", self, worker)
+        plan = self.plans.get(worker.generation, self.plan)
+        plan.spec.boot_error_fd = self._boot_errors[1]
+        self._call_hook("pre_fork", self, worker, plan=plan)
         self.scoreboard.claim(worker.slot, worker.number, worker.generation)
         flush_std_streams()
         try:
@@ -230,7 +283,9 @@ class Arbiter:
                 pid = os.fork()
                 if pid == 0:
                     identity = WorkerIdentity(worker.number, worker.generation, self.scoreboard.writer(worker.slot))
-                    run_worker(self.spec, identity, self.signals)
+                    own = {id(listener.sock) for listener in plan.listeners}
+                    others = [l.sock for key, l in self._sockets.items() if key not in own]
+                    run_worker(plan.spec, identity, self.signals, others)
         except OSError as exc:
             log.error("cannot fork worker %d: %s", worker.number, exc)
             self.scoreboard.release(worker.slot)
@@ -244,7 +299,11 @@ class Arbiter:
         assert self.scoreboard is not None
         worker = action.worker
         log.info("stopping worker %d (pid %d): %s", worker.number, worker.pid, action.reason)
-        self.scoreboard.request_stop(worker.slot, action.mode)
+        plan = self.plans.get(worker.generation, self.plan)
+        current = {id(listener.sock) for listener in self.plan.listeners}
+        removed = sum(1 << i for i, listener in enumerate(plan.listeners) if id(listener.sock) not in current)
+        deadline = time.monotonic() + self.pool.config.graceful_timeout
+        self.scoreboard.request_stop(worker.slot, action.mode, deadline, removed)
         self._signal(worker.pid, signal.SIGTERM)
 
     def _kill(self, action: policy.Kill) -> None:
@@ -276,15 +335,21 @@ class Arbiter:
         except ProcessLookupError:
             pass  # it exited already; its exit is reaped in the loop
 
-    def _notify(self, event: str) -> None:
+    def _notify(self, action: policy.Notify) -> None:
         stats = self.pool.statistics()
         text = f"{stats['ready']} workers ready, generation {stats['generation']}"
-        if event == "ready":
+        if action.event == "ready":
             log.info("ready: %s", text)
             self._call_hook("when_ready", self)
             self._finish_upgrade()
+        elif action.event == "cancelled":
+            self._cancel_reload(action.reason)
+            text = "reload cancelled"
         else:
             log.info("reloaded: %s", text)
+            self._previous_plan = self.plan
+            self._forget_finished_plans()
+            self._report(RELOADED, self.plan)
         notify.ready(text)
 
     # -- signal handlers -------------------------------------------------------------------------
@@ -314,24 +379,108 @@ class Arbiter:
         drains any more while the master waits for its workers. A Unix socket file is removed
         now, so new clients are refused instead of queued (unless a new master took it over).
         """
-        for listener in self.listeners:
+        for listener in self._sockets.values():
             listener.close(unlink=not self.handed_over)
 
     handle_quit = handle_int
 
     def handle_hup(self) -> None:
+        """SIGHUP: reload. The whole configuration is read again and a new generation of workers
+        is built from it, each new worker accepting before an old one stops. A configuration
+        that cannot be applied is refused, naming why, and the running one stays."""
         notify.reloading()
-        config = None
-        if self.reload_settings is not None:
-            try:
-                self.settings = self.reload_settings()
-            except ConfigError as exc:
-                self.reloads_refused += 1
-                log.error("reload refused, keeping the running configuration: %s", exc)
-                notify.ready("reload refused")
-                return
-            config = policy.PoolConfig.from_settings(self.settings)
-        self._execute(self.pool.reload(time.monotonic(), config))
+        self.reload_seq += 1
+        if self.pool.stopping:
+            self._report(REFUSED, error="the master is stopping", exit_code=EXIT_FAILURE)
+            return
+        old = self.plan
+        try:
+            plan = self.replan(old) if self.replan is not None else dataclasses.replace(old, changes=(), held=())
+            self._switch(old, plan)
+        except PreforkError as exc:
+            self.reloads_refused += 1
+            log.error("reload refused, keeping the running configuration: %s", exc)
+            self._report(REFUSED, error=str(exc), exit_code=exc.exit_code)
+            notify.ready("reload refused")
+            return
+        for line in plan.changes:
+            log.info("reload: %s", line)
+        for line in plan.held:
+            log.warning("reload: not applied: %s", line)
+        self._previous_plan = old
+        self.plans[self.pool.generation + 1] = plan
+        self._execute(self.pool.reload(time.monotonic(), policy.PoolConfig.from_settings(plan.settings)))
+        self._report(STARTED, plan)
+
+    def _switch(self, old: Plan, new: Plan) -> None:
+        """Make *new* the current plan on the master's side; PreforkError leaves *old* in place."""
+        self._take_listeners(new)
+        try:
+            if new.enter is not None:
+                new.enter()
+            self.plan = new
+            self._sync_metrics(old)
+        except PreforkError:
+            self.plan = old
+            if old.enter is not None:
+                old.enter()
+            if new.spec.access_log is not None and new.spec.access_log is not old.spec.access_log:
+                new.spec.access_log.close()
+            self._forget_finished_plans()  # closes the listeners only the refused plan had bound
+            raise
+
+    def _cancel_reload(self, reason: str) -> None:
+        """The new generation could not start: the plan before it is the current one again."""
+        failed, self.plan = self.plan, self._previous_plan
+        self.plans[self.pool.generation] = self.plan
+        log.error("reload cancelled: %s; generation %d keeps serving with the configuration it had",
+                  reason, min(w.generation for w in self.pool.workers.values()) if self.pool.workers else 0)
+        if self.plan.enter is not None:
+            self.plan.enter()
+        self._sync_metrics(failed)
+        self._forget_finished_plans()
+        self._report(CANCELLED, failed, error=reason, exit_code=EXIT_APP_LOAD)
+
+    def _take_listeners(self, plan: Plan) -> None:
+        """Hold *plan*'s listeners; give each its scoreboard counter (kept across reloads)."""
+        for listener in plan.listeners:
+            self._sockets.setdefault(id(listener.sock), listener)
+            if listener.name not in self.counter_names:
+                self.counter_names.append(listener.name)
+        plan.spec.counter_indexes = [self.counter_names.index(listener.name) for listener in plan.listeners]
+
+    def _forget_finished_plans(self) -> None:
+        """Drop the plans no worker runs any more; close the listeners and logs only they had."""
+        before = self._plans_seen()
+        generations = {w.generation for w in self.pool.workers.values()} | {self.pool.generation}
+        self.plans = {g: plan for g, plan in self.plans.items() if g in generations}
+        kept = self._plans_seen()
+        held = {id(listener.sock) for plan in kept for listener in plan.listeners}
+        for key, listener in list(self._sockets.items()):
+            if key not in held:
+                del self._sockets[key]
+                log.info("closing listener %s: the configuration no longer has it", listener.name)
+                listener.close(unlink=not self.handed_over)
+        logs = {id(plan.spec.access_log) for plan in kept}
+        for plan in before:
+            if plan.spec.access_log is not None and id(plan.spec.access_log) not in logs:
+                plan.spec.access_log.close()
+
+    def _plans_seen(self) -> list[Plan]:
+        """The plans the master still needs: the current one, the one a reload in flight may go
+        back to, and those of living workers."""
+        return [self.plan, self._previous_plan, *self.plans.values()]
+
+    def _report(self, outcome: str, plan: Plan | None = None, error: str = "", exit_code: int = 0) -> None:
+        """Say how the reload went in PIDFILE.reload, for `prefork reload`."""
+        if self.pidfile is None:
+            return
+        report = ReloadReport(self.reload_seq, self.pid, outcome, self.pool.generation,
+                              plan.changes if plan else (), plan.held if plan else (), error, exit_code)
+        try:
+            write_report(report_path(self.pidfile.path), report)
+        except OSError as exc:
+            log.error("cannot write %s: %s", report_path(self.pidfile.path), exc.strerror)
 
     def handle_ttin(self) -> None:
         self._execute(self.pool.scale(time.monotonic(), self.pool.target + 1))
@@ -404,6 +553,22 @@ class Arbiter:
 
     # -- the metrics process -----------------------------------------------------------------
 
+    def _sync_metrics(self, old: Plan) -> None:
+        """After a change of plan: restart the metrics process if what it serves has changed.
+
+        A new address that cannot be bound raises ListenerError (the reload is refused, and the
+        process of the running configuration is started again on its address).
+        """
+        wanted = (getattr(self.settings, "metrics_bind", None), self.spec.name, tuple(self.counter_names))
+        if wanted == self._metrics_serves and (self.metrics_pid or self._metrics_due):
+            return
+        self._stop_metrics()
+        try:
+            self._start_metrics(wait=True)
+        except PreforkError:
+            self._metrics_due = time.monotonic() + METRICS_RESTART_DELAY  # the running plan's, again
+            raise
+
     def _start_metrics(self, wait: bool) -> None:
         """Fork the process that serves metrics_bind from the scoreboard.
 
@@ -412,6 +577,7 @@ class Arbiter:
         """
         bind = getattr(self.settings, "metrics_bind", None)
         self._metrics_due = 0.0
+        self._metrics_serves = (bind, self.spec.name, tuple(self.counter_names))
         if not bind:
             return
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
@@ -427,6 +593,7 @@ class Arbiter:
         finally:
             os.close(read_fd)
         if report != b"ok":
+            self._stop_metrics()
             raise ListenerError(bind, report.decode(errors="replace") or "the metrics process did not start")
 
     def _run_metrics(self, bind: str, report_fd: int) -> None:
@@ -436,14 +603,14 @@ class Arbiter:
             if self.signals is not None:
                 self.signals.forget()
             reset_to_defaults(MASTER_SIGNALS)
-            for listener in self.listeners:
+            for listener in self._sockets.values():
                 listener.sock.close()  # this process serves no traffic and must not hold the ports
             set_title("metrics", self.spec.name)
             from prefork import metrics  # only here: it brings in an HTTP server the rest never needs
 
             assert self.scoreboard is not None
-            names = [listener.name for listener in self.listeners]
-            metrics.run(bind, self.scoreboard, names, self.spec.name, drop_privileges=self.spec.drop_privileges,
+            metrics.run(bind, self.scoreboard, list(self.counter_names), self.spec.name,
+                        drop_privileges=self.spec.drop_privileges,
                         ready=lambda address: _metrics_ready(report_fd, address))
             code = 0
         except PreforkError as exc:
@@ -477,7 +644,7 @@ class Arbiter:
         if self.pool.workers:
             self._kill_all(signal.SIGKILL)
         self._stop_metrics()
-        for listener in self.listeners:
+        for listener in self._sockets.values():
             listener.close(unlink=not self.handed_over)
         if self.scoreboard is not None:
             self.scoreboard.close()
@@ -489,13 +656,17 @@ class Arbiter:
         self._exit = self._exit or policy.Halt(EXIT_OK, "stopped")
         log.info("master %d exiting: %s", self.pid, self._exit.reason)
 
-    def _first_boot_error(self) -> str:
-        try:
-            data = os.read(self._boot_errors[0], 65536) if self._boot_errors else b""
-        except BlockingIOError:
-            data = b""  # no worker said anything
-        first = data.split(b"\0", 1)[0].decode(errors="replace")
-        return first or "see the worker's log"
+    def _read_boot_messages(self) -> None:
+        """Take what workers wrote on the boot-error pipe ("PID:message", NUL-terminated)."""
+        while self._boot_errors:
+            try:
+                data = os.read(self._boot_errors[0], 65536)
+            except BlockingIOError:
+                return  # nothing more was said
+            for record in filter(None, data.split(b"\0")):
+                pid, _, message = record.decode(errors="replace").partition(":")
+                if pid.isdigit():
+                    self._boot_messages[int(pid)] = message
 
     def _scoreboard_path(self) -> str | None:
         """Beside the pidfile (for `prefork status`); a temporary file if only metrics read it."""
@@ -506,8 +677,8 @@ class Arbiter:
             return os.path.join(tempfile.gettempdir(), f"prefork-{self.pid}.scoreboard")
         return None
 
-    def _call_hook(self, name: str, *args: Any) -> None:
-        hook = getattr(self.hooks, name)
+    def _call_hook(self, name: str, *args: Any, plan: Plan | None = None) -> None:
+        hook = getattr((plan or self.plan).hooks, name)
         if hook is None:
             return
         try:

@@ -366,7 +366,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefork", allow_abbrev=False,
                                      description="A pre-forking server runtime. Exit codes: 0 ok, 1 failure, "
                                                  "2 usage or configuration error, 3 the app could not be "
-                                                 "loaded, 4 a listener could not be bound.")
+                                                 "loaded, 4 a listener could not be bound, 5 unhealthy "
+                                                 "(status), 6 not all of the reload applied (reload).")
     parser.add_argument("--version", action="version", version=f"prefork {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("run", help="run a service: prefork run APP [options] (see prefork run --help)",
@@ -393,9 +394,11 @@ def _control_commands(commands: Any) -> None:
     waiting.add_argument("--timeout", type=float, default=control.DEFAULT_WAIT, metavar="SECONDS",
                          help=f"give up waiting after this long (default: {control.DEFAULT_WAIT:g}; exit 1)")
     specs: list[tuple[str, str, Callable[[argparse.Namespace], int], argparse.ArgumentParser]] = [
-        ("status", "the master and one row per worker", control.cmd_status, common),
+        ("status", "the master, its health and one row per worker; exit 5 when the pool is unhealthy",
+         control.cmd_status, common),
         ("reload", "HUP: reload the configuration and code; waits until every worker is of the new "
-                   "generation", control.cmd_reload, waiting),
+                   "generation, prints what changed; exit 6 if a setting needs a new master",
+         control.cmd_reload, waiting),
         ("stop", "TERM (graceful) or QUIT (--fast); waits until the master has exited", control.cmd_stop, waiting),
         ("upgrade", "USR2: a new master on the same sockets; waits until its workers accept",
          control.cmd_upgrade, waiting),
@@ -408,6 +411,9 @@ def _control_commands(commands: Any) -> None:
         sub.set_defaults(func=func)
         if name == "status":
             sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
+            sub.add_argument("--grace", type=float, default=control.DEFAULT_GRACE, metavar="SECONDS",
+                             help="how long the pool may have fewer serving workers than its target "
+                                  f"before it is unhealthy (default: {control.DEFAULT_GRACE:g})")
         elif name == "stop":
             sub.add_argument("--fast", action="store_true", help="fast stop (QUIT): in-flight requests are cut")
         elif name == "scale":

@@ -73,6 +73,7 @@ __all__ = [
     "MAX_SECONDS",
     "TABLE_START",
     "TABLE_END",
+    "held_on_reload",
 ]
 
 _Validator = Callable[[str, Any], Any]
@@ -104,11 +105,13 @@ MAX_SECONDS = 1e9
 
 def _setting(default: Any, help: str, validate: _Validator | None = None, *, factory: bool = False,
              section: str = "workers", kind: Kind | None = None, short: str | None = None,
-             default_text: str | None = None, sample: Any = None, deploy: Any = None) -> Any:
+             default_text: str | None = None, sample: Any = None, deploy: Any = None,
+             reload: str | None = None) -> Any:
     """A field of Settings. *sample* is an example value for a setting unset by default;
-    *deploy* a value that deploy/prefork.toml sets (instead of showing the default commented out)."""
+    *deploy* a value that deploy/prefork.toml sets (instead of showing the default commented out);
+    *reload*, for a setting that a reload (HUP) cannot apply, why not and how to apply it."""
     metadata = {"help": help, "validate": validate, "section": section, "kind": kind, "short": short,
-                "default_text": default_text, "sample": sample, "deploy": deploy}
+                "default_text": default_text, "sample": sample, "deploy": deploy, "reload": reload}
     if factory:
         return dataclasses.field(default_factory=default, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -119,6 +122,9 @@ def _cpu_count() -> int:
 
 
 _HOOK_SAMPLE = "myservice.hooks:function"
+# Why a reload cannot apply a change to how listeners are bound.
+_RESTART_LISTENERS = ("every listener would be bound anew, with or without SO_REUSEPORT; restart the "
+                      "service")
 
 
 @dataclasses.dataclass
@@ -137,7 +143,7 @@ class Settings:
                             _integer(0), section="listeners")
     reuse_port: bool = _setting(False, "each worker binds its own SO_REUSEPORT socket (kernel balancing; "
                                 "a stopping worker's queued connections are lost)", _boolean,
-                                section="listeners")
+                                section="listeners", reload=_RESTART_LISTENERS)
     unix_mode: int | None = _setting(None, "file mode of Unix socket files, e.g. 0o660", _mode,
                                      section="listeners", kind=MODE, sample=0o660)
     unix_owner: str | int | None = _setting(None, "owner of Unix socket files", _name_or_id,
@@ -152,7 +158,9 @@ class Settings:
                          _one_of("sync", "thread", "fork"), kind=WORD)
     threads: int = _setting(16, "most concurrent request threads per worker in thread mode", _integer(1))
     wsgi: bool = _setting(False, "APP is a WSGI callable (module:callable), served by the bundled "
-                          "workers.wsgi", _boolean)
+                          "workers.wsgi", _boolean,
+                          reload="the master reads APP as a service or a WSGI callable when it starts; "
+                                 "apply with `prefork upgrade`")
     max_workers: int = _setting(0, "adaptive pool: upper bound; 0 keeps the pool at `workers`",
                                 _integer(0, MAX_WORKERS))
     min_workers: int = _setting(1, "adaptive pool: lower bound", _integer(1, MAX_WORKERS))
@@ -175,15 +183,22 @@ class Settings:
                                       _integer(0), kind=SIZE, section="supervision")
     max_worker_lifetime: float = _setting(0.0, "recycle a worker after this many seconds; 0 disables",
                                           _at_least(0, MAX_SECONDS), section="supervision")
+    crash_limit: int = _setting(10, "halt (exit 3) after this many workers in a row died before serving "
+                                "a request; 0 never halts", _integer(0), section="supervision")
+    crash_timeout: float = _setting(60.0, "halt (exit 3) when workers have kept dying before serving for "
+                                    "this many seconds; 0 never halts", _at_least(0, MAX_SECONDS),
+                                    section="supervision")
     preload: bool = _setting(False, "import the app in the master and gc.freeze() before forking "
-                             "(then a reload does not load new code)", _boolean, section="supervision")
+                             "(then a reload does not load new code)", _boolean, section="supervision",
+                             reload="the app is imported in the master, once; apply with `prefork upgrade`")
     # -- process
     name: str = _setting("", "service name shown in process titles", _text, section="process",
                          short="-n", default_text="the app's name")
     pidfile: str | None = _setting(None, "write the master's pid here (atomically); removed on stop; "
                                    "`prefork status` and the control commands find the master by it",
                                    _optional(_path), section="process", short="-p",
-                                   deploy="/run/prefork/prefork.pid")
+                                   deploy="/run/prefork/prefork.pid",
+                                   reload="the control commands find the master by it; restart the service")
     user: str | int | None = _setting(None, "run workers as this user (the master binds first)",
                                       _name_or_id, section="process", sample="www-data")
     group: str | int | None = _setting(None, "run workers as this group", _name_or_id, section="process",
@@ -207,7 +222,9 @@ class Settings:
                                         section="logging", kind=_ADDRESS, sample="tcp://127.0.0.1:9100")
     # -- hooks
     on_starting: Any = _setting(None, "called in the master before the listeners are bound", _hook,
-                                section="hooks", kind=HOOK, sample=_HOOK_SAMPLE)
+                                section="hooks", kind=HOOK, sample=_HOOK_SAMPLE,
+                                reload="it runs once, when the master starts; the next start or "
+                                       "`prefork upgrade` runs the new one")
     when_ready: Any = _setting(None, "called in the master once every worker accepts", _hook,
                                section="hooks", kind=HOOK, sample=_HOOK_SAMPLE)
     pre_fork: Any = _setting(None, "called in the master before each worker is forked", _hook,
@@ -236,6 +253,11 @@ class Settings:
     @property
     def adaptive(self) -> bool:
         return self.max_workers > 0
+
+
+def held_on_reload() -> dict[str, str]:
+    """The settings a reload cannot apply: name -> why not, and how to apply a change."""
+    return {f.name: f.metadata["reload"] for f in settings_fields() if f.metadata.get("reload")}
 
 
 def settings_fields() -> tuple[dataclasses.Field[Any], ...]:

@@ -13,15 +13,17 @@ import json
 import os
 import re
 import signal
+import sys
 import time
 from typing import Any, Callable, Sequence
 
 import psutil
 
 from prefork import config
-from prefork.errors import EXIT_OK, AppLoadError, ConfigError, PidfileError, PreforkError
+from prefork.errors import EXIT_FAILURE, EXIT_NOT_APPLIED, EXIT_OK, EXIT_UNHEALTHY, ConfigError, PidfileError, PreforkError
 from prefork.pidfile import is_running, read_pid
 from prefork.procstats import CpuSampler, ProcStats, stats
+from prefork.reloads import CANCELLED, REFUSED, RELOADED, ReloadReport, read_report, report_path
 from prefork.scoreboard import BUSY, IDLE, MasterView, Scoreboard, SlotView
 
 __all__ = ["cmd_status", "cmd_reload", "cmd_stop", "cmd_upgrade", "cmd_scale", "cmd_reopen_logs",
@@ -37,6 +39,15 @@ PUBLISH_WAIT = 5.0
 POLL_INTERVAL = 0.05
 # `prefork status` measures CPU % between two readings of each process this far apart.
 CPU_SAMPLE_INTERVAL = 0.1
+# `prefork status` calls a pool unhealthy when fewer workers serve than its target for longer
+# than this (--grace): long enough for a replacement or a scale-up to boot, short enough for a
+# health check to notice a pool that has stopped serving.
+DEFAULT_GRACE = 10.0
+# The master publishes its health on every turn of its loop, at least once a second (TICK_IDLE);
+# a reading this much older means the master is stuck.
+STALE_MASTER = 10.0
+# This many workers in a row dying before they serve is a crash loop, not bad luck.
+CRASH_LOOP = 3
 
 # The most workers `prefork scale` asks for: as many as the `workers` setting may be.
 MAX_WORKERS = config.MAX_WORKERS
@@ -136,41 +147,53 @@ def _wait(what: str, done: Callable[[], bool], timeout: float, hint: str = "") -
 
 def cmd_reload(args: argparse.Namespace) -> int:
     master = _Master.find(args)
-    watch = _ReloadWatch(master, master.published()[0])
+    master.published()
+    watch = _ReloadWatch(master, report_path(master.pidfile))
     master.signal(signal.SIGHUP)
     _wait(f"reload of master {master.pid}", watch.done, args.timeout,
           "; the new workers are not all accepting yet, see the master's error log")
-    print(f"reloaded: master {master.pid} runs {_workers(watch.workers)} of generation {watch.generation}")
+    report = watch.report
+    assert report is not None
+    for line in report.changes:
+        print(line)
+    print(f"reloaded: master {master.pid} runs {_workers(watch.workers)} of generation {report.generation}")
+    if report.held:
+        for line in report.held:
+            print(f"not applied: {line}", file=sys.stderr)
+        return EXIT_NOT_APPLIED
     return EXIT_OK
 
 
 class _ReloadWatch:
-    """Follows a reload: the scoreboard's generation goes up, then every worker is of it.
+    """Follows a reload through the master's report (PIDFILE.reload) and the scoreboard.
 
-    The master publishes how reloads ended: a refused one (the new configuration is wrong) and a
-    failed one (the new workers could not load the app; the old ones keep serving) each raise a
-    counter in the scoreboard's header, which this compares with its reading before the HUP.
+    The report's sequence number tells our HUP's outcome from an earlier one: refused (the
+    configuration, a listener or a hook could not be used), cancelled (the new workers could
+    not start; the old ones keep serving), or reloaded once every worker is of the new
+    generation and accepts.
     """
 
-    def __init__(self, master: _Master, before: MasterView) -> None:
+    def __init__(self, master: _Master, path: str) -> None:
         self.master = master
-        self.before = before
-        self.generation = before.generation
+        self.path = path
+        before = read_report(path)
+        self.seq = before.seq if before is not None and before.pid == master.pid else 0
+        self.report: ReloadReport | None = None
         self.workers = 0
 
     def done(self) -> bool:
         view, slots = self.master.snapshot("reloading")
-        if view.reloads_refused > self.before.reloads_refused:
-            raise ConfigError(f"master {self.master.pid} refused the reload: its new configuration is "
-                              f"wrong; see its error log")
-        if view.reloads_failed > self.before.reloads_failed:
-            raise AppLoadError(f"master {self.master.pid} cancelled the reload: the workers of generation "
-                               f"{view.generation} could not load the app, the old ones keep serving; "
-                               f"see its error log")
-        if view.generation == self.before.generation:
+        report = read_report(self.path)
+        if report is None or report.pid != self.master.pid or report.seq <= self.seq:
             return False
-        self.generation, self.workers = view.generation, len(slots)
-        return _settled(view, slots, view.generation)
+        if report.outcome == REFUSED:
+            raise PreforkError(f"master {self.master.pid} refused the reload, the running configuration "
+                               f"stays: {report.error}", exit_code=report.exit_code or EXIT_FAILURE)
+        if report.outcome == CANCELLED:
+            raise PreforkError(f"master {self.master.pid} cancelled the reload, the old workers keep serving "
+                               f"with the configuration they had: {report.error}", exit_code=report.exit_code)
+        self.report, self.workers = report, len(slots)
+        return report.outcome == RELOADED and _settled(view, slots, report.generation)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
@@ -291,17 +314,42 @@ def cmd_reopen_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """0 when the pool is healthy, EXIT_UNHEALTHY (with the reasons) when it is not."""
     master = _Master.find(args)
-    report = _status_report(master)
+    report = _status_report(master, args.grace)
     print(json.dumps(report, indent=2) if args.json else _format_status(report))
-    return EXIT_OK
+    return EXIT_OK if report["health"]["healthy"] else EXIT_UNHEALTHY
 
 
-def _status_report(master: _Master) -> dict[str, Any]:
+def _problems(view: MasterView, slots: list[SlotView], now: float, grace: float) -> list[str]:
+    """Why the pool is not healthy; empty when it is. Measured, not assumed: workers count as
+    serving only when their slots say they accept."""
+    health = view.health
+    assert health is not None
+    problems = []
+    if health.stopping:
+        problems.append("the master is stopping")
+    if now - health.tick > STALE_MASTER:
+        problems.append(f"the master has not turned its loop for {now - health.tick:.0f} s")
+    serving = sum(1 for slot in slots if slot.pid and slot.state in _READY)
+    if view.target < 1:
+        problems.append("no worker is meant to run (the pool was scaled to 0, e.g. by SIGWINCH)")
+    elif serving < view.target and health.short_since and now - health.short_since > grace:
+        problems.append(f"{serving} of {view.target} workers serving, for {now - health.short_since:.0f} s")
+    if health.crash_streak >= CRASH_LOOP:
+        problems.append(f"crash loop: {health.crash_streak} workers in a row died before serving; the last: "
+                        f"{health.last_crash}")
+    return problems
+
+
+def _status_report(master: _Master, grace: float = DEFAULT_GRACE) -> dict[str, Any]:
     view, slots = master.published()
     readings = _sample([master.pid, *(slot.pid for slot in slots if slot.pid)])
     now = time.monotonic()
+    problems = _problems(view, slots, now, grace)
     return {
+        "health": {"healthy": not problems, "problems": problems,
+                   "serving": sum(1 for slot in slots if slot.pid and slot.state in _READY)},
         "pidfile": master.pidfile,
         "master": {"pid": master.pid, "title": _title(master.pid), "generation": view.generation,
                    "target": view.target, "workers": len(slots), "uptime": round(now - view.started, 3),
@@ -343,7 +391,10 @@ def _title(pid: int) -> str:
 def _format_status(report: dict[str, Any]) -> str:
     m = report["master"]
     restarts = ", ".join(f"{cause} {count}" for cause, count in m["restarts"].items())
+    health = report["health"]
+    verdict = "healthy" if health["healthy"] else "UNHEALTHY: " + "; ".join(health["problems"])
     head = (f"master {m['pid']}  {m['title']}\n"
+            f"  {verdict}: {health['serving']} of {m['target']} workers serving\n"
             f"  generation {m['generation']}, {m['workers']} of {m['target']} workers, up {_duration(m['uptime'])}, "
             f"RSS {_size(m['rss'])}, USS {_size(m['uss'])}, CPU {_percent(m['cpu_percent'])}\n"
             f"  restarts: {restarts}\n")

@@ -23,6 +23,8 @@ __all__ = [
     "EXIT_USAGE",
     "EXIT_APP_LOAD",
     "EXIT_BIND",
+    "EXIT_UNHEALTHY",
+    "EXIT_NOT_APPLIED",
     "PreforkError",
     "ConfigError",
     "BindSpecError",
@@ -37,12 +39,19 @@ EXIT_FAILURE = 1  # unexpected failure
 EXIT_USAGE = 2  # usage or configuration error
 EXIT_APP_LOAD = 3  # a worker (or the master, with preload) could not load the app
 EXIT_BIND = 4  # a listener could not be bound
+EXIT_UNHEALTHY = 5  # `prefork status`: the pool does not serve as promised (the reasons are printed)
+EXIT_NOT_APPLIED = 6  # `prefork reload`: done, but settings that need a new master were not applied
 
 
 class PreforkError(Exception):
     """A failure reported to the user as a message, without a traceback."""
 
     exit_code = EXIT_FAILURE
+
+    def __init__(self, *args: object, exit_code: int | None = None) -> None:
+        super().__init__(*args)
+        if exit_code is not None:
+            self.exit_code = exit_code
 
 
 class ConfigError(PreforkError):

@@ -58,6 +58,7 @@ __all__ = [
     "listener_for_socket",
     "parse_bind",
     "rebind_reuse_port",
+    "reconfigure",
     "systemd_listeners",
 ]
 
@@ -106,6 +107,13 @@ class Listener:
 
     def fileno(self) -> int:
         return self.sock.fileno()
+
+    def with_spec(self, spec: BindSpec) -> Listener:
+        """The same socket under *spec* (a reload that keeps the address, perhaps with another
+        allow-list). Closing either closes the socket; only this process removes its file."""
+        twin = Listener(spec, self.sock)
+        twin._file, twin._pid, twin._address = self._file, self._pid, self._address
+        return twin
 
     def close(self, *, unlink: bool = True) -> None:
         """Close the socket; with *unlink*, remove the Unix socket file if it is still ours.
@@ -186,6 +194,23 @@ def bind_all(specs: Sequence[str | BindSpec], *, backlog: int | None = None, reu
     finally:
         binder.close_unclaimed()
     return bound
+
+
+def reconfigure(listeners: Sequence[Listener], *, backlog: int | None = None, reuse_port: bool = False,
+                unix_mode: int | None = None, unix_owner: str | int | None = None,
+                unix_group: str | int | None = None) -> None:
+    """Give listeners kept across a reload the new backlog, and their Unix socket files the new
+    owner and mode (a file this process did not create is left as it is). Called in the master.
+
+    Raises ConfigError for a wrong setting, ListenerError when the file cannot be changed.
+    """
+    binder = _Binder(backlog, reuse_port, unix_mode, unix_owner, unix_group, None, None)
+    for listener in listeners:
+        if listener._file is not None and listener.sock.family == socket.AF_UNIX:
+            binder._finish_unix(listener.spec, listener.sock)
+        elif listener.sock.type == socket.SOCK_STREAM and _is_listening(listener.sock):
+            with _failing(listener.name, doing=f"cannot listen on {listener.name} with backlog {binder.backlog}"):
+                listener.sock.listen(binder.backlog)  # Linux takes a new backlog for a listening socket
 
 
 def listener_for_socket(sock: socket.socket) -> Listener:

@@ -35,7 +35,7 @@ from typing import IO, Any, Callable
 
 from prefork.errors import ConfigError
 
-__all__ = ["AccessLog", "JsonFormatter", "LEVELS", "OUTCOMES", "TEXT_FORMAT", "close", "error_stream",
+__all__ = ["AccessLog", "JsonFormatter", "LEVELS", "OUTCOMES", "TEXT_FORMAT", "close", "configured", "error_stream",
            "reopen", "setup"]
 
 log = logging.getLogger("prefork.log")
@@ -97,6 +97,11 @@ def setup(settings: Any) -> None:
         root.addHandler(handler)
     root.setLevel(level)
     logging.getLogger("prefork").setLevel(level)
+
+
+def configured() -> bool:
+    """True once ``setup`` has installed the error log (and ``close`` has not removed it)."""
+    return _STATE.error_handler is not None
 
 
 def error_stream() -> IO[str]:

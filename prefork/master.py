@@ -16,6 +16,7 @@ each worker serving all of them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -23,11 +24,12 @@ import types
 from typing import Any, Callable, Sequence, cast
 
 from prefork import log as log_files
-from prefork.arbiter import Arbiter, Hooks
-from prefork.config import Settings, make_settings
+from prefork.arbiter import Arbiter, Hooks, Plan
+from prefork.config import Settings, format_value, held_on_reload, make_settings
 from prefork.errors import AppLoadError, ConfigError
 from prefork.handlers import DatagramRequestHandler, StreamRequestHandler
-from prefork.listeners import Listener, bind_all, inherited_listeners, listener_for_socket, rebind_reuse_port
+from prefork.listeners import (Listener, bind_all, inherited_listeners, listener_for_socket, parse_bind,
+                               rebind_reuse_port, reconfigure)
 from prefork.loader import load_object
 from prefork.modes import server_class_for
 from prefork.servers import BaseServer, TCPServer, UDPServer
@@ -84,9 +86,8 @@ class PreforkMixIn:
         """Fork the workers and supervise them until a stop signal or shutdown()."""
         listener = listener_for_socket(self.socket)
         itself = cast(BaseServer, self)  # in each worker, this very object serves the inherited socket
-        hooks = _hooks(self.settings)
-        spec = _worker_spec(self.settings, [listener], lambda listeners: [itself], self._service_name(), hooks)
-        self._arbiter = Arbiter(self.settings, [listener], spec, hooks)
+        service = _Service(lambda listeners: [itself], self._service_name())
+        self._arbiter = Arbiter(service.plan(self.settings, [listener]))
         try:
             self.exit_code = self._arbiter.run()
         finally:
@@ -139,9 +140,9 @@ def serve(app: Any, bind: Sequence[str] | str | None = None, *, settings: Settin
         raise ConfigError("setting 'bind': no listener given; for example tcp://127.0.0.1:8000")
     if settings.umask is not None:
         os.umask(settings.umask)
-    hooks = _hooks(settings)
-    if hooks.on_starting is not None:
-        hooks.on_starting(settings)
+    starting = _hooks(settings).on_starting
+    if starting is not None:
+        _run_on_starting(starting, settings)
     if settings.preload and isinstance(app, str):
         app = load_object(app)
     listeners = bind_all(settings.bind, backlog=settings.backlog or None, reuse_port=settings.reuse_port,
@@ -149,25 +150,155 @@ def serve(app: Any, bind: Sequence[str] | str | None = None, *, settings: Settin
                          unix_group=settings.unix_group, inherited=inherited_listeners(os.environ))
     for name in ("PREFORK_FDS", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(name, None)  # adopted: workers and their children must not see them
-    builder = _ServerBuilder(app, server_class, settings.mode, settings.threads, service_options or {})
+    builder = _ServerBuilder(app, server_class, service_options or {})
     if not isinstance(app, str):
         builder.app = app = builder.service(app)
-    if not isinstance(app, str):
-        builder.check(listeners)  # a mismatch is reported before any fork
-    spec = _worker_spec(settings, listeners, builder, settings.name or _app_name(app), hooks)
-    return Arbiter(settings, listeners, spec, hooks, reload_settings).run()
+    service = _Service(builder, _app_name(app), reload_settings)
+    return Arbiter(service.plan(settings, listeners), service.replan if reload_settings else None).run()
+
+
+def _run_on_starting(hook: Callable[..., Any], settings: Settings) -> None:
+    """on_starting prepares the service: if it fails, the service does not start (exit 3)."""
+    try:
+        hook(settings)
+    except Exception as exc:
+        log.exception("hook on_starting failed")
+        raise AppLoadError(f"hook on_starting failed: {exc!r}") from exc
+
+
+class _Service:
+    """Makes the plan of each generation of workers from the settings in force for it."""
+
+    def __init__(self, build: Callable[..., list[BaseServer]], default_name: str,
+                 reload_settings: Callable[[], Settings] | None = None) -> None:
+        self.build = build
+        self.default_name = default_name
+        self.reload_settings = reload_settings
+
+    def plan(self, settings: Settings, listeners: list[Listener], current: Plan | None = None) -> Plan:
+        """Everything a generation is built from (hooks resolved, access log opened)."""
+        hooks = _hooks(settings)
+        builder = self.build.configured(settings) if isinstance(self.build, _ServerBuilder) else self.build
+        if isinstance(builder, _ServerBuilder) and not isinstance(builder.app, str):
+            builder.check(listeners)  # a mismatch is reported before any fork
+        name = settings.name or self.default_name
+        access_log = _access_log(settings, current)
+        spec = _worker_spec(settings, listeners, builder, name, hooks, access_log)
+        return Plan(settings, listeners, spec, hooks, enter=lambda: _enter(settings, name))
+
+    def replan(self, current: Plan) -> Plan:
+        """Called in the master on HUP: the plan of the whole new configuration.
+
+        Raises PreforkError to refuse it (the configuration is wrong, a listener cannot be
+        bound, a hook cannot be loaded); nothing this call bound is left open then.
+        """
+        assert self.reload_settings is not None
+        old = current.settings
+        fresh, held = _hold(old, self.reload_settings())
+        listeners, added = _relisten(current, fresh)
+        try:
+            plan = self.plan(fresh, listeners, current)
+        except BaseException:
+            for listener in added:
+                listener.close()
+            raise
+        plan.changes = tuple(_changes(current, plan))
+        plan.held = tuple(held)
+        return plan
+
+
+def _hold(old: Settings, new: Settings) -> tuple[Settings, list[str]]:
+    """*new*, less the changes a reload cannot apply; and those changes, each with why not."""
+    held = {name: why for name, why in held_on_reload().items() if getattr(old, name) != getattr(new, name)}
+    lines = [f"{name}: {_text(name, getattr(old, name))} -> {_text(name, getattr(new, name))}: {why}"
+             for name, why in held.items()]
+    return dataclasses.replace(new, **{name: getattr(old, name) for name in held}), lines
+
+
+def _relisten(current: Plan, settings: Settings) -> tuple[list[Listener], list[Listener]]:
+    """The listeners of *settings*: those already held kept (by address), the rest bound now.
+
+    Returns them all, in the order of ``bind``, and the ones bound now. A listener kept with
+    another allow-list shares the socket. Kept ones take the new backlog and Unix socket
+    file owner and mode. ListenerError or ConfigError when something cannot be bound.
+    """
+    held: dict[str, list[Listener]] = {}
+    for listener in current.listeners:
+        held.setdefault(listener.spec.address_text, []).append(listener)
+    specs = [parse_bind(text) for text in settings.bind]
+    options: dict[str, Any] = dict(backlog=settings.backlog or None, reuse_port=settings.reuse_port,
+                                   unix_mode=settings.unix_mode, unix_owner=settings.unix_owner,
+                                   unix_group=settings.unix_group)
+    fresh = iter(bind_all([spec for spec in specs if spec.address_text not in held], **options))
+    added: list[Listener] = []
+    listeners: list[Listener] = []
+    for spec in specs:
+        if spec.address_text in held:
+            kept = [listener.with_spec(spec) for listener in held[spec.address_text]]
+            reconfigure(kept, **options)
+            listeners += kept
+        else:
+            new = next(fresh)
+            added.append(new)
+            listeners.append(new)
+    return listeners, added
+
+
+def _changes(current: Plan, new: Plan) -> list[str]:
+    """One line per setting that differs: "workers: 2 -> 3", "bind: +udp://127.0.0.1:9000"."""
+    old_names = [listener.spec.text for listener in current.listeners]
+    new_names = [listener.spec.text for listener in new.listeners]
+    lines = []
+    for field in dataclasses.fields(Settings):
+        name = field.name
+        before, after = getattr(current.settings, name), getattr(new.settings, name)
+        if name == "bind":
+            diff = [f"+{n}" for n in new_names if n not in old_names] + [f"-{n}" for n in old_names if n not in new_names]
+            if diff:
+                lines.append(f"bind: {' '.join(diff)}")
+        elif before != after:
+            lines.append(f"{name}: {_text(name, before)} -> {_text(name, after)}")
+    return lines
+
+
+def _text(name: str, value: Any) -> str:
+    return "unset" if value is None else format_value(name, value)
+
+
+def _access_log(settings: Settings, current: Plan | None) -> log_files.AccessLog | None:
+    """The access log for *settings*: the current plan's if it writes the same way, else opened now."""
+    if current is not None and current.spec.access_log is not None:
+        before = current.settings
+        if (before.access_log, before.log_format) == (settings.access_log, settings.log_format):
+            return cast(log_files.AccessLog, current.spec.access_log)
+    return log_files.AccessLog.from_settings(settings)  # opened now: a bad path fails before fork
+
+
+def _enter(settings: Settings, name: str) -> None:
+    """The master's own part of a plan: umask, process title, and (if prefork set them up) logs."""
+    if settings.umask is not None:
+        os.umask(settings.umask)
+    from prefork.proctitle import set_title
+
+    set_title("master", name)
+    if log_files.configured():
+        log_files.setup(settings)
 
 
 class _ServerBuilder:
     """Builds, in a worker, one server per listener around the inherited sockets."""
 
-    def __init__(self, app: Any, server_class: type[BaseServer] | None, mode: str, threads: int,
-                 service_options: dict[str, Any]) -> None:
+    def __init__(self, app: Any, server_class: type[BaseServer] | None, service_options: dict[str, Any],
+                 mode: str = "sync", threads: int = 1) -> None:
         self.app = app
         self.server_class = server_class
         self.mode = mode
         self.threads = threads
         self.service_options = service_options
+
+    def configured(self, settings: Settings) -> _ServerBuilder:
+        """The same app and options, with the mode and threads of *settings*."""
+        return _ServerBuilder(self.app, self.server_class, self.service_options, settings.mode, settings.threads)
 
     def __call__(self, listeners: Sequence[Listener]) -> list[BaseServer]:
         """Called in the worker: load the app (unless preloaded) and wrap each listener."""
@@ -227,11 +358,10 @@ def handler_for(app: Any, listener: Listener) -> Any:
 
 
 def _worker_spec(settings: Settings, listeners: Sequence[Listener], build: Callable[..., list[BaseServer]],
-                 name: str, hooks: Hooks) -> WorkerSpec:
+                 name: str, hooks: Hooks, access_log: log_files.AccessLog | None) -> WorkerSpec:
     from prefork.proctitle import set_title
     from prefork.privileges import privilege_dropper
 
-    set_title("master", name)
     return WorkerSpec(
         listeners=listeners,
         build_servers=build,
@@ -244,7 +374,7 @@ def _worker_spec(settings: Settings, listeners: Sequence[Listener], build: Calla
         post_fork=hooks.post_fork,
         on_reopen_logs=log_files.reopen,
         set_title=lambda number, generation: set_title("worker", name, number, generation),
-        access_log=log_files.AccessLog.from_settings(settings),  # opened now: a bad path fails before fork
+        access_log=access_log,
         read_timeout=settings.read_timeout,
     )
 

@@ -9,10 +9,14 @@ Rules:
 2. Capacity never dips for a replacement: a worker to be replaced (new generation after a
    reload, or recycled) is stopped only once its successor reports that it accepts, and only
    one replacement is in flight at a time.
-3. A worker that cannot boot the app stops the service (exit code 3); workers that die young
-   without having served a request are restarted with exponential back-off, never in a tight
-   fork loop. A worker that served is proof the app runs: its death (a poison request, the OOM
-   killer, an operator's kill) is replaced at once, so such deaths cannot empty the pool.
+3. A worker that cannot boot the app stops the service (exit code 3); workers that die before
+   serving (young and without a request, or before they ever accepted) are restarted with
+   exponential back-off, never in a tight fork loop, and a crash loop ends: after
+   ``crash_limit`` such deaths in a row, or ``crash_timeout`` seconds of them, the service
+   halts with exit code 3 and the last cause. During a reload, a new worker that dies before
+   it accepts cancels the reload instead: the older generation, its configuration and its
+   pool size stay. A worker that served is proof the app runs: its death (a poison request,
+   the OOM killer, an operator's kill) is replaced at once, so such deaths cannot empty the pool.
 4. Idle workers are never killed for the request timeout; busy ones are first sent SIGABRT
    (their tracebacks are dumped), then SIGKILL after a short grace.
 """
@@ -25,7 +29,7 @@ import signal
 from typing import Any, Mapping, Union
 
 from prefork.errors import EXIT_APP_LOAD, EXIT_OK
-from prefork.scoreboard import BOOTING, BUSY, IDLE, STOP_RETIRE, STOP_SHUTDOWN, SlotView
+from prefork.scoreboard import BOOTING, BUSY, IDLE, STOP_RETIRE, STOP_SHUTDOWN, Health, SlotView
 
 __all__ = ["Pool", "PoolConfig", "WorkerRecord", "Spawn", "Stop", "Kill", "Halt", "Notify",
            "WORKER_BOOT_FAILED"]
@@ -65,6 +69,8 @@ class PoolConfig:
     max_workers: int = 0
     min_spare: int = 1
     max_spare: int = 4
+    crash_limit: int = 10
+    crash_timeout: float = 60.0
 
     @classmethod
     def from_settings(cls, settings: Any) -> PoolConfig:
@@ -130,9 +136,11 @@ class Halt:
 
 @dataclasses.dataclass(frozen=True)
 class Notify:
-    """A state change worth telling the service manager and the hooks: 'ready' or 'reloaded'."""
+    """A state change worth telling the service manager and the hooks: 'ready', 'reloaded', or
+    'cancelled' (a reload whose new workers died before accepting; *reason* says how)."""
 
     event: str
+    reason: str = ""
 
 
 Action = Union[Spawn, Stop, Kill, Halt, Notify]
@@ -151,7 +159,12 @@ class Pool:
         self.stop_started = 0.0
         self.exit_code = EXIT_OK
         self.exit_reason = ""
-        self._young_deaths = 0
+        self._young_deaths = 0  # workers in a row that died before serving: the crash streak
+        self._streak_started = 0.0
+        self.last_crash = ""  # how the last worker that died before serving ended
+        self._short_since = 0.0  # since when fewer workers serve than the target (0: not short)
+        self._before_reload: tuple[PoolConfig, int] | None = None
+        self._cancelled: set[int] = set()  # generations of cancelled reloads
         self._next_spawn_at = 0.0
         self._announced_ready = False
         self._reload_pending = False
@@ -174,31 +187,66 @@ class Pool:
         self.workers.pop(worker.slot, None)
         self._died_young(now)
 
-    def exited(self, pid: int, exit_code: int, now: float, served: int = 0) -> list[Action]:
-        """The worker *pid* exited with *exit_code* after serving *served* requests."""
+    def exited(self, pid: int, exit_code: int, now: float, served: int = 0, cause: str = "") -> list[Action]:
+        """The worker *pid* exited with *exit_code* after serving *served* requests.
+
+        *cause* says how it ended ("exit status 1: ..."), for the halt of a crash loop.
+        """
         worker = self.by_pid(pid)
         if worker is None:
             return []
         del self.workers[worker.slot]
-        if exit_code == WORKER_BOOT_FAILED and not self.stopping:
-            return self._boot_failed(worker, now)
+        if self.stopping or worker.stopping:
+            self._count_exit(worker, exit_code, now, served)
+            return self._after_change(now)
+        if worker.generation in self._cancelled:
+            self.restarts["crash" if exit_code else "exit"] += 1
+            return self._after_change(now)  # one of a cancelled reload's: it said all there is
+        if exit_code == WORKER_BOOT_FAILED and not any(w.ready for w in self._live()):
+            return self.stop(now, fast=True, exit_code=EXIT_APP_LOAD,
+                             reason=f"worker {worker.number} could not load the app")
+        if exit_code == WORKER_BOOT_FAILED or not served and (not worker.ready or now - worker.spawned_at < YOUNG_AGE):
+            return self._died_before_serving(worker, exit_code, now, cause)
         self._count_exit(worker, exit_code, now, served)
         return self._after_change(now)
 
-    def _boot_failed(self, worker: WorkerRecord, now: float) -> list[Action]:
-        """A worker could not load the app: cancel a reload if older workers still serve, else halt."""
-        older = [w for w in self._live() if w.generation < worker.generation and w.ready]
-        if not older:
+    def _died_before_serving(self, worker: WorkerRecord, exit_code: int, now: float, cause: str) -> list[Action]:
+        """A crash: back off, cancel a reload in flight, or end a crash loop with a halt."""
+        self.restarts["crash" if exit_code else "exit"] += 1
+        self.last_crash = f"worker {worker.number} (generation {worker.generation}) {cause or 'died'}"
+        if self._reloading(worker):
+            return self._cancel_reload(worker, now, self.last_crash)
+        if not self._young_deaths:
+            self._streak_started = now
+        self._died_young(now)
+        cfg = self.config
+        lasted = now - self._streak_started
+        if cfg.crash_limit and self._young_deaths >= cfg.crash_limit or cfg.crash_timeout and lasted >= cfg.crash_timeout:
             return self.stop(now, fast=True, exit_code=EXIT_APP_LOAD,
-                             reason=f"worker {worker.number} could not load the app")
+                             reason=f"crash loop: {self._young_deaths} workers in a row died before serving "
+                                    f"(over {lasted:.1f}s); the last: {self.last_crash}")
+        return self._after_change(now)
+
+    def _reloading(self, worker: WorkerRecord) -> bool:
+        """True if *worker* is of a reload in flight, whose older workers still serve."""
+        return (self._reload_pending and worker.generation == self.generation
+                and any(w.generation < worker.generation and w.ready for w in self._live()))
+
+    def _cancel_reload(self, worker: WorkerRecord, now: float, cause: str) -> list[Action]:
+        """The new generation cannot serve: the older one stays, with the pool it had."""
         self.reload_failures += 1
         self._reload_pending = False
+        self._cancelled.add(worker.generation)
+        self.generation += 1  # replacements from now on are of the configuration that serves
+        if self._before_reload is not None:
+            self.config, self.target = self._before_reload
+            self._before_reload = None
         for other in self._live():
             other.outgoing = "" if other.generation < worker.generation else other.outgoing
             if other.generation == worker.generation and not other.ready:
-                other.outgoing = "reload failed"
-        self._died_young(now)
-        return self._after_change(now)
+                other.outgoing = "reload cancelled"
+        reason = f"worker {worker.number} of generation {worker.generation} could not start: {cause or 'died'}"
+        return [Notify("cancelled", reason)] + self._after_change(now)
 
     def tick(self, now: float, slots: Mapping[int, SlotView], rss: Mapping[int, int] | None = None) -> list[Action]:
         """Periodic look at the scoreboard (*slots* by slot index) and memory (*rss* by pid)."""
@@ -238,6 +286,7 @@ class Pool:
         """HUP: a new generation replaces every worker, one at a time."""
         if self.stopping:
             return []
+        self._before_reload = (self.config, self.target)
         if config is not None:
             self.config = config
             self.target = max(config.min_workers, self.target) if config.adaptive else config.workers
@@ -272,6 +321,15 @@ class Pool:
             return min(TICK_IDLE, self._next_spawn_at - now)
         return TICK_IDLE
 
+    def health(self, now: float) -> Health:
+        """The pool's health for `prefork status` (also tracks since when the pool is short)."""
+        ready = sum(1 for w in self._live() if w.ready)
+        if ready >= self.target:
+            self._short_since = 0.0
+        elif not self._short_since:
+            self._short_since = now
+        return Health(now, self._short_since, self._young_deaths, bool(self.stopping), self.last_crash)
+
     def statistics(self) -> dict[str, Any]:
         return {
             "generation": self.generation,
@@ -290,6 +348,8 @@ class Pool:
     def _watch(self, worker: WorkerRecord, view: SlotView, now: float, rss: int | None) -> list[Action]:
         if not worker.ready and view.state not in (BOOTING, 0):
             worker.ready = True
+        if self._young_deaths and (view.requests or worker.ready and now - worker.spawned_at >= YOUNG_AGE):
+            self._young_deaths = 0  # a worker serves, or has lived long enough: the streak is over
         if worker.killed:
             return []
         if worker.abort_sent_at is not None:
@@ -396,6 +456,7 @@ class Pool:
             return [Notify("ready")]
         if self._reload_pending and not any(w.outgoing for w in self._live()):
             self._reload_pending = False
+            self._before_reload = None
             return [Notify("reloaded")]
         return []
 
@@ -418,10 +479,7 @@ class Pool:
             self._young_deaths = 0 if worker.ready else self._young_deaths
             return
         self.restarts["crash" if exit_code else "exit"] += 1
-        if now - worker.spawned_at < YOUNG_AGE and not served:
-            self._died_young(now)
-        else:
-            self._young_deaths = 0
+        self._young_deaths = 0  # it served, or lived past YOUNG_AGE: the app runs
 
     def _died_young(self, now: float) -> None:
         self._young_deaths += 1

@@ -26,7 +26,7 @@ import os
 import time
 from typing import Any
 
-__all__ = ["Scoreboard", "SlotView", "MasterView", "RESTART_CAUSES", "MAX_LISTENERS", "BOOTING", "IDLE", "BUSY", "EXITING", "FREE", "STATE_NAMES"]
+__all__ = ["Scoreboard", "SlotView", "MasterView", "Health", "RESTART_CAUSES", "MAX_LISTENERS", "BOOTING", "IDLE", "BUSY", "EXITING", "FREE", "STATE_NAMES"]
 
 # Slot states.
 FREE, BOOTING, IDLE, BUSY, EXITING = 0, 1, 2, 3, 4
@@ -39,13 +39,16 @@ STOP_NONE, STOP_RETIRE, STOP_SHUTDOWN = 0, 1, 2
 _CLIENT_BYTES = 64
 # Room for the listener the current request came in on.
 _LISTENER_BYTES = 96
+# Room for the cause of the last worker death before serving, e.g. "exit status 1: post_fork
+# hook failed: ConnectionRefusedError(111, 'Connection refused')".
+_CAUSE_BYTES = 240
 # Per-listener request counters in each slot: a service with more listeners counts the rest
 # under the last one.
 MAX_LISTENERS = 8
 
 # The file starts with a magic word and the layout version, so a reader never misreads a map
 # written by another version of prefork.
-_MAGIC = b"PFSB0001"
+_MAGIC = b"PFSB0002"
 # rw-r--r-- less the umask: `prefork status` and the metrics process read it; only the master
 # writes the file (workers write through the map they inherit).
 _FILE_MODE = 0o644
@@ -67,6 +70,8 @@ class _Slot(ctypes.Structure):
         ("started", ctypes.c_double),
         ("request_started", ctypes.c_double),
         ("last_tick", ctypes.c_double),
+        ("drain_mask", ctypes.c_int64),  # listeners to drain fully on a retiring stop (bit = index)
+        ("stop_deadline", ctypes.c_double),  # when a stopping worker must be gone (graceful_timeout)
         ("by_listener", ctypes.c_int64 * MAX_LISTENERS),
         ("client", ctypes.c_char * _CLIENT_BYTES),
         ("listener", ctypes.c_char * _LISTENER_BYTES),
@@ -88,6 +93,12 @@ class _Header(ctypes.Structure):
         ("restarts", ctypes.c_int64 * len(RESTART_CAUSES)),
         ("reloads_refused", ctypes.c_int64),  # HUP with a configuration that did not load
         ("reloads_failed", ctypes.c_int64),  # HUP whose new workers could not load the app
+        # Health, for `prefork status` (see MasterView).
+        ("tick", ctypes.c_double),
+        ("short_since", ctypes.c_double),
+        ("crash_streak", ctypes.c_int64),
+        ("stopping", ctypes.c_int64),
+        ("last_crash", ctypes.c_char * _CAUSE_BYTES),
     ]
 
 
@@ -102,6 +113,18 @@ class MasterView:
     restarts: dict[str, int]
     reloads_refused: int = 0
     reloads_failed: int = 0
+    health: Health | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Health:
+    """What the master knows of its pool's health, published on every turn of its loop."""
+
+    tick: float = 0.0  # the master's last turn (monotonic): a stale one means a stuck master
+    short_since: float = 0.0  # since when fewer workers serve than the target; 0: not short
+    crash_streak: int = 0  # workers in a row that died before serving
+    stopping: bool = False
+    last_crash: str = ""  # how the last of them died
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,11 +215,21 @@ class Scoreboard:
         for i, cause in enumerate(RESTART_CAUSES):
             header.restarts[i] = restarts.get(cause, 0)
 
+    def publish_health(self, health: Health) -> None:
+        """Master: its pool's health, on every turn of its loop."""
+        header = self._header
+        header.tick, header.short_since = health.tick, health.short_since
+        header.crash_streak, header.stopping = health.crash_streak, int(health.stopping)
+        header.last_crash = health.last_crash.encode(errors="replace")[:_CAUSE_BYTES - 1]
+
     def master(self) -> MasterView:
         header = self._header
         restarts = {cause: int(header.restarts[i]) for i, cause in enumerate(RESTART_CAUSES)}
+        health = Health(_finite(header.tick), _finite(header.short_since), int(header.crash_streak),
+                        bool(header.stopping), header.last_crash.decode(errors="replace"))
         return MasterView(int(header.master_pid), _finite(header.master_started), int(header.generation),
-                          int(header.target), restarts, int(header.reloads_refused), int(header.reloads_failed))
+                          int(header.target), restarts, int(header.reloads_refused), int(header.reloads_failed),
+                          health)
 
     def writer(self, index: int) -> SlotWriter:
         return SlotWriter(self._slots[index])
@@ -212,9 +245,16 @@ class Scoreboard:
         """Master: record the pid of the worker just forked into the slot."""
         self._slots[index].pid = pid
 
-    def request_stop(self, index: int, mode: int) -> None:
-        """Master: tell the slot's worker how to stop, before signalling it."""
-        self._slots[index].stop_mode = mode
+    def request_stop(self, index: int, mode: int, deadline: float, drain_mask: int = 0) -> None:
+        """Master: tell the slot's worker how to stop, before signalling it.
+
+        *deadline* (monotonic) is when it must be gone; *drain_mask* the listeners (bit = the
+        worker's listener index) whose queue it answers in full before leaving, as on a stop
+        of the whole service: listeners a reload removed, which no successor serves.
+        """
+        slot = self._slots[index]
+        slot.stop_deadline, slot.drain_mask = deadline, drain_mask
+        slot.stop_mode = mode
 
     def stop_mode(self, index: int) -> int:
         return int(self._slots[index].stop_mode)
@@ -297,6 +337,14 @@ class SlotWriter:
     @property
     def stop_mode(self) -> int:
         return int(self._slot.stop_mode)
+
+    @property
+    def stop_deadline(self) -> float:
+        return _finite(self._slot.stop_deadline)
+
+    @property
+    def drain_mask(self) -> int:
+        return int(self._slot.drain_mask)
 
 
 def _finite(value: float) -> float:

@@ -7,7 +7,9 @@ Rules:
    handlers, drops privileges, and only then loads the app and serves.
 2. The child leaves only through ``os._exit``: it must never return into the master's code.
    Exit status: 0 after a requested stop, WORKER_BOOT_FAILED when the app cannot be loaded,
-   1 after an unexpected error (logged with its traceback).
+   1 after an unexpected error (logged with its traceback). A worker that fails before it
+   accepts (the app, a post_fork hook, the privilege drop) also tells the master why, in one
+   line on the boot-error pipe, so that a crash loop's halt can name its cause.
 3. One loop serves every listener of the service: it waits on all of them and on the signal
    pipe, and after each turn reports to the scoreboard with plain memory writes. A listener
    with an allow-list refuses other clients in ``verify_request`` (prefork.allowlist).
@@ -76,6 +78,9 @@ class WorkerSpec:
     boot_error_fd: int = -1  # where a worker that cannot load the app says why (read by the master)
     access_log: Any = None  # prefork.log.AccessLog, opened by the master before fork
     read_timeout: float = 0.0
+    # The scoreboard's per-listener counter of each listener (stable across reloads that add
+    # or remove listeners); empty: the listener's position.
+    counter_indexes: Sequence[int] = ()
 
 
 @dataclasses.dataclass
@@ -83,20 +88,34 @@ class WorkerIdentity:
     number: int
     generation: int
     slot: SlotWriter
+    stage: str = "starting"  # what the worker is doing until it accepts, for a boot error
+    booted: bool = False  # it accepts: a failure from now on is no boot failure
 
 
-def run_worker(spec: WorkerSpec, identity: WorkerIdentity, inherited_signals: SignalQueue | None) -> NoReturn:
-    """Called in the child right after fork. Never returns."""
+def run_worker(spec: WorkerSpec, identity: WorkerIdentity, inherited_signals: SignalQueue | None,
+               others: Sequence[socket.socket] = ()) -> NoReturn:
+    """Called in the child right after fork. Never returns.
+
+    *others* are the master's listeners that this worker does not serve (one a reload is
+    adding or removing): closed at once, since a copy held here would keep such a listener
+    open, queueing connections that no one accepts.
+    """
     status = 1
     try:
+        for sock in others:
+            sock.close()
         status = _live(spec, identity, inherited_signals)
     except AppLoadError as exc:
         _report_boot_error(spec, str(exc))
         status = WORKER_BOOT_FAILED
     except SystemExit as exc:
         status = exc.code if isinstance(exc.code, int) else 1
-    except BaseException:
+        if not identity.booted:
+            _report_boot_error(spec, f"sys.exit({exc.code!r}) before accepting")
+    except BaseException as exc:
         log.critical("worker %d failed:\n%s", identity.number, traceback.format_exc())
+        if not identity.booted:
+            _report_boot_error(spec, f"{identity.stage}: {exc!r}")
     finally:
         if spec.access_log is not None:
             spec.access_log.flush()  # os._exit writes no buffers
@@ -115,20 +134,25 @@ def _live(spec: WorkerSpec, identity: WorkerIdentity, inherited_signals: SignalQ
     if spec.set_title is not None:
         spec.set_title(identity.number, identity.generation)
     # Rebind first: the kernel lets only sockets of the same user share a port.
+    identity.stage = "binding its own SO_REUSEPORT sockets"
     listeners = [spec.rebind(l) for l in spec.listeners] if spec.reuse_port and spec.rebind else spec.listeners
+    identity.stage = "dropping privileges"
     if spec.drop_privileges is not None:
         spec.drop_privileges()
+    identity.stage = "post_fork hook failed"
     if spec.post_fork is not None:
         spec.post_fork(identity)
+    identity.stage = "loading the app"
     servers = spec.build_servers(listeners)
+    identity.stage = "starting to serve"
     with SignalQueue(WORKER_SIGNALS) as signals:
         return _Loop(spec, identity, servers, listeners, signals).run()
 
 
 def _report_boot_error(spec: WorkerSpec, message: str) -> None:
     """Hand the reason to the master, which shows it once for the whole pool."""
-    # One atomic write, NUL-terminated: messages of several workers never interleave.
-    data = message.encode(errors="replace")[: _PIPE_BUF - 1] + b"\0"
+    # One atomic write, "PID:message" NUL-terminated: messages of several workers never interleave.
+    data = f"{os.getpid()}:{message}".encode(errors="replace")[: _PIPE_BUF - 1] + b"\0"
     try:
         os.write(spec.boot_error_fd, data)
     except OSError:
@@ -158,6 +182,7 @@ class _Loop:
     def __init__(self, spec: WorkerSpec, identity: WorkerIdentity, servers: list[BaseServer],
                  listeners: Sequence[Any], signals: SignalQueue) -> None:
         self.spec = spec
+        self.identity = identity
         self.slot = identity.slot
         self.servers = servers
         self.signals = signals
@@ -165,7 +190,8 @@ class _Loop:
         self.by_fd: dict[int, BaseServer] = {}
         for index, (server, listener) in enumerate(zip(servers, listeners)):
             guard(server, listener.spec.allow, listener.name)  # first: the access log sees its refusals
-            instrument(server, self.slot, listener.name, index, spec.access_log, spec.read_timeout)
+            counter = spec.counter_indexes[index] if spec.counter_indexes else index
+            instrument(server, self.slot, listener.name, counter, spec.access_log, spec.read_timeout)
             self.by_fd[server.fileno()] = server  # type: ignore[attr-defined]
 
     def run(self) -> int:
@@ -175,6 +201,7 @@ class _Loop:
                 poller.add(fd, shared=not self.spec.reuse_port)
             poller.add(self.signals.fileno())
             self.slot.booted(os.getpid())
+            self.identity.booted = True
             self._serve(poller)
             self.slot.exiting()
             self._drain(poller)
@@ -220,28 +247,32 @@ class _Loop:
         """Serve what is already queued before leaving.
 
         When the whole service stops, the connections queued when the stop began are served
-        (until graceful_timeout); later arrivals are not waited for. When only this worker
-        retires, one pass serves the connections whose wake-up this worker received, so another
-        worker is not left sleeping on them.
+        (until the stop's deadline: graceful_timeout); later arrivals are not waited for. The
+        same for the listeners a reload removed (the slot's drain mask): no successor serves
+        them. When only this worker retires, one pass serves the connections whose wake-up
+        this worker received, so another worker is not left sleeping on them.
         """
-        if self.slot.stop_mode != STOP_SHUTDOWN:
-            for fd in poller.wait(0):
-                if fd in self.by_fd:
-                    self.by_fd[fd]._handle_request_noblock()
-            return
+        mask = -1 if self.slot.stop_mode == STOP_SHUTDOWN else self.slot.drain_mask
         # Only what is queued now: under steady load a listener is never empty, and serving
         # new arrivals would hold the stop open until graceful_timeout and its SIGKILL.
-        budget = {server: queued_requests(server.socket) for server in self.servers}  # type: ignore[attr-defined]
-        deadline = time.monotonic() + self.spec.graceful_timeout
-        while time.monotonic() < deadline:
+        budget = {server: queued_requests(server.socket) if mask >> index & 1 else 0  # type: ignore[attr-defined]
+                  for index, server in enumerate(self.servers)}
+        ready = poller.wait(0)
+        for fd in ready:  # the one pass
+            server = self.by_fd.get(fd)
+            if server is not None and not budget[server]:
+                server._handle_request_noblock()
+        deadline = self.slot.stop_deadline or time.monotonic() + self.spec.graceful_timeout
+        while any(budget.values()) and time.monotonic() < deadline:
             served = False
-            for fd in poller.wait(0):
+            for fd in ready:
                 server = self.by_fd.get(fd)
                 if server is not None and budget[server] > 0 and server._handle_request_noblock():
                     budget[server] -= 1
                     served = True
             if not served:
                 return
+            ready = poller.wait(0)
 
     def _close(self) -> None:
         for server in self.servers:

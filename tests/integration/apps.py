@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 
 from prefork.handlers import DatagramRequestHandler, StreamRequestHandler
@@ -22,6 +23,10 @@ def answer(command: bytes) -> bytes:
         return str(os.getpid()).encode()
     if verb == b"imported-in":
         return str(IMPORTED_IN).encode()
+    if verb == b"thread":
+        return threading.current_thread().name.encode()
+    if verb == b"uid":
+        return str(os.getuid()).encode()
     if verb == b"sleep":
         time.sleep(float(arg))
         return b"slept"

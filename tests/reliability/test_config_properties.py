@@ -52,6 +52,7 @@ INT_RANGES = {
     "backlog": (0, 2**62), "workers": (0, MAX_WORKERS), "threads": (1, 2**20),
     "max_workers": (0, MAX_WORKERS), "min_workers": (1, MAX_WORKERS), "min_spare": (0, 2**20),
     "max_spare": (1, 2**20), "max_requests": (0, 2**62), "max_requests_jitter": (0, 2**62),
+    "crash_limit": (0, 2**62),
 }
 CHOICES = {"mode": ("sync", "thread", "fork"), "loglevel": ("debug", "info", "warning", "error", "critical"),
            "log_format": ("text", "json")}
