@@ -10,6 +10,7 @@ import csv
 import json
 import os
 import socket
+import subprocess
 import threading
 from pathlib import Path
 
@@ -206,7 +207,7 @@ def test_container_healthcheck_and_kubernetes_probes_against_a_real_master(tmp_p
     commands = {
         "HEALTHCHECK": json.loads(healthcheck),
         "livenessProbe": container["livenessProbe"]["exec"]["command"],
-        "readinessProbe": [part.replace("9000", str(port)) for part in container["readinessProbe"]["exec"]["command"]],
+        "readinessProbe": container["readinessProbe"]["exec"]["command"],
     }
     bin_dir = str(Path(tool("prefork")).parent)  # the image puts /opt/prefork/bin first on PATH
     env = clean_env(PATH=f"{bin_dir}:{os.environ.get('PATH', '')}", PREFORK_PIDFILE=str(master.pidfile))
@@ -219,3 +220,33 @@ def test_container_healthcheck_and_kubernetes_probes_against_a_real_master(tmp_p
     assert gone(master.pid)
     failed = outcomes()
     assert all(code != 0 for code in failed.values()), failed
+
+
+def test_the_healthcheck_fails_while_workers_die_in_post_fork_and_passes_once_they_serve(tmp_path, processes):
+    """A master whose workers cannot start is not healthy, though it runs and owns its pidfile."""
+    directory = tmp_path / "m"
+    directory.mkdir()
+    (directory / "post_fork.fail").touch()  # the hook fails while this file exists
+    env = {"PYTHONPATH": str(DEPLOY.parent)}
+    master = Master(directory, ["--bind", "tcp://127.0.0.1:0", "--workers", "1", "--crash-limit", "0",
+                                "--post-fork", "tests.reliability.hooks_fail:post_fork", "workers.echo"], env=env)
+    processes.append(master)
+    healthcheck = json.loads((DEPLOY / "Dockerfile").read_text().split("HEALTHCHECK", 1)[1].split("CMD", 1)[1]
+                             .splitlines()[0])
+    bin_dir = str(Path(tool("prefork")).parent)
+    check_env = clean_env(PATH=f"{bin_dir}:{os.environ.get('PATH', '')}", PREFORK_PIDFILE=str(master.pidfile))
+
+    def check() -> subprocess.CompletedProcess[str]:
+        return run(healthcheck, timeout=30, env=check_env, cwd=tmp_path)
+
+    failing = wait_until(lambda: (done := check()).returncode == 5 and done, 30, message=master.log())
+    assert "crash loop" in failing.stdout and "post_fork hook failed: RuntimeError" in failing.stdout, failing.stdout
+    assert master.alive()
+    (directory / "post_fork.fail").unlink()
+    master.wait_ready(1)
+    port = master.tcp_port()
+    with socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT) as sock:
+        sock.sendall(b"served\n")
+        assert sock.makefile("rb").readline() == b"served\n"  # a worker that serves ends the streak
+    passing = wait_until(lambda: (done := check()).returncode == 0 and done, 30, message=master.log())
+    assert "healthy: 1 of 1 workers serving" in passing.stdout
