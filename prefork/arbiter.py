@@ -242,7 +242,7 @@ class Arbiter:
         view = self.scoreboard.read(worker.slot)  # read before release: what it served
         served = view.requests if view.pid == pid else 0
         self.scoreboard.release(worker.slot)
-        self._call_hook("worker_exit", self, worker)
+        self._call_hook("worker_exit", self, worker, plan=self.plans.get(worker.generation))
         cause = f"{how}: {said}" if said else how
         self._execute(self.pool.exited(pid, code, time.monotonic(), served, cause))
         self._forget_finished_plans()
