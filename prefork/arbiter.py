@@ -355,6 +355,9 @@ class Arbiter:
     # -- signal handlers -------------------------------------------------------------------------
 
     def handle_term(self) -> None:
+        """SIGTERM: graceful stop. No new work; what is in flight and what waits in the listen
+        backlog is served; SIGKILL for what is left after graceful_timeout. After an upgrade
+        hand-over the workers only finish what they hold: the new master serves the listeners."""
         if self.upgrade_child:
             self.handed_over = True  # the new master serves our sockets now: leave them be
             # Sent by us, the current main process, so it counts under NotifyAccess=main too;
@@ -367,6 +370,7 @@ class Arbiter:
         self._close_listeners()
 
     def handle_int(self) -> None:
+        """SIGINT and SIGQUIT: fast stop. Workers get SIGQUIT and leave at once (SIGKILL after 2 s)."""
         notify.stopping()
         self._execute(self.pool.stop(time.monotonic(), fast=True, reason="fast stop"))
         self._close_listeners()
@@ -483,12 +487,16 @@ class Arbiter:
             log.error("cannot write %s: %s", report_path(self.pidfile.path), exc.strerror)
 
     def handle_ttin(self) -> None:
+        """SIGTTIN: one worker more."""
         self._execute(self.pool.scale(time.monotonic(), self.pool.target + 1))
 
     def handle_ttou(self) -> None:
+        """SIGTTOU: one worker fewer, never below one."""
         self._execute(self.pool.scale(time.monotonic(), max(1, self.pool.target - 1)))
 
     def handle_winch(self) -> None:
+        """SIGWINCH: stop the workers gracefully, keep the master and its listeners (not when the
+        master runs in a terminal, which sends WINCH on every resize)."""
         if sys.stdin is not None and sys.stdin.isatty():
             # A terminal sends WINCH on every resize; stopping all workers for that would
             # surprise anyone running the master in the foreground.
@@ -497,13 +505,15 @@ class Arbiter:
         self._execute(self.pool.scale(time.monotonic(), 0))
 
     def handle_usr1(self) -> None:
+        """SIGUSR1: reopen the log files, here and (passed on) in every worker and the metrics process."""
         if self.spec.on_reopen_logs is not None:
             self.spec.on_reopen_logs()
         for pid in [w.pid for w in self.pool.workers.values()] + [self.metrics_pid]:
             self._signal(pid, signal.SIGUSR1)
 
     def handle_usr2(self) -> None:
-        """Upgrade in place: start a new master on the same sockets; it stops us once ready."""
+        """SIGUSR2: upgrade in place: start a new master (same command line) on the same sockets;
+        it stops us once its workers accept."""
         if self.upgrade_child:
             log.warning("upgrade already in progress (new master %d)", self.upgrade_child)
             return
@@ -521,7 +531,7 @@ class Arbiter:
         log.info("upgrade: new master %d started: %s", pid, " ".join(argv))
 
     def handle_chld(self) -> None:
-        """Children are reaped on every turn of the loop."""
+        """SIGCHLD: nothing here; children are reaped on every turn of the loop."""
 
     # -- upgrade ---------------------------------------------------------------------------------
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
+import socket
 import threading
 import types
 from typing import Any, Callable, Sequence, cast
@@ -97,7 +99,7 @@ class PreforkMixIn:
         """Stop the workers gracefully and wait until serve_forever() has returned."""
         arbiter = self._arbiter
         if arbiter is not None and arbiter.signals is not None:
-            arbiter.signals.push(15)  # SIGTERM, as an operator would send it
+            arbiter.signals.push(signal.SIGTERM)  # as an operator would send it
         self._stopped.wait()
 
     def _service_name(self) -> str:
@@ -112,7 +114,7 @@ class PreforkUDPServer(PreforkMixIn, UDPServer):
     pass
 
 
-if hasattr(__import__("socket"), "AF_UNIX"):
+if hasattr(socket, "AF_UNIX"):
     from prefork.servers import UnixDatagramServer, UnixStreamServer
 
     class PreforkUnixStreamServer(PreforkMixIn, UnixStreamServer):
