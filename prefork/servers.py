@@ -180,6 +180,7 @@ class BaseServer:
     - shutdown()
     - handle_request()  # if you do not use serve_forever()
     - fileno() -> int   # for selector
+    - take_request(), dispatch_request(request, client_address)  # prefork: one request in two steps
 
     Methods that may be overridden:
 
@@ -322,15 +323,37 @@ class BaseServer:
 
         Returns False if there was no request to take (get_request() failed), else True.
         """
+        taken = self.take_request()
+        if taken is None:
+            return False
+        self.dispatch_request(*taken)
+        return True
+
+    def take_request(self) -> tuple[_RequestType, _AddressType] | None:
+        """prefork addition: get_request() on a ready listener; None if there was nothing to take.
+
+        A lost race (another process took the connection) is silent; running out of
+        descriptors is logged at a bounded rate and followed by a short back-off. Together
+        with ``dispatch_request`` this is ``_handle_request_noblock`` in two steps, so a caller
+        can hold a connection between them (a prefork worker waits there for its first bytes).
+        """
         try:
             # get_request() is defined by the concrete servers, as in the stdlib.
             request, client_address = self.get_request()  # type: ignore[attr-defined]
         except OSError as exc:
             self._request_failed(exc)
-            return False
+            return None
+        return request, client_address
+
+    def dispatch_request(self, request: _RequestType, client_address: _AddressType) -> None:
+        """prefork addition: serve a request taken by ``take_request``, as the stdlib does.
+
+        verify_request(), then process_request(); an exception goes to handle_error() and
+        the request is shut down. Nothing else happens between the two steps.
+        """
         if not self.verify_request(request, client_address):
             self.shutdown_request(request)
-            return True
+            return
         try:
             self.process_request(request, client_address)
         except Exception:
@@ -339,7 +362,6 @@ class BaseServer:
         except BaseException:
             self.shutdown_request(request)
             raise
-        return True
 
     def _request_failed(self, exc: OSError) -> None:
         """get_request() failed: silent after a lost race, logged and backed off when out of resources."""

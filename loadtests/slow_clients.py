@@ -1,0 +1,76 @@
+"""Idle and slow clients against a stream service, and a well-behaved client's latency meanwhile. Runs in: bench.
+
+(Also imported by tests/reliability/test_slow_clients.py: one harness for the benchmark row and
+the bounded test.)
+
+The bad clients are the two of issue 11: connections that connect and send nothing, and
+connections that send half a line and stall. Both stay open until the block ends. The
+well-behaved client opens a connection per request, sends one line and reads the echo; its
+latency is from connect() to the last byte of the reply. A request that fails or times out
+counts as ``timeout`` seconds, so a starved service shows as a p99 at the timeout, not as a
+shorter list.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from loadtests.bench_core import percentile
+
+__all__ = ["HALF_LINE", "LINE", "bad_clients", "good_client_latencies", "p99"]
+
+# What a stalled client sends: a line without its newline.
+HALF_LINE = b"half a line that never en"
+LINE = b"a well-behaved client\n"
+# Timeout of every bad client's socket: longer than a run, so only the server closes them.
+BAD_CLIENT_TIMEOUT = 60.0
+
+
+@contextlib.contextmanager
+def bad_clients(address: Any, idle: int, stalled: int, family: int = socket.AF_INET) -> Iterator[list[socket.socket]]:
+    """*idle* connections that send nothing and *stalled* ones that send HALF_LINE, open for the block."""
+    opened: list[socket.socket] = []
+    try:
+        for index in range(idle + stalled):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            opened.append(sock)
+            sock.settimeout(BAD_CLIENT_TIMEOUT)
+            sock.connect(address)
+            if index >= idle:
+                sock.sendall(HALF_LINE)
+        yield opened
+    finally:
+        for sock in opened:
+            sock.close()
+
+
+def good_client_latencies(address: Any, requests: int, timeout: float, family: int = socket.AF_INET) -> list[float]:
+    """Seconds each of *requests* sequential one-line requests took (a failure counts as *timeout*)."""
+    latencies = []
+    for _ in range(requests):
+        started = time.monotonic()
+        try:
+            _echo_once(address, timeout, family)
+            latencies.append(time.monotonic() - started)
+        except OSError:
+            latencies.append(timeout)
+    return latencies
+
+
+def _echo_once(address: Any, timeout: float, family: int) -> None:
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(address)
+        sock.sendall(LINE)
+        with sock.makefile("rb") as replies:
+            reply = replies.readline()
+        if reply != LINE:
+            raise ConnectionError(f"wrong echo {reply!r}")
+
+
+def p99(latencies: list[float]) -> float:
+    return percentile(latencies, 0.99)
