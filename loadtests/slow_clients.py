@@ -14,6 +14,7 @@ shorter list.
 from __future__ import annotations
 
 import contextlib
+import math
 import socket
 import time
 from collections.abc import Iterator
@@ -48,11 +49,19 @@ def bad_clients(address: Any, idle: int, stalled: int, family: int = socket.AF_I
             sock.close()
 
 
-def good_client_latencies(address: Any, requests: int, timeout: float, family: int = socket.AF_INET) -> list[float]:
-    """Seconds each of *requests* sequential one-line requests took (a failure counts as *timeout*)."""
-    latencies = []
+def good_client_latencies(address: Any, requests: int, timeout: float, family: int = socket.AF_INET,
+                          budget: float = math.inf) -> list[float]:
+    """Seconds each of *requests* sequential one-line requests took (a failure counts as *timeout*).
+
+    After *budget* seconds the requests not yet made count as *timeout* too: a starved service
+    ends the run in bounded time.
+    """
+    latencies: list[float] = []
+    give_up = time.monotonic() + budget
     for _ in range(requests):
         started = time.monotonic()
+        if started > give_up:
+            return latencies + [timeout] * (requests - len(latencies))
         try:
             _echo_once(address, timeout, family)
             latencies.append(time.monotonic() - started)

@@ -35,9 +35,9 @@ import select
 import socket
 import time
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
-__all__ = ["FirstMessage", "ParkingLot", "parking_limit", "defer_accept", "FIRST_MESSAGE_MAX"]
+__all__ = ["StreamServer", "FirstMessage", "ParkingLot", "parking_limit", "defer_accept", "FIRST_MESSAGE_MAX"]
 
 log = logging.getLogger("prefork.parking")
 
@@ -72,6 +72,14 @@ _lots: weakref.WeakSet[ParkingLot] = weakref.WeakSet()
 _at_fork_registered = False
 
 
+class StreamServer(Protocol):
+    """What the lot needs of a server (prefork.servers.TCPServer has it): one request in two steps."""
+
+    def take_request(self) -> tuple[Any, Any] | None: ...
+
+    def dispatch_request(self, request: Any, client_address: Any) -> None: ...
+
+
 @dataclasses.dataclass(frozen=True)
 class FirstMessage:
     """When a parked connection is ready for its handler (rule 1), and how long it may wait."""
@@ -100,7 +108,7 @@ class FirstMessage:
 class _Parked:
     sock: socket.socket
     address: Any
-    server: Any
+    server: StreamServer
     rule: FirstMessage
     deadline: float
     peeked: int = 0
@@ -129,7 +137,7 @@ class ParkingLot:
     def has_ready(self) -> bool:
         return bool(self._ready)
 
-    def take(self, server: Any, rule: FirstMessage, interrupted: Callable[[], bool], batch: int = ACCEPT_BATCH) -> int:
+    def take(self, server: StreamServer, rule: FirstMessage, interrupted: Callable[[], bool], batch: int = ACCEPT_BATCH) -> int:
         """Accept up to *batch* connections from *server*'s ready listener; serve the ready ones at once."""
         for taken in range(batch):
             request = server.take_request()
@@ -170,7 +178,7 @@ class ParkingLot:
         self._ready.clear()
         self._epoll.close()
 
-    def _admit(self, server: Any, rule: FirstMessage, sock: Any, address: Any) -> None:
+    def _admit(self, server: StreamServer, rule: FirstMessage, sock: Any, address: Any) -> None:
         if not isinstance(sock, socket.socket) or sock.fileno() < 0:
             server.dispatch_request(sock, address)  # not a socket we can watch: as without parking
             return

@@ -180,7 +180,6 @@ class BaseServer:
     - shutdown()
     - handle_request()  # if you do not use serve_forever()
     - fileno() -> int   # for selector
-    - take_request(), dispatch_request(request, client_address)  # prefork: one request in two steps
 
     Methods that may be overridden:
 
@@ -323,20 +322,14 @@ class BaseServer:
 
         Returns False if there was no request to take (get_request() failed), else True.
         """
-        taken = self.take_request()
+        taken = self._take_request()
         if taken is None:
             return False
-        self.dispatch_request(*taken)
+        self._dispatch_request(*taken)
         return True
 
-    def take_request(self) -> tuple[_RequestType, _AddressType] | None:
-        """prefork addition: get_request() on a ready listener; None if there was nothing to take.
-
-        A lost race (another process took the connection) is silent; running out of
-        descriptors is logged at a bounded rate and followed by a short back-off. Together
-        with ``dispatch_request`` this is ``_handle_request_noblock`` in two steps, so a caller
-        can hold a connection between them (a prefork worker waits there for its first bytes).
-        """
+    def _take_request(self) -> tuple[_RequestType, _AddressType] | None:
+        """get_request() on a ready listener; None if there was nothing to take (see TCPServer.take_request)."""
         try:
             # get_request() is defined by the concrete servers, as in the stdlib.
             request, client_address = self.get_request()  # type: ignore[attr-defined]
@@ -345,12 +338,8 @@ class BaseServer:
             return None
         return request, client_address
 
-    def dispatch_request(self, request: _RequestType, client_address: _AddressType) -> None:
-        """prefork addition: serve a request taken by ``take_request``, as the stdlib does.
-
-        verify_request(), then process_request(); an exception goes to handle_error() and
-        the request is shut down. Nothing else happens between the two steps.
-        """
+    def _dispatch_request(self, request: _RequestType, client_address: _AddressType) -> None:
+        """verify_request(), then process_request(), as the stdlib serves a request it got."""
         if not self.verify_request(request, client_address):
             self.shutdown_request(request)
             return
@@ -448,7 +437,10 @@ class TCPServer(BaseServer):
     """Base class for various socket-based server classes; defaults to TCP over IPv4.
 
     prefork additions: ``adopt_socket(sock)`` and ``from_socket(sock, handler)`` serve on a
-    socket that is already bound and listening (inherited from the master or from systemd).
+    socket that is already bound and listening (inherited from the master or from systemd);
+    ``take_request()`` and ``dispatch_request(request, client_address)`` handle one request in
+    two steps, so that a caller can hold a connection in between (a prefork worker waits there
+    for the client's first message).
     """
 
     address_family = socket.AF_INET
@@ -552,6 +544,22 @@ class TCPServer(BaseServer):
             sock.listen(self.request_queue_size)
         self.server_bind()
         self.server_activate()
+
+    def take_request(self) -> tuple[_RequestType, _AddressType] | None:
+        """get_request() on a ready listener; None if there was nothing to take.
+
+        A lost race (another process took the connection) is silent; running out of
+        descriptors is logged at a bounded rate and followed by a short back-off. Then
+        ``dispatch_request`` does the rest of what ``handle_request()`` does for a request.
+        """
+        return self._take_request()
+
+    def dispatch_request(self, request: _RequestType, client_address: _AddressType) -> None:
+        """Serve a request got by ``take_request``: verify_request(), then process_request().
+
+        An exception goes to handle_error() and the request is shut down, as in the loop.
+        """
+        self._dispatch_request(request, client_address)
 
     @classmethod
     def from_socket(

@@ -40,7 +40,7 @@ from prefork.log import error_stream
 from prefork.parking import ACCEPT_BATCH, FirstMessage, ParkingLot, defer_accept, parking_limit
 from prefork.pool import WORKER_BOOT_FAILED
 from prefork.scoreboard import STOP_SHUTDOWN, SlotWriter
-from prefork.servers import BaseServer, _Poller
+from prefork.servers import BaseServer, TCPServer, _Poller
 from prefork.signals import MASTER_SIGNALS, WORKER_SIGNALS, SignalQueue, reset_to_defaults
 
 __all__ = ["WorkerSpec", "run_worker", "flush_std_streams"]
@@ -230,7 +230,7 @@ class _Loop:
     def _take(self, server: BaseServer, interrupted: Callable[[], bool], batch: int = 0) -> bool:
         """Take requests from *server*'s ready listener (at most *batch*, if given); True if any."""
         rule = self.rules.get(server)
-        if rule is not None and self.lot is not None:
+        if rule is not None and self.lot is not None and isinstance(server, TCPServer):
             return self.lot.take(server, rule, interrupted, batch or ACCEPT_BATCH) > 0
         if batch:
             return server._handle_request_noblock()
@@ -301,8 +301,8 @@ class _Loop:
 
 def _first_message(server: BaseServer, listener: Any, read_timeout: float) -> FirstMessage | None:
     """What *server*'s connections wait for before their handler; None if they do not wait."""
-    if not listener.is_stream:
-        return None
+    if not listener.is_stream or not isinstance(server, TCPServer):
+        return None  # datagrams, and servers without take_request()
     return FirstMessage.of(server.RequestHandlerClass, listener.spec.server_first, read_timeout)
 
 
