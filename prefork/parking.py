@@ -137,7 +137,8 @@ class ParkingLot:
     def has_ready(self) -> bool:
         return bool(self._ready)
 
-    def take(self, server: StreamServer, rule: FirstMessage, interrupted: Callable[[], bool], batch: int = ACCEPT_BATCH) -> int:
+    def take(self, server: StreamServer, rule: FirstMessage, interrupted: Callable[[], bool],
+             batch: int = ACCEPT_BATCH) -> int:
         """Accept up to *batch* connections from *server*'s ready listener; serve the ready ones at once."""
         for taken in range(batch):
             request = server.take_request()

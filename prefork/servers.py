@@ -11,7 +11,9 @@ Rules of this module:
    - a server can adopt a socket that is already bound (``adopt_socket`` / ``from_socket``) and
      the subclass's ``server_bind`` and ``server_activate`` bookkeeping still runs;
    - listeners are waited on so that many processes can share one (``EPOLLEXCLUSIVE`` on Linux)
-     and a connection taken by another process is a silent non-event, not a blocked worker.
+     and a connection taken by another process is a silent non-event, not a blocked worker;
+   - ``TCPServer.take_request()`` and ``dispatch_request()`` handle one request in two steps, so
+     that a caller (a prefork worker) can hold a connection in between.
 3. The request path is lean: one ``epoll_wait`` per turn on a registration made once per
    ``serve_forever`` call, no selector objects built per turn.
 
