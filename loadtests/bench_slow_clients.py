@@ -14,7 +14,7 @@ Each row: a fresh ``workers.echo`` master with 2 workers and default settings (b
 then the bad clients of the row (``loadtests/slow_clients.py``: connections that send nothing,
 and connections that send half a line and stall), optionally one more connection that holds a
 worker in its handler (it said a line and stays open: a sync worker serves it until it closes),
-then the well-behaved client's sequential requests: connect, one line, the echo, close. A
+then, once the workers hold every bad connection (psutil), the well-behaved client's sequential requests: connect, one line, the echo, close. A
 request that fails or takes ``REQUEST_TIMEOUT`` counts as ``REQUEST_TIMEOUT``. Loopback only;
 every server is stopped by its process group in a ``finally``.
 """
@@ -33,9 +33,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from loadtests.bench_master import SOCKET_TIMEOUT, Servers, machine_lines
+from loadtests.bench_master import SOCKET_TIMEOUT, Servers, machine_lines, wait_for
 from loadtests.common import positive
-from loadtests.slow_clients import LINE, bad_clients, good_client_latencies, p99
+from loadtests.slow_clients import LINE, bad_clients, good_client_latencies, held_by, p99
 
 COMMAND = ".venv/bin/python -m loadtests.bench_slow_clients"
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +45,8 @@ BAD = 200  # idle connections, and as many stalled ones, in the rows that have t
 REQUEST_TIMEOUT = 2.0
 # The well-behaved client's run ends after this long; requests not made count as timed out.
 RUN_BUDGET = 120.0
+# Deadline for the workers to take every bad connection (silent ones after TCP_DEFER_ACCEPT's ~1 s).
+SETTLE_TIMEOUT = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +101,10 @@ def measure(servers: Servers, case: Case, requests: int) -> Row:
     with servers.run("prefork", WORKERS, app="workers.echo", mode=case.mode) as group:
         address = group.address
         with bad_clients(address, case.idle, case.stalled), holding_a_worker(address, case.held):
+            # Measured once the workers hold every bad connection: TCP_DEFER_ACCEPT keeps the
+            # silent ones in the kernel for about a second first.
+            wait_for(lambda: held_by(group.worker_pids(), address) >= case.idle + case.stalled, SETTLE_TIMEOUT,
+                     "the workers to take every bad connection")
             latencies = good_client_latencies(address, requests, REQUEST_TIMEOUT, budget=RUN_BUDGET)
     return Row(case, latencies)
 

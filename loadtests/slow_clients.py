@@ -20,9 +20,11 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import psutil
+
 from loadtests.bench_core import percentile
 
-__all__ = ["HALF_LINE", "LINE", "bad_clients", "good_client_latencies", "p99"]
+__all__ = ["HALF_LINE", "LINE", "bad_clients", "held_by", "good_client_latencies", "p99"]
 
 # What a stalled client sends: a line without its newline.
 HALF_LINE = b"half a line that never en"
@@ -47,6 +49,21 @@ def bad_clients(address: Any, idle: int, stalled: int, family: int = socket.AF_I
     finally:
         for sock in opened:
             sock.close()
+
+
+def held_by(pids: list[int], address: Any) -> int:
+    """How many connections to *address* (TCP (host, port), or a Unix path) *pids* hold, listeners aside."""
+    return sum(_held_by(pid, address) for pid in pids)
+
+
+def _held_by(pid: int, address: Any) -> int:
+    try:
+        if isinstance(address, str):  # accepted Unix sockets show the listener's path; one is the listener
+            return max(0, sum(1 for c in psutil.Process(pid).net_connections("unix") if c.laddr == address) - 1)
+        return sum(1 for c in psutil.Process(pid).net_connections("tcp")
+                   if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr[1] == address[1])
+    except psutil.Error:
+        return 0  # gone meanwhile
 
 
 def good_client_latencies(address: Any, requests: int, timeout: float, family: int = socket.AF_INET,
