@@ -9,6 +9,11 @@ A tcp, udp, fd or systemd spec may end in an allow-list of client networks,
 each once. Unix specs refuse ``?allow=``: a Unix peer has no network address (file
 permissions, ``unix_mode``/``unix_owner``/``unix_group``, restrict who connects), and a path
 cannot contain ``?allow=`` for that reason; any other ``?`` in a path is part of the path.
+
+Any stream spec may say ``?first=server``: its protocol has the server speak first (SMTP, FTP,
+a banner), so a worker hands each connection to the handler at once instead of waiting for the
+client's first message (prefork.parking). ``first=client``, the default, is left out of the
+canonical text. With both options, ``first`` comes first: ``tcp://0.0.0.0:25?first=server&allow=10.0.0.0/8``.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 _FORMS = ("tcp://HOST:PORT, udp://HOST:PORT, HOST:PORT (tcp), unix:PATH, unix-dgram:PATH, fd://N, "
           "systemd, systemd:NAME; IPv6 addresses go in brackets, as in tcp://[::1]:8000; all but "
           "the unix forms may end in ?allow=NETWORK[,NETWORK...], as in "
-          "tcp://0.0.0.0:8000?allow=10.0.0.0/8,127.0.0.1/32")
+          "tcp://0.0.0.0:8000?allow=10.0.0.0/8,127.0.0.1/32; a stream listener whose protocol has "
+          "the server speak first takes ?first=server (before allow=, joined by &)")
 _INET_SCHEMES = ("tcp", "udp")
 _UNIX_SCHEMES = ("unix", "unix-dgram")
 _STREAM_SCHEMES = ("tcp", "unix")
@@ -47,8 +53,12 @@ _UNIX_PATH_MAX = 107
 # as systemd's fdname_is_valid() checks.
 _FDNAME = re.compile(r"[\x20-\x39\x3b-\x7e]{1,255}")
 
-# What starts a spec's allow-list of client networks; the only query a spec takes.
+# What starts a spec's allow-list of client networks.
 _ALLOW = "?allow="
+# Where a spec's options start: '?' and the first option's name (every other '?' belongs to the
+# address: a Unix path, a systemd name); options are joined by '&'.
+_OPTIONS = re.compile(r"\?(?=(?:allow|first)=)")
+_FIRST_VALUES = ("client", "server")
 # The characters of a network in CIDR form (ASCII: ipaddress would refuse the rest anyway, with
 # a less helpful message), and the longest one: a full IPv6 address and a 3-digit prefix.
 _NETWORK = re.compile(r"[0-9A-Fa-f.:/]{1,43}")
@@ -83,11 +93,13 @@ class BindSpec:
     text: str
     # Client networks a worker serves on this listener (``?allow=``); empty: every client.
     allow: tuple[Network, ...] = ()
+    # ``?first=server``: the protocol has the server speak first, so no worker waits for the client.
+    server_first: bool = False
 
     @property
     def address_text(self) -> str:
-        """The canonical text without ``?allow=``: what a bound socket is known by (PREFORK_FDS)."""
-        return self.text.partition(_ALLOW)[0]
+        """The canonical text without its options: what a bound socket is known by (PREFORK_FDS)."""
+        return _OPTIONS.split(self.text, 1)[0]
 
     @property
     def is_stream(self) -> bool:
@@ -110,12 +122,36 @@ def parse_bind(text: str) -> BindSpec:
     """Parse a bind spec (see ``_FORMS``); raises BindSpecError naming the spec and the problem."""
     if not isinstance(text, str) or not text:
         raise _bad(text, "empty bind spec")
-    base, query, listed = text.partition(_ALLOW)
-    spec = _parse_address(text, base)
-    if not query:
-        return spec
-    allow = _parse_allow(text, listed)
-    return dataclasses.replace(spec, allow=allow, text=f"{spec.text}{_ALLOW}{','.join(map(str, allow))}")
+    base, *query = _OPTIONS.split(text, 1)
+    options = _parse_options(text, query[0]) if query else {}
+    spec = _parse_address(text, base, "allow" in options)
+    server_first = _parse_first(text, spec, options.get("first", "client"))
+    allow = _parse_allow(text, options["allow"]) if "allow" in options else ()
+    shown = ["first=server"] * server_first + [f"allow={','.join(map(str, allow))}"] * bool(allow)
+    return dataclasses.replace(spec, allow=allow, server_first=server_first,
+                               text=spec.text + ("?" + "&".join(shown) if shown else ""))
+
+
+def _parse_options(text: str, query: str) -> dict[str, str]:
+    """The options after '?': NAME=VALUE joined by '&', each name once."""
+    options: dict[str, str] = {}
+    for item in query.split("&"):
+        name, equals, value = item.partition("=")
+        if name not in ("allow", "first") or not equals:
+            raise _bad(text, f"unknown option {name!r} after '?'; the options are "
+                             "first=server and allow=NETWORK[,NETWORK...]")
+        if name in options:
+            raise _bad(text, f"option {name}= is given twice")
+        options[name] = value
+    return options
+
+
+def _parse_first(text: str, spec: BindSpec, value: str) -> bool:
+    if value not in _FIRST_VALUES:
+        raise _bad(text, f"first={value!r}: who speaks first is 'client' (the default) or 'server'")
+    if value == "server" and spec.scheme in _INET_SCHEMES + _UNIX_SCHEMES and not spec.is_stream:
+        raise _bad(text, "first= applies to stream listeners (tcp, unix), not to datagrams")
+    return value == "server"
 
 
 def split_bind_list(text: str) -> list[str]:
@@ -126,7 +162,7 @@ def split_bind_list(text: str) -> list[str]:
     """
     specs: list[str] = []
     for item in filter(None, (part.strip() for part in text.split(","))):
-        if specs and _ALLOW in specs[-1] and _continues_allow(item):
+        if specs and "allow=" in _OPTIONS.split(specs[-1], 1)[-1] and _continues_allow(item):
             specs[-1] += f",{item}"
         else:
             specs.append(item)
@@ -143,12 +179,12 @@ def _continues_allow(item: str) -> bool:
     return False  # a bare HOST:PORT spec
 
 
-def _parse_address(text: str, base: str) -> BindSpec:
-    """The spec of *base*, the part of *text* before any ``?allow=``."""
+def _parse_address(text: str, base: str, allow: bool) -> BindSpec:
+    """The spec of *base*, the part of *text* before its options; *allow*: it has ``allow=``."""
     head, sep, rest = base.partition(":")
     scheme = head.lower()
     if scheme in _UNIX_SCHEMES:
-        if base != text:
+        if allow:
             raise _bad(text, "allow= does not apply to Unix sockets: their clients have no network "
                              "address (restrict them with unix_mode, unix_owner and unix_group)")
         return _parse_unix(text, scheme, rest, sep)
@@ -156,7 +192,7 @@ def _parse_address(text: str, base: str) -> BindSpec:
         return _parse_systemd(text, rest, sep)  # '?' is allowed in a socket name
     if "?" in base:
         raise _bad(text, f"unknown option {base.partition('?')[2].partition('=')[0]!r} after '?'; "
-                         "the only option is allow=NETWORK[,NETWORK...]")
+                         "the options are first=server and allow=NETWORK[,NETWORK...]")
     if sep and rest.startswith("//"):
         return _parse_url(text, scheme, head, rest[2:])
     if scheme in _INET_SCHEMES + ("fd",):

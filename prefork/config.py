@@ -134,8 +134,9 @@ class Settings:
     # -- listeners
     bind: list[str] = _setting(list, "listeners: tcp://HOST:PORT, udp://HOST:PORT, unix:PATH, "
                                "unix-dgram:PATH, fd://N, systemd[:NAME]; all but the unix ones may end "
-                               "in ?allow=NETWORK[,NETWORK...] (only those clients are served); "
-                               "repeat the flag for several",
+                               "in ?allow=NETWORK[,NETWORK...] (only those clients are served); a "
+                               "stream listener whose protocol has the server speak first takes "
+                               "?first=server; repeat the flag for several",
                                _bind_list, factory=True, section="listeners", short="-b",
                                default_text=f"the service's DEFAULT_BIND, else {FALLBACK_BIND}",
                                deploy=[FALLBACK_BIND])
@@ -167,7 +168,8 @@ class Settings:
     min_spare: int = _setting(1, "adaptive pool: start workers while fewer than this are idle", _integer(0))
     max_spare: int = _setting(4, "adaptive pool: stop workers while more than this are idle", _integer(1))
     read_timeout: float = _setting(0.0, "seconds a connection may stay silent before the worker drops "
-                                   "it; 0 means never", _at_least(0, MAX_SECONDS))
+                                   "it (also while it waits for its first message); 0 means never",
+                                   _at_least(0, MAX_SECONDS))
     # -- supervision
     timeout: float = _setting(30.0, "seconds a worker may spend on one request before it is killed "
                               "(its traceback logged first); 0 disables", _at_least(0, MAX_SECONDS),

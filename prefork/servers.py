@@ -11,7 +11,9 @@ Rules of this module:
    - a server can adopt a socket that is already bound (``adopt_socket`` / ``from_socket``) and
      the subclass's ``server_bind`` and ``server_activate`` bookkeeping still runs;
    - listeners are waited on so that many processes can share one (``EPOLLEXCLUSIVE`` on Linux)
-     and a connection taken by another process is a silent non-event, not a blocked worker.
+     and a connection taken by another process is a silent non-event, not a blocked worker;
+   - ``TCPServer.take_request()`` and ``dispatch_request()`` handle one request in two steps, so
+     that a caller (a prefork worker) can hold a connection in between.
 3. The request path is lean: one ``epoll_wait`` per turn on a registration made once per
    ``serve_forever`` call, no selector objects built per turn.
 
@@ -322,15 +324,27 @@ class BaseServer:
 
         Returns False if there was no request to take (get_request() failed), else True.
         """
+        taken = self._take_request()
+        if taken is None:
+            return False
+        self._dispatch_request(*taken)
+        return True
+
+    def _take_request(self) -> tuple[_RequestType, _AddressType] | None:
+        """get_request() on a ready listener; None if there was nothing to take (see TCPServer.take_request)."""
         try:
             # get_request() is defined by the concrete servers, as in the stdlib.
             request, client_address = self.get_request()  # type: ignore[attr-defined]
         except OSError as exc:
             self._request_failed(exc)
-            return False
+            return None
+        return request, client_address
+
+    def _dispatch_request(self, request: _RequestType, client_address: _AddressType) -> None:
+        """verify_request(), then process_request(), as the stdlib serves a request it got."""
         if not self.verify_request(request, client_address):
             self.shutdown_request(request)
-            return True
+            return
         try:
             self.process_request(request, client_address)
         except Exception:
@@ -339,7 +353,6 @@ class BaseServer:
         except BaseException:
             self.shutdown_request(request)
             raise
-        return True
 
     def _request_failed(self, exc: OSError) -> None:
         """get_request() failed: silent after a lost race, logged and backed off when out of resources."""
@@ -426,7 +439,10 @@ class TCPServer(BaseServer):
     """Base class for various socket-based server classes; defaults to TCP over IPv4.
 
     prefork additions: ``adopt_socket(sock)`` and ``from_socket(sock, handler)`` serve on a
-    socket that is already bound and listening (inherited from the master or from systemd).
+    socket that is already bound and listening (inherited from the master or from systemd);
+    ``take_request()`` and ``dispatch_request(request, client_address)`` handle one request in
+    two steps, so that a caller can hold a connection in between (a prefork worker waits there
+    for the client's first message).
     """
 
     address_family = socket.AF_INET
@@ -530,6 +546,22 @@ class TCPServer(BaseServer):
             sock.listen(self.request_queue_size)
         self.server_bind()
         self.server_activate()
+
+    def take_request(self) -> tuple[_RequestType, _AddressType] | None:
+        """get_request() on a ready listener; None if there was nothing to take.
+
+        A lost race (another process took the connection) is silent; running out of
+        descriptors is logged at a bounded rate and followed by a short back-off. Then
+        ``dispatch_request`` does the rest of what ``handle_request()`` does for a request.
+        """
+        return self._take_request()
+
+    def dispatch_request(self, request: _RequestType, client_address: _AddressType) -> None:
+        """Serve a request got by ``take_request``: verify_request(), then process_request().
+
+        An exception goes to handle_error() and the request is shut down, as in the loop.
+        """
+        self._dispatch_request(request, client_address)
 
     @classmethod
     def from_socket(

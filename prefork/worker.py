@@ -10,12 +10,14 @@ Rules:
    1 after an unexpected error (logged with its traceback). A worker that fails before it
    accepts (the app, a post_fork hook, the privilege drop) also tells the master why, in one
    line on the boot-error pipe, so that a crash loop's halt can name its cause.
-3. One loop serves every listener of the service: it waits on all of them and on the signal
-   pipe, and after each turn reports to the scoreboard with plain memory writes. A listener
-   with an allow-list refuses other clients in ``verify_request`` (prefork.allowlist).
+3. One loop serves every listener of the service: it waits on all of them, on the signal
+   pipe and on the connections that wait for their first message (prefork.parking), and after
+   each turn reports to the scoreboard with plain memory writes. A listener with an allow-list
+   refuses other clients in ``verify_request`` (prefork.allowlist).
 4. On SIGTERM the worker finishes what it is serving; when the whole service stops it also
    serves the connections already queued on its listeners before it closes them, so none
-   is reset. SIGQUIT and SIGINT stop it at once.
+   is reset. Waiting connections that complete their first message within DRAIN_PATIENCE are
+   served too; the rest (idle or stalled clients) are closed. SIGQUIT and SIGINT stop it at once.
 """
 
 from __future__ import annotations
@@ -37,9 +39,10 @@ from prefork.accounting import instrument
 from prefork.allowlist import guard
 from prefork.errors import AppLoadError
 from prefork.log import error_stream
+from prefork.parking import ACCEPT_BATCH, FirstMessage, ParkingLot, defer_accept, parking_limit
 from prefork.pool import WORKER_BOOT_FAILED
 from prefork.scoreboard import STOP_SHUTDOWN, SlotWriter
-from prefork.servers import BaseServer, _Poller
+from prefork.servers import BaseServer, TCPServer, _Poller
 from prefork.signals import MASTER_SIGNALS, WORKER_SIGNALS, SignalQueue, reset_to_defaults
 
 __all__ = ["WorkerSpec", "run_worker", "flush_std_streams"]
@@ -58,6 +61,10 @@ _TCP_INFO_LISTEN_BYTES = 32
 _PR_SET_PDEATHSIG = 1
 # Writes to a pipe up to this size are atomic (POSIX guarantees at least 512; Linux gives 4096).
 _PIPE_BUF = getattr(__import__("select"), "PIPE_BUF", 512)
+# A stopping worker waits this long (within graceful_timeout) for its waiting connections to
+# complete their first message: a client that has just connected sends within a round trip,
+# and an idle one must not hold every stop for the whole graceful_timeout.
+DRAIN_PATIENCE = 1.0
 
 
 @dataclasses.dataclass
@@ -188,18 +195,27 @@ class _Loop:
         self.signals = signals
         self.stopping = False
         self.by_fd: dict[int, BaseServer] = {}
+        self.rules: dict[BaseServer, FirstMessage] = {}
         for index, (server, listener) in enumerate(zip(servers, listeners)):
             guard(server, listener.spec.allow, listener.name)  # first: the access log sees its refusals
             counter = spec.counter_indexes[index] if spec.counter_indexes else index
             instrument(server, self.slot, listener.name, counter, spec.access_log, spec.read_timeout)
             self.by_fd[server.fileno()] = server  # type: ignore[attr-defined]
+            rule = _first_message(server, listener, spec.read_timeout)
+            if rule is not None:
+                self.rules[server] = rule
+        self.lot = ParkingLot(parking_limit()) if self.rules else None
 
     def run(self) -> int:
         with _Poller() as poller:
             for fd, server in self.by_fd.items():
                 server._prepare_listener()
+                if _is_stream(server):
+                    defer_accept(server.socket, server in self.rules)  # type: ignore[attr-defined]
                 poller.add(fd, shared=not self.spec.reuse_port)
             poller.add(self.signals.fileno())
+            if self.lot is not None:
+                poller.add(self.lot.fileno())
             self.slot.booted(os.getpid())
             self.identity.booted = True
             self._serve(poller)
@@ -213,14 +229,20 @@ class _Loop:
         master_pid = self.spec.master_pid
         access = self.spec.access_log
         interrupted = self.signals.has_pending  # a signal ends a batch of queued requests
+        lot = self.lot
         while not self.stopping:
-            ready = poller.wait(TICK)
+            ready = poller.wait(0 if lot is not None and lot.has_ready else TICK)
             for fd in ready:
                 server = by_fd.get(fd)
                 if server is not None:
-                    server._serve_ready(interrupted)
+                    self._take(server, interrupted)
+                elif lot is not None and fd == lot.fileno():
+                    lot.collect()
                 else:
                     self._handle_signals()
+            if lot is not None:
+                lot.serve(interrupted)
+                lot.expire()
             for server in servers:
                 server.service_actions()
             slot.tick()
@@ -231,6 +253,16 @@ class _Loop:
             if not ready and os.getppid() != master_pid:
                 log.warning("worker %d: master %d is gone, leaving", os.getpid(), master_pid)
                 self.stopping = True
+
+    def _take(self, server: BaseServer, interrupted: Callable[[], bool], batch: int = 0) -> bool:
+        """Take requests from *server*'s ready listener (at most *batch*, if given); True if any."""
+        rule = self.rules.get(server)
+        if rule is not None and self.lot is not None and isinstance(server, TCPServer):
+            return self.lot.take(server, rule, interrupted, batch or ACCEPT_BATCH) > 0
+        if batch:
+            return server._handle_request_noblock()
+        server._serve_ready(interrupted)
+        return True
 
     def _handle_signals(self) -> None:
         for signum in self.signals.pop_all():
@@ -253,6 +285,14 @@ class _Loop:
         this worker received, so another worker is not left sleeping on them.
         """
         mask = -1 if self.slot.stop_mode == STOP_SHUTDOWN else self.slot.drain_mask
+        deadline = self.slot.stop_deadline or time.monotonic() + self.spec.graceful_timeout
+        self._drain_queued(poller, deadline, mask)
+        if self.lot is not None:
+            self._drain_parked(self.lot, min(deadline, time.monotonic() + DRAIN_PATIENCE))
+
+    def _drain_queued(self, poller: _Poller, deadline: float, mask: int) -> None:
+        """Serve what the listeners in *mask* (bit = index) have queued now, until *deadline*;
+        from the others, one pass over the connections this worker was woken for."""
         # Only what is queued now: under steady load a listener is never empty, and serving
         # new arrivals would hold the stop open until graceful_timeout and its SIGKILL.
         budget = {server: queued_requests(server.socket) if mask >> index & 1 else 0  # type: ignore[attr-defined]
@@ -261,25 +301,51 @@ class _Loop:
         for fd in ready:  # the one pass
             server = self.by_fd.get(fd)
             if server is not None and not budget[server]:
-                server._handle_request_noblock()
-        deadline = self.slot.stop_deadline or time.monotonic() + self.spec.graceful_timeout
+                self._take(server, _never, batch=1)
         while any(budget.values()) and time.monotonic() < deadline:
             served = False
             for fd in ready:
                 server = self.by_fd.get(fd)
-                if server is not None and budget[server] > 0 and server._handle_request_noblock():
+                if server is not None and budget[server] > 0 and self._take(server, _never, batch=1):
                     budget[server] -= 1
                     served = True
             if not served:
                 return
             ready = poller.wait(0)
 
+    @staticmethod
+    def _drain_parked(lot: ParkingLot, deadline: float) -> None:
+        """Serve the waiting connections that complete their first message by *deadline*."""
+        while len(lot) and (left := deadline - time.monotonic()) > 0:
+            lot.serve(_never)
+            lot.collect(left)
+        lot.serve(_never)
+
     def _close(self) -> None:
+        if self.lot is not None:
+            self.lot.close()
+            self.lot = None
         for server in self.servers:
             try:
                 server.server_close()
             except Exception:
                 log.exception("worker %d: error while closing %r", os.getpid(), server)
+
+
+def _first_message(server: BaseServer, listener: Any, read_timeout: float) -> FirstMessage | None:
+    """What *server*'s connections wait for before their handler; None if they do not wait."""
+    if not listener.is_stream or not isinstance(server, TCPServer):
+        return None  # datagrams, and servers without take_request()
+    return FirstMessage.of(server.RequestHandlerClass, listener.spec.server_first, read_timeout)
+
+
+def _is_stream(server: BaseServer) -> bool:
+    sock = getattr(server, "socket", None)
+    return isinstance(sock, socket.socket) and sock.type == socket.SOCK_STREAM
+
+
+def _never() -> bool:
+    return False
 
 
 def queued_requests(sock: socket.socket) -> int:

@@ -55,6 +55,9 @@ class StreamHandler(StreamRequestHandler):
     """Echoes each line (or MAX_LINE piece of a longer one) until the client closes."""
 
     timeout: float | None = IDLE_TIMEOUT
+    # A worker hands a connection to this handler once its first line is in (prefork.parking):
+    # a client that stalls before its first newline never holds a worker.
+    message_delimiter = b"\n"
 
     def setup(self) -> None:
         self.timeout = stricter_timeout(self.request, self.timeout)

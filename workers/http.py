@@ -153,6 +153,9 @@ class HTTPHandlerBase(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     timeout = KEEPALIVE_TIMEOUT
+    # A worker hands a connection to this handler once its first request head is in (an empty
+    # line ends it; http.server accepts bare LF line ends too): see prefork.parking.
+    message_delimiter = (b"\n\r\n", b"\n\n")
     # Whether the response being written has a Connection header yet, and is a final one
     # (not "100 Continue"); set by send_response_only().
     _connection_said = False

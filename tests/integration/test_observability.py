@@ -92,6 +92,8 @@ def _children(pid: int) -> list[int]:
 def test_read_timeout_frees_a_worker_held_by_a_silent_client(start_master):
     master = start_master(workers=1, read_timeout=0.5)
     with socket.create_connection(master.address(), timeout=SOCKET_TIMEOUT) as silent:
+        silent.sendall(b"first\n")  # silent after its first line: its handler waits for the next
         wait_until(lambda: any(v.state_name == "busy" for v in master.workers()))
         assert master.request(b"served anyway") == b"served anyway"
+        assert silent.recv(100) == b"first\n"
         assert silent.recv(100) == b"", "the silent connection was not closed"

@@ -81,7 +81,7 @@ def test_a_reload_applies_new_listeners_workers_and_loglevel_and_says_so(configu
                                 f"reloaded: master {master.proc.pid} runs 3 workers of generation 2"]
     assert datagram_request(("127.0.0.1", port), b"over udp") == b"over udp"
     assert line(("127.0.0.1", port), b"over tcp") == b"over tcp"
-    assert [(w.generation, w.state_name) for w in master.workers()] == [(2, "idle")] * 3
+    assert sorted(w.generation for w in master.workers()) == [2] * 3
     wait_until(lambda: "[DEBUG]" in master.log().split("reload: bind:", 1)[-1], message=master.log())
 
 

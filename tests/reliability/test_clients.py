@@ -34,9 +34,13 @@ from tests.support import SOCKET_TIMEOUT, datagram_request, recv_all, stream_req
 
 pytestmark = pytest.mark.reliability
 
-# The read_timeout of the silent-client test: short, so the test is quick; far below the
-# services' own idle limits (workers.echo 300 s, workers.http 5 s) and the client's timeout.
+# The read_timeout of the silent-client tests: short, so the tests are quick; below the
+# services' own idle limits (workers.echo 300 s, workers.http 5 s) and the clients' timeouts.
 READ_TIMEOUT = 1.0
+# How soon the next client must be served: sooner than SILENT_TIMEOUT (the read_timeout of the
+# client that says nothing at all), so a worker held by the silent client fails the test.
+SERVED_WITHIN = 2.0
+SILENT_TIMEOUT = 3.0
 # Requests the concurrent load must complete after the misbehaving clients, to show it goes on.
 PROGRESS = 20
 # Resetting clients per test.
@@ -61,40 +65,75 @@ def done_with(master: Master, sock_name: str) -> bool:
 
 # -- a client that says nothing -------------------------------------------------------------------
 
+SILENT_APPS = [
+    pytest.param("tests.integration.apps", b"pid\n", id="plain-handler"),
+    pytest.param("workers.echo", b"hello\n", id="echo"),
+    pytest.param("workers.http", b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", id="http"),
+]
 
-@pytest.mark.parametrize("app, payload, deadline", [
-    pytest.param("tests.integration.apps", b"pid\n", SOCKET_TIMEOUT, id="plain-handler"),
-    pytest.param("workers.echo", b"hello\n", SOCKET_TIMEOUT, id="echo"),
-    # Below workers.http's own limit of 5 s (KEEPALIVE_TIMEOUT), so that only read_timeout can
-    # free the worker in time.
-    pytest.param("workers.http", b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 4.5,
-                 id="http"),
-])
-def test_a_silent_client_is_dropped_after_read_timeout_and_the_worker_serves_the_next(
-        start_master: Any, app: str, payload: bytes, deadline: float) -> None:
+
+@pytest.mark.parametrize("app, payload", SILENT_APPS)
+def test_a_silent_client_never_holds_the_worker_and_is_closed_after_read_timeout(
+        start_master: Any, app: str, payload: bytes) -> None:
+    master = start_master(app=app, workers=1, read_timeout=SILENT_TIMEOUT, loglevel="debug")
+    (worker,) = master.worker_pids()
+    with socket.create_connection(master.address(), timeout=SOCKET_TIMEOUT) as silent:
+        # The silent client waits in the worker's poller, not in a handler: the next client is
+        # served at once, well before read_timeout (which it had to wait for when the worker
+        # took the silent client into a handler).
+        reply = exchange_closing(master.address(), _closing(payload), SERVED_WITHIN)
+        assert not busy_with(master, silent)
+        assert silent.recv(1) == b"", "the silent connection should have been closed by the server"
+    check_reply(app, reply, _closing(payload), worker)
+    wait_until(lambda: f"no complete first message within {SILENT_TIMEOUT:g}s" in master.log(), 10,
+               message=master.log())
+    assert "Traceback" not in master.log()
+    assert master.worker_pids() == {worker}
+
+
+@pytest.mark.parametrize("app, payload", SILENT_APPS)
+def test_a_client_silent_after_its_first_request_is_dropped_after_read_timeout_and_the_worker_serves_the_next(
+        start_master: Any, app: str, payload: bytes) -> None:
     master = start_master(app=app, workers=1, read_timeout=READ_TIMEOUT, loglevel="debug")
     (worker,) = master.worker_pids()
     with socket.create_connection(master.address(), timeout=SOCKET_TIMEOUT) as silent:
+        silent.sendall(payload)
         wait_until(lambda: busy_with(master, silent), 10, message="the worker never took the silent client")
         # Queued behind the silent client on the only worker: served once it is dropped. Without
         # read_timeout the service's own limit applies (300 s for echo) and this times out.
-        with socket.create_connection(master.address(), timeout=deadline) as second:
-            second.sendall(payload)
-            second.shutdown(socket.SHUT_WR)
-            reply = recv_all(second)
-        assert silent.recv(1) == b"", "the silent connection should have been closed by the server"
+        reply = exchange_closing(master.address(), _closing(payload), SERVED_WITHIN)
+        assert silent.recv(1) != b"", "the first request should have been answered"
+    check_reply(app, reply, _closing(payload), worker)
     if app == "tests.integration.apps":
-        assert reply == f"{worker}\n".encode()
         # A routine event: one line naming the client and the setting, no traceback.
         wait_until(lambda: "(read_timeout): connection closed" in master.log(), 10, message=master.log())
         assert "Traceback" not in master.log()
     elif app == "workers.echo":
-        assert reply == payload
         assert f"idle for {READ_TIMEOUT} s" in master.log()
     else:
-        assert reply.startswith(b"HTTP/1.1 200 ") and reply.endswith(b"\r\n\r\nok")
         assert "Request timed out" in master.log()
     assert master.worker_pids() == {worker}, "the worker was replaced instead of freed"
+
+
+def _closing(payload: bytes) -> bytes:
+    """*payload* as a request after which workers.http closes the connection."""
+    return payload.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+
+
+def exchange_closing(address: Any, payload: bytes, timeout: float) -> bytes:
+    with socket.create_connection(address, timeout=timeout) as sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        return recv_all(sock)
+
+
+def check_reply(app: str, reply: bytes, payload: bytes, worker: int) -> None:
+    if app == "tests.integration.apps":
+        assert reply == f"{worker}\n".encode()
+    elif app == "workers.echo":
+        assert reply == payload
+    else:
+        assert reply.startswith(b"HTTP/1.1 200 ") and reply.endswith(b"\r\n\r\nok")
 
 
 # -- a client that resets mid-request --------------------------------------------------------------
@@ -134,9 +173,12 @@ def reset_mid_request(master: Master, partial: bytes) -> None:
     wait_until(lambda: done_with(master, name), 10, message=f"a worker is still busy with {name} after its reset")
 
 
+# A first request, which hands the connection to a handler (before it, a connection waits in the
+# worker's poller and its reset is silent), then the start of a second one.
 @pytest.mark.parametrize("app, partial", [
-    pytest.param("workers.echo", b"a line that never ends", id="echo"),
-    pytest.param("workers.http", b"GET /health HTTP/1.1\r\nHost: x\r\nX-Half: ", id="http"),
+    pytest.param("workers.echo", b"a first line\na line that never ends", id="echo"),
+    pytest.param("workers.http", b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nX-Half: ",
+                 id="http"),
 ])
 def test_a_client_resetting_mid_request_is_logged_and_harms_no_one(start_master: Any, load: Any, app: str,
                                                                     partial: bytes) -> None:

@@ -213,7 +213,9 @@ def test_a_worker_out_of_descriptors_logs_rarely_does_not_spin_and_recovers(star
                           post_fork=f"{SOAK_APP}:low_nofile")
     (pid,) = master.wait_workers(1)
     worker = psutil.Process(pid)
-    with _held_connections(master.address(), HELD_CONNECTIONS):
+    # Each held connection says a line and stays open: it holds a request thread. (Silent ones
+    # would wait in the worker's poller, which keeps half the descriptors free.)
+    with _held_connections(master.address(), HELD_CONNECTIONS, first=b"hold\n"):
         wait_until(lambda: EMFILE_LINE in master.log(), STEP_TIMEOUT,
                    message=f"no EMFILE logged:\n{master.log()}")
         cpu, wall = _cpu_over(worker, OVERLOAD_WINDOW)
@@ -248,12 +250,13 @@ def _cpu_over(process: psutil.Process, seconds: float) -> tuple[float, float]:
 
 
 @contextlib.contextmanager
-def _held_connections(address: Any, count: int) -> Iterator[list[socket.socket]]:
-    """Open *count* connections to *address* and keep them open, silent, for the block."""
+def _held_connections(address: Any, count: int, first: bytes = b"") -> Iterator[list[socket.socket]]:
+    """Open *count* connections to *address*, each sending *first*, and keep them open for the block."""
     socks: list[socket.socket] = []
     try:
         for _ in range(count):
             socks.append(socket.create_connection(address, timeout=SOCKET_TIMEOUT))
+            socks[-1].sendall(first)
         yield socks
     finally:
         for sock in socks:

@@ -1,0 +1,302 @@
+"""Stream connections between accept and their handler: waiting for the first message. Runs in: worker.
+
+A connection is accepted, then waits in the worker's parking lot (its own epoll, watched by the
+worker's loop) until its first message is in the kernel's buffer; only then does its server's
+``dispatch_request`` run the handler. Idle and slow clients cost a descriptor, never a handler.
+
+Rules:
+
+1. Ready means: the handler class's ``message_delimiter`` (bytes, or a tuple of alternatives) is
+   in what a ``MSG_PEEK`` sees, or ``FIRST_MESSAGE_MAX`` bytes are buffered, or the client shut
+   down its sending side (nothing more will come: the handler reads what there is, or EOF).
+   Without a delimiter the first byte is enough. Nothing is read: the handler sees every byte.
+2. A connection ready when accepted is served at once, as without parking; only the others wait.
+   A TCP listener also gets ``TCP_DEFER_ACCEPT``, so a silent client waits in the kernel at first.
+3. Every wait is bounded: by the stricter of the ``read_timeout`` setting and the handler's own
+   ``timeout``; by ``PEEK_BUDGET`` bytes of peeking per connection (a client dribbling a byte at a
+   time is closed, not peeked at for ever); by the lot's size (``parking_limit()``), the oldest
+   connection closing for a new one. Each of these costs one log line per ``REPORT_INTERVAL``
+   with a count, never a traceback. A client that resets while parked is forgotten silently.
+4. Not parked: listeners whose protocol has the server speak first (``?first=server`` in the bind
+   spec, or ``server_speaks_first = True`` on the handler class), and datagrams.
+5. A child forked from the worker (fork mode) closes its copies of the parked connections at
+   once, so that only the worker decides when they end.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+import os
+import resource
+import select
+import socket
+import time
+import weakref
+from typing import Any, Callable, Protocol
+
+__all__ = ["StreamServer", "FirstMessage", "ParkingLot", "parking_limit", "defer_accept", "FIRST_MESSAGE_MAX"]
+
+log = logging.getLogger("prefork.parking")
+
+# The most bytes peeked at to find the first message; with this much buffered the handler is
+# given the connection anyway (it may answer a 414 or echo a piece). workers.echo's MAX_LINE.
+FIRST_MESSAGE_MAX = 64 * 1024
+# Bytes a parked connection may cost in peeks (each new piece means peeking all of the buffer
+# again): a 64 KiB HTTP head in 1448-byte segments costs 1.5 MB, a byte-a-time dribble is
+# closed near 3 KB. Bounds the CPU one slow client can take.
+PEEK_BUDGET = 4 * 1024 * 1024
+# Parked connections per worker, at most; and at most half the descriptor limit, so handlers,
+# files and the access log keep the other half.
+MAX_PARKED = 1024
+MIN_PARKED = 8
+# Accepts per wake-up of a listener (as prefork.servers' batch): a stop stays prompt.
+ACCEPT_BATCH = 32
+# TCP_DEFER_ACCEPT: Linux counts it in SYN-ACK retransmissions, so 1 s is one: a client that
+# sends at once is accepted with its data; a silent one reaches accept (and the lot) after ~1 s.
+DEFER_SECONDS = 1
+# One log line per reason per this many seconds, per worker, with the count since the last.
+REPORT_INTERVAL = 10.0
+# How often the lot looks for expired connections: timeouts are seconds long, and a scan of
+# every parked connection on every turn of a busy loop would cost more than it saves.
+EXPIRE_EVERY = 0.5
+
+_PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
+_WATCH = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+_GONE_EVENTS = select.EPOLLHUP | select.EPOLLERR
+_READY, _WAIT, _GONE, _DRIBBLING = "ready", "wait", "gone", "dribbling"
+# The lots of this process, closed in its forked children (rule 5); the hook is registered once.
+_lots: weakref.WeakSet[ParkingLot] = weakref.WeakSet()
+_at_fork_registered = False
+
+
+class StreamServer(Protocol):
+    """What the lot needs of a server (prefork.servers.TCPServer has it): one request in two steps."""
+
+    def take_request(self) -> tuple[Any, Any] | None: ...
+
+    def dispatch_request(self, request: Any, client_address: Any) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class FirstMessage:
+    """When a parked connection is ready for its handler (rule 1), and how long it may wait."""
+
+    delimiters: tuple[bytes, ...] = ()  # empty: the first byte is enough
+    timeout: float | None = None
+    max_bytes: int = FIRST_MESSAGE_MAX
+
+    @classmethod
+    def of(cls, handler: Any, server_first: bool, read_timeout: float) -> FirstMessage | None:
+        """The rule for a listener served by *handler* (a class); None where nothing waits (rule 4)."""
+        if server_first or getattr(handler, "server_speaks_first", False):
+            return None
+        declared = getattr(handler, "message_delimiter", None)
+        delimiters = () if declared is None else (declared,) if isinstance(declared, bytes) else tuple(declared)
+        limits = [t for t in (read_timeout, getattr(handler, "timeout", None)) if t]
+        return cls(delimiters, min(limits) if limits else None)
+
+    def complete(self, data: bytes) -> bool:
+        if not self.delimiters or len(data) >= self.max_bytes:
+            return bool(data)
+        return any(d in data for d in self.delimiters)
+
+
+@dataclasses.dataclass(eq=False)
+class _Parked:
+    sock: socket.socket
+    address: Any
+    server: StreamServer
+    rule: FirstMessage
+    deadline: float
+    peeked: int = 0
+
+
+class ParkingLot:
+    """The worker's parked connections, in the order they came (the oldest first)."""
+
+    def __init__(self, limit: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit
+        self.clock = clock
+        self._epoll = select.epoll()
+        self._parked: dict[int, _Parked] = {}
+        self._ready: collections.deque[_Parked] = collections.deque()
+        self._report = _Report(clock)
+        self._next_expiry = -math.inf
+        _close_parked_in_forked_children(self)
+
+    def fileno(self) -> int:
+        return self._epoll.fileno()
+
+    def __len__(self) -> int:
+        return len(self._parked) + len(self._ready)
+
+    @property
+    def has_ready(self) -> bool:
+        return bool(self._ready)
+
+    def take(self, server: StreamServer, rule: FirstMessage, interrupted: Callable[[], bool],
+             batch: int = ACCEPT_BATCH) -> int:
+        """Accept up to *batch* connections from *server*'s ready listener; serve the ready ones at once."""
+        for taken in range(batch):
+            request = server.take_request()
+            if request is None:
+                return taken
+            self._admit(server, rule, *request)
+            if interrupted():
+                return taken + 1
+        return batch
+
+    def collect(self, timeout: float = 0) -> None:
+        """Look at the parked connections the lot's epoll reports (waiting at most *timeout*)."""
+        for fd, events in self._epoll.poll(timeout):
+            parked = self._parked.get(fd)
+            if parked is not None:
+                self._settle(parked, _state(parked, events))
+
+    def serve(self, interrupted: Callable[[], bool]) -> None:
+        """Hand the ready connections to their servers, in order, until *interrupted()*."""
+        while self._ready and not interrupted():
+            parked = self._ready.popleft()
+            parked.server.dispatch_request(parked.sock, parked.address)
+
+    def expire(self) -> None:
+        """Close the connections whose first message did not come in time (rule 3)."""
+        now = self.clock()
+        if now < self._next_expiry:
+            return
+        self._next_expiry = now + EXPIRE_EVERY
+        for parked in [p for p in self._parked.values() if p.deadline <= now]:
+            self._report.count("timeout", parked.rule.timeout)
+            self._close(parked)
+
+    def close(self) -> None:
+        """Close every connection still waiting (and the lot): they sent no complete message."""
+        for parked in list(self._parked.values()) + list(self._ready):
+            self._close(parked)
+        self._ready.clear()
+        self._epoll.close()
+
+    def _admit(self, server: StreamServer, rule: FirstMessage, sock: Any, address: Any) -> None:
+        if not isinstance(sock, socket.socket) or sock.fileno() < 0:
+            server.dispatch_request(sock, address)  # not a socket we can watch: as without parking
+            return
+        timeout = rule.timeout
+        parked = _Parked(sock, address, server, rule, math.inf if timeout is None else self.clock() + timeout)
+        state = _state(parked, 0)
+        if state == _READY:
+            server.dispatch_request(sock, address)  # rule 2: no wait for a client that has spoken
+            return
+        if len(self._parked) >= self.limit:
+            self._report.count("full", self.limit)
+            self._close(next(iter(self._parked.values())))
+        self._parked[sock.fileno()] = parked
+        self._epoll.register(sock.fileno(), _WATCH)
+        self._settle(parked, state)
+
+    def _settle(self, parked: _Parked, state: str) -> None:
+        if state == _WAIT:
+            return
+        self._forget(parked)
+        if state == _READY:
+            self._ready.append(parked)
+            return
+        if state == _DRIBBLING:
+            self._report.count("dribbling", parked.peeked)
+        parked.sock.close()
+
+    def _forget(self, parked: _Parked) -> None:
+        fd = parked.sock.fileno()
+        if self._parked.pop(fd, None) is not None:
+            self._epoll.unregister(fd)
+
+    def _close(self, parked: _Parked) -> None:
+        self._forget(parked)
+        parked.sock.close()
+
+    def _close_in_child(self) -> None:
+        """Called in a child forked from the worker: drop its copies (rule 5), never shut them down."""
+        for parked in list(self._parked.values()) + list(self._ready):
+            parked.sock.close()
+        self._parked.clear()
+        self._ready.clear()
+        self._epoll.close()
+
+
+def _state(parked: _Parked, events: int) -> str:
+    """What a parked connection's buffer says now (rule 1)."""
+    try:
+        data = socket.socket.recv(parked.sock, parked.rule.max_bytes, _PEEK)  # the raw bytes, also under TLS
+    except (BlockingIOError, InterruptedError):
+        return _GONE if events & _GONE_EVENTS else _WAIT
+    except OSError:
+        return _GONE  # reset by the client: nobody is left to answer
+    if not data or events & select.EPOLLRDHUP:
+        return _READY  # EOF, or all the client will send: the handler sees it
+    parked.peeked += len(data)
+    if parked.rule.complete(data) or type(parked.sock) is not socket.socket:
+        return _READY  # a wrapped (TLS) socket: its first record is all a peek can tell
+    return _DRIBBLING if parked.peeked > PEEK_BUDGET else _WAIT
+
+
+class _Report:
+    """Rule 3's log lines: one per reason per REPORT_INTERVAL, counting the rest."""
+
+    _TEXT = {
+        "timeout": "closed %d connection(s) that sent no complete first message within %gs",
+        "dribbling": "closed %d connection(s) dribbling their first message (the last after %d bytes of peeking)",
+        "full": "closed %d waiting connection(s), the oldest, to make room (at most %d wait per worker)",
+    }
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.next_line: dict[str, float] = {}
+
+    def count(self, reason: str, detail: Any) -> None:
+        self.counts[reason] += 1
+        now = self.clock()
+        if now < self.next_line.get(reason, -math.inf):
+            return
+        self.next_line[reason] = now + REPORT_INTERVAL
+        level = logging.WARNING if reason == "full" else logging.INFO
+        log.log(level, "worker %d: " + self._TEXT[reason], os.getpid(), self.counts.pop(reason), detail)
+
+
+def parking_limit() -> int:
+    """How many connections a worker parks at most: MAX_PARKED, or half its descriptor limit."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_PARKED
+    return max(MIN_PARKED, min(MAX_PARKED, soft // 2))
+
+
+def defer_accept(sock: socket.socket, on: bool) -> None:
+    """Set (or clear) TCP_DEFER_ACCEPT on a TCP listener (rule 2); nothing for other sockets.
+
+    Cleared explicitly: a listener kept across a reload may have had it from the old workers.
+    """
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or not hasattr(socket, "TCP_DEFER_ACCEPT"):
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_SECONDS if on else 0)
+    except OSError as exc:
+        log.debug("cannot set TCP_DEFER_ACCEPT on %s: %s", sock, exc)  # an unusual socket: parking still works
+
+
+def _close_parked_in_forked_children(lot: ParkingLot) -> None:
+    global _at_fork_registered
+    if not _at_fork_registered:
+        os.register_at_fork(after_in_child=_after_fork_in_child)
+        _at_fork_registered = True
+    _lots.add(lot)
+
+
+def _after_fork_in_child() -> None:
+    for lot in list(_lots):
+        lot._close_in_child()
+    _lots.clear()
+
+
