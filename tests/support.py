@@ -91,6 +91,18 @@ def require_tool(name: str) -> str:
     return path
 
 
+def skip_or_fail(reason: str) -> None:
+    """Skip the test for *reason*; under CI_REQUIRE_TOOLS=1 (CI) fail instead: nothing passes
+    in CI by not running."""
+    import os
+
+    import pytest
+
+    if os.environ.get("CI_REQUIRE_TOOLS") == "1":
+        pytest.fail(f"{reason}; CI_REQUIRE_TOOLS=1 forbids skipping it")
+    pytest.skip(reason)
+
+
 def group_members(pgid: int) -> list[int]:
     """Live (not zombie) processes of process group *pgid*."""
     import os

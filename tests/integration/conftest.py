@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
+import stat
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import psutil
 import pytest
 
 from prefork.listeners import parse_bind
 from prefork.scoreboard import Scoreboard, SlotView
-from tests.support import SOCKET_TIMEOUT, kill_process_group, wait_until
+from tests.support import SOCKET_TIMEOUT, kill_process_group, skip_or_fail, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 # How long a master gets to start every worker, or to stop.
@@ -139,6 +142,34 @@ def start_master(tmp_path):
     yield start
     for master in masters:
         master.kill_group()
+
+
+@pytest.fixture
+def readable_app() -> Iterator[dict[str, Any]]:
+    """``start_master(**readable_app, user=...)``: the test app where any user can read it.
+
+    Workers that switch to another user (nobody) import the app as that user, and the checkout
+    may sit under a directory that user cannot enter (any home directory, mode 0700). So the
+    app is copied to a fresh directory under the temporary directory, readable by everyone.
+    """
+    directory = Path(tempfile.mkdtemp(prefix="prefork-app-"))
+    try:
+        copy = directory / "readable_apps.py"
+        shutil.copyfile(Path(__file__).with_name("apps.py"), copy)
+        copy.chmod(0o644)
+        directory.chmod(0o755)
+        _require_reachable(directory)
+        yield {"app": "readable_apps", "pythonpath": directory}
+    finally:
+        shutil.rmtree(directory)
+
+
+def _require_reachable(directory: Path) -> None:
+    """Skip (fail under CI_REQUIRE_TOOLS=1) if other users cannot enter *directory*."""
+    closed = [p for p in (directory, *directory.parents) if not os.stat(p).st_mode & stat.S_IXOTH]
+    if closed:
+        skip_or_fail(f"other users cannot enter {closed[0]}, which holds the temporary directory "
+                     f"{directory}: set TMPDIR to a directory everyone may enter")
 
 
 class Load:

@@ -167,8 +167,8 @@ def test_unix_socket_mode(start_master, tmp_path):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
-def test_workers_run_as_the_configured_user(start_master):
-    master = start_master(workers=2, user="nobody", group="nogroup")
+def test_workers_run_as_the_configured_user(start_master, readable_app):
+    master = start_master(workers=2, user="nobody", group="nogroup", **readable_app)
     for pid in master.wait_workers(2):
         uids = psutil.Process(pid).uids()
         assert (uids.real, uids.effective) == (65534, 65534)
