@@ -155,6 +155,7 @@ def serve(app: Any, bind: Sequence[str] | str | None = None, *, settings: Settin
     if not isinstance(app, str):
         builder.check(listeners)  # a mismatch is reported before any fork
     spec = _worker_spec(settings, listeners, builder, settings.name or _app_name(app), hooks)
+    spec.app_target = app if isinstance(app, str) else None
     return Arbiter(settings, listeners, spec, hooks, reload_settings).run()
 
 
@@ -229,9 +230,12 @@ def handler_for(app: Any, listener: Listener) -> Any:
 def _worker_spec(settings: Settings, listeners: Sequence[Listener], build: Callable[..., list[BaseServer]],
                  name: str, hooks: Hooks) -> WorkerSpec:
     from prefork.proctitle import set_title
-    from prefork.privileges import privilege_dropper
+    from prefork.privileges import check_reach, privilege_dropper
 
     set_title("master", name)
+    switch = privilege_dropper(settings.user, settings.group)
+    check_reach(switch, os.getcwd(), [path for path in (settings.error_log, settings.access_log)
+                                      if path not in (None, "-")])
     return WorkerSpec(
         listeners=listeners,
         build_servers=build,
@@ -240,7 +244,7 @@ def _worker_spec(settings: Settings, listeners: Sequence[Listener], build: Calla
         master_pid=os.getpid(),
         reuse_port=settings.reuse_port,
         rebind=rebind_reuse_port,
-        drop_privileges=privilege_dropper(settings.user, settings.group),
+        drop_privileges=switch,
         post_fork=hooks.post_fork,
         on_reopen_logs=log_files.reopen,
         set_title=lambda number, generation: set_title("worker", name, number, generation),

@@ -32,7 +32,8 @@ class Master:
     """One prefork master started by a test."""
 
     def __init__(self, directory: Path, app: str, bind: list[str], pythonpath: Path | None = None,
-                 env: dict[str, str] | None = None, pass_fds: tuple[int, ...] = (), **settings: Any) -> None:
+                 env: dict[str, str] | None = None, pass_fds: tuple[int, ...] = (), cwd: Path = ROOT,
+                 **settings: Any) -> None:
         self.dir = directory
         self.ready_file = directory / "ready.json"
         self.pidfile = directory / "master.pid"
@@ -44,7 +45,7 @@ class Master:
         full_env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.integration.runner", json.dumps(options)],
-            cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=cwd, env=full_env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
             pass_fds=pass_fds)
         self.pgid = self.proc.pid
         self.info: dict[str, Any] = {}
@@ -145,23 +146,28 @@ def start_master(tmp_path):
 
 
 @pytest.fixture
-def readable_app() -> Iterator[dict[str, Any]]:
-    """``start_master(**readable_app, user=...)``: the test app where any user can read it.
+def open_dir() -> Iterator[Path]:
+    """A fresh directory under the temporary directory that every user may enter and read.
 
     Workers that switch to another user (nobody) import the app as that user, and the checkout
-    may sit under a directory that user cannot enter (any home directory, mode 0700). So the
-    app is copied to a fresh directory under the temporary directory, readable by everyone.
+    may sit under a directory that user cannot enter (any home directory, mode 0700).
     """
-    directory = Path(tempfile.mkdtemp(prefix="prefork-app-"))
+    directory = Path(tempfile.mkdtemp(prefix="prefork-open-"))
     try:
-        copy = directory / "readable_apps.py"
-        shutil.copyfile(Path(__file__).with_name("apps.py"), copy)
-        copy.chmod(0o644)
         directory.chmod(0o755)
         _require_reachable(directory)
-        yield {"app": "readable_apps", "pythonpath": directory}
+        yield directory
     finally:
         shutil.rmtree(directory)
+
+
+@pytest.fixture
+def readable_app(open_dir: Path) -> dict[str, Any]:
+    """``start_master(**readable_app, user=...)``: the test app copied where any user can read it."""
+    copy = open_dir / "readable_apps.py"
+    shutil.copyfile(Path(__file__).with_name("apps.py"), copy)
+    copy.chmod(0o644)
+    return {"app": "readable_apps", "pythonpath": open_dir}
 
 
 def _require_reachable(directory: Path) -> None:
