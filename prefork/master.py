@@ -30,6 +30,7 @@ from prefork.handlers import DatagramRequestHandler, StreamRequestHandler
 from prefork.listeners import Listener, bind_all, inherited_listeners, listener_for_socket, rebind_reuse_port
 from prefork.loader import load_object
 from prefork.modes import server_class_for
+from prefork.runpaths import service_name
 from prefork.servers import BaseServer, TCPServer, UDPServer
 from prefork.worker import WorkerSpec
 
@@ -266,7 +267,7 @@ def _hooks(settings: Settings) -> Hooks:
 
 def _app_name(app: Any) -> str:
     if isinstance(app, str):
-        return app.partition(":")[2].rpartition(".")[2] or app.rpartition(".")[2]
+        return service_name(app)
     if isinstance(app, types.ModuleType):
         return app.__name__.rpartition(".")[2]
     return getattr(app, "__name__", type(app).__name__)
