@@ -28,11 +28,17 @@ from typing import Any, Callable, Sequence
 from prefork import __version__, config, control, runpaths, settings_docs
 from prefork.master import serve
 from prefork.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, AppLoadError, ConfigError, PreforkError
+from prefork.handover import socket_activated
 
 __all__ = ["main", "split_run_args", "RunArgs"]
 
+log = logging.getLogger("prefork.cli")
+
 # The error log's format when prefork.log does not set logging up.
 FALLBACK_LOG_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s"
+# What a master started by socket activation serves when no bind is given: every socket systemd
+# passed (as gunicorn does), not the service's default address beside them.
+SOCKET_ACTIVATION_BIND = "systemd"
 # The bundled service that serves a WSGI callable given with --wsgi.
 WSGI_BRIDGE = "workers.wsgi"
 # A service option this close to a setting's flag is taken for a misspelt flag (difflib ratio;
@@ -181,7 +187,8 @@ def _cmd_run(tokens: list[str]) -> int:
     settings, sources = config.load(args.settings_argv, environ, cwd)
     target, service_options = _service(args, settings)
     _add_import_path(cwd)
-    default_bind = _default_bind(target)
+    activated = socket_activated(environ)
+    default_bind = [SOCKET_ACTIVATION_BIND] if activated else _default_bind(target)
     if settings.wsgi:
         _find_module(args.app)  # the WSGI app's module must exist too: report it now, exit 3
 
@@ -194,6 +201,9 @@ def _cmd_run(tokens: list[str]) -> int:
 
     settings = _with_defaults(settings, sources, default_bind, pidfile)
     _setup_logging(settings)
+    if activated and sources["bind"] == "default":
+        log.info("socket activation: serving the %d socket(s) systemd passed (LISTEN_FDS), as no bind "
+                 "was given", activated)
     return serve(target, settings=settings, reload_settings=reload_settings, service_options=service_options)
 
 
