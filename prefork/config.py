@@ -183,7 +183,8 @@ class Settings:
     pidfile: str | None = _setting(None, "write the master's pid here (atomically); removed on stop; "
                                    "`prefork status` and the control commands find the master by it",
                                    _optional(_path), section="process", short="-p",
-                                   deploy="/run/prefork/prefork.pid")
+                                   deploy="/run/prefork/prefork.pid",
+                                   default_text="prefork run: NAME.pid in a directory per user (see Command line)")
     user: str | int | None = _setting(None, "run workers as this user (the master binds first)",
                                       _name_or_id, section="process", sample="www-data")
     group: str | int | None = _setting(None, "run workers as this group", _name_or_id, section="process",
