@@ -59,7 +59,8 @@ def locate(target: str) -> str | None:
     for depth in range(1, len(parts) + 1):
         name = ".".join(parts[:depth])
         loaded = sys.modules.get(name)
-        spec = loaded.__spec__ if loaded is not None else importlib.machinery.PathFinder.find_spec(name, search)
+        spec = (getattr(loaded, "__spec__", None) if loaded is not None
+                else importlib.machinery.PathFinder.find_spec(name, search))
         if spec is None:
             return None
         search = list(spec.submodule_search_locations or [])

@@ -127,11 +127,15 @@ def acting_as(switch: Switch | None) -> Iterator[bool]:
         yield False
         return
     saved_groups, saved_gid = os.getgroups(), os.getegid()
-    os.setgroups(switch.groups)
-    os.setegid(switch.gid)
-    os.seteuid(switch.uid)
     try:
-        yield True
+        os.setgroups(switch.groups)
+        os.setegid(switch.gid)
+        os.seteuid(switch.uid)
+        switched = True
+    except PermissionError:  # a user namespace that denies setgroups: the checks are a nicety
+        switched = False
+    try:
+        yield switched
     finally:
         os.seteuid(0)
         os.setegid(saved_gid)
