@@ -63,7 +63,7 @@ def test_a_missing_app_is_still_missing(start_master, readable_app):
     master = start_master(app="no_such_app", pythonpath=readable_app["pythonpath"], user=USER, group=GROUP,
                           ready=False)
     assert master.wait_exit() == EXIT_APP_LOAD
-    assert "no module named 'no_such_app'" in master.log() and "Permission denied" not in master.log()
+    assert "cannot load the app: cannot load 'no_such_app': no module named 'no_such_app'\n" in master.log()
 
 
 def test_a_working_directory_nobody_cannot_read_is_a_warning(start_master, readable_app, open_dir):
