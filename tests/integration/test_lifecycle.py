@@ -182,6 +182,7 @@ def test_a_live_master_owns_its_pidfile(start_master, tmp_path):
     assert second.wait_exit() == EXIT_FAILURE
     assert str(first.pidfile) in second.log() and str(first.pid) in second.log()
     assert int(first.pidfile.read_text()) == first.pid
+    assert first.workers(), "the refused master left the first one's scoreboard alone"
 
 
 def test_every_hook_runs_in_its_process(start_master, tmp_path):
