@@ -155,10 +155,10 @@ class Arbiter:
         self._boot_errors = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         if self.plan.enter is not None:
             self.plan.enter()
-        self.scoreboard = Scoreboard.create(SCOREBOARD_CAPACITY, self._scoreboard_path())
-        if self.settings.pidfile:
+        if self.settings.pidfile:  # first: a live master's pidfile refuses us before we touch its scoreboard
             self.pidfile = Pidfile(self.settings.pidfile)
             self.pidfile.create(self.pid)
+        self.scoreboard = Scoreboard.create(SCOREBOARD_CAPACITY, self._scoreboard_path())
         if self.settings.preload:
             gc.freeze()  # keep the preloaded app's objects out of the collector: pages stay shared
         self._start_metrics(wait=True)

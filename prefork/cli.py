@@ -25,14 +25,20 @@ import re
 import sys
 from typing import Any, Callable, Sequence
 
-from prefork import __version__, config, control, settings_docs
+from prefork import __version__, config, control, runpaths, settings_docs
 from prefork.master import serve
 from prefork.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, AppLoadError, ConfigError, PreforkError
+from prefork.handover import socket_activated
 
 __all__ = ["main", "split_run_args", "RunArgs"]
 
+log = logging.getLogger("prefork.cli")
+
 # The error log's format when prefork.log does not set logging up.
 FALLBACK_LOG_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s"
+# What a master started by socket activation serves when no bind is given: every socket systemd
+# passed (as gunicorn does), not the service's default address beside them.
+SOCKET_ACTIVATION_BIND = "systemd"
 # The bundled service that serves a WSGI callable given with --wsgi.
 WSGI_BRIDGE = "workers.wsgi"
 # A service option this close to a setting's flag is taken for a misspelt flag (difflib ratio;
@@ -181,17 +187,23 @@ def _cmd_run(tokens: list[str]) -> int:
     settings, sources = config.load(args.settings_argv, environ, cwd)
     target, service_options = _service(args, settings)
     _add_import_path(cwd)
-    default_bind = _default_bind(target)
+    activated = socket_activated(environ)
+    default_bind = [SOCKET_ACTIVATION_BIND] if activated else _default_bind(target)
     if settings.wsgi:
         _find_module(args.app)  # the WSGI app's module must exist too: report it now, exit 3
+
+    pidfile = settings.pidfile or runpaths.default_pidfile(settings.name or runpaths.service_name(target))
 
     def reload_settings() -> config.Settings:
         """Called in the master on HUP: the same sources, read again."""
         fresh, fresh_sources = config.load(args.settings_argv, environ, cwd)
-        return _with_default_bind(fresh, fresh_sources, default_bind)
+        return _with_defaults(fresh, fresh_sources, default_bind, pidfile)
 
-    settings = _with_default_bind(settings, sources, default_bind)
+    settings = _with_defaults(settings, sources, default_bind, pidfile)
     _setup_logging(settings)
+    if activated and sources["bind"] == "default":
+        log.info("socket activation: serving the %d socket(s) systemd passed (LISTEN_FDS), as no bind "
+                 "was given", activated)
     return serve(target, settings=settings, reload_settings=reload_settings, service_options=service_options)
 
 
@@ -216,10 +228,12 @@ def _add_import_path(cwd: str) -> None:
         sys.path.insert(0, cwd)
 
 
-def _with_default_bind(settings: config.Settings, sources: dict[str, str], bind: list[str]) -> config.Settings:
-    if sources["bind"] != "default":
-        return settings
-    return dataclasses.replace(settings, bind=list(bind))
+def _with_defaults(settings: config.Settings, sources: dict[str, str], bind: list[str],
+                   pidfile: str) -> config.Settings:
+    """The service's default bind, and the default pidfile chosen at start (runpaths), unless set."""
+    if sources["bind"] == "default":
+        settings = dataclasses.replace(settings, bind=list(bind))
+    return settings if settings.pidfile else dataclasses.replace(settings, pidfile=pidfile)
 
 
 def _default_bind(target: str) -> list[str]:
@@ -388,7 +402,10 @@ def _control_commands(commands: Any) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-p", "--pidfile", metavar="FILE",
                         help="the master's pidfile (default: the pidfile setting of -c FILE, "
-                             "[tool.prefork] in ./pyproject.toml or PREFORK_PIDFILE)")
+                             "[tool.prefork] in ./pyproject.toml or PREFORK_PIDFILE; else the one "
+                             "master running with a default pidfile)")
+    common.add_argument("-n", "--name", metavar="NAME",
+                        help="without a pidfile: the master of this service, when several are running")
     common.add_argument("-c", "--config", metavar="FILE", help="config file to read the pidfile setting from")
     waiting = argparse.ArgumentParser(add_help=False, parents=[common])
     waiting.add_argument("--timeout", type=float, default=control.DEFAULT_WAIT, metavar="SECONDS",

@@ -200,6 +200,7 @@ class Settings:
                                    "`prefork status` and the control commands find the master by it",
                                    _optional(_path), section="process", short="-p",
                                    deploy="/run/prefork/prefork.pid",
+                                   default_text="prefork run: NAME.pid in a directory per user (see Command line)",
                                    reload="the control commands find the master by it; restart the service")
     user: str | int | None = _setting(None, "run workers as this user (the master binds first)",
                                       _name_or_id, section="process", sample="www-data")

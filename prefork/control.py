@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import psutil
 
-from prefork import config
+from prefork import config, runpaths
 from prefork.errors import EXIT_FAILURE, EXIT_NOT_APPLIED, EXIT_OK, EXIT_UNHEALTHY, ConfigError, PidfileError, PreforkError
 from prefork.pidfile import is_running, read_pid
 from prefork.procstats import CpuSampler, ProcStats, stats
@@ -117,14 +117,14 @@ class _Master:
 
 
 def _pidfile(args: argparse.Namespace) -> str:
-    """--pidfile, else the pidfile setting from the config file and the environment."""
+    """--pidfile, else the pidfile setting from the config file and the environment, else the
+    default pidfile of the one master running (of service --name, or the configured name)."""
     if args.pidfile:
         return str(args.pidfile)
     settings, _ = config.load(["-c", args.config] if args.config else [])
     if settings.pidfile:
         return str(settings.pidfile)
-    raise ConfigError("no pidfile to find the master by: give --pidfile FILE, or set pidfile in the config "
-                      "file (-c FILE, or [tool.prefork] in ./pyproject.toml) or in PREFORK_PIDFILE")
+    return runpaths.find_pidfile(args.name or settings.name or None)
 
 
 def _settled(view: MasterView, slots: list[SlotView], generation: int | None = None) -> bool:

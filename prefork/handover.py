@@ -21,7 +21,8 @@ from prefork.errors import ConfigError, ListenerError
 if TYPE_CHECKING:
     from prefork.listeners import Listener
 
-__all__ = ["InheritedSockets", "inherit_env", "inherited_listeners", "systemd_listeners", "upgrade_parent"]
+__all__ = ["InheritedSockets", "inherit_env", "inherited_listeners", "socket_activated", "systemd_listeners",
+           "upgrade_parent"]
 
 log = logging.getLogger("prefork.listeners")
 
@@ -51,6 +52,16 @@ def systemd_listeners(environ: Mapping[str, str]) -> list[tuple[str | None, sock
         except OSError as exc:
             log.warning("ignoring fd %d passed by systemd: %s", fd, _reason(exc))
     return found
+
+
+def socket_activated(environ: Mapping[str, str]) -> int:
+    """How many sockets came from systemd socket activation; 0 if none.
+
+    Those systemd passed to this process (LISTEN_FDS for our LISTEN_PID), or, in a master
+    started by an upgrade (USR2), those its socket-activated predecessor handed over.
+    """
+    handed_over = {fd for fd, text in _env_entries(environ) if text.partition(":")[0] == "systemd"}
+    return len(_systemd_fds(environ)) or len(handed_over)
 
 
 def _systemd_fds(environ: Mapping[str, str]) -> list[tuple[str | None, int]]:
@@ -140,7 +151,7 @@ def inherited_listeners(environ: Mapping[str, str]) -> InheritedSockets:
     found = InheritedSockets()
     by_fd: dict[int, socket.socket] = {}
     # Every entry is checked before any fd is wrapped: a malformed variable touches none.
-    entries = [_parse_env_entry(entry) for entry in filter(None, environ.get(_ENV_FDS, "").split(";"))]
+    entries = _env_entries(environ)
     try:
         for fd, text in entries:
             if fd not in by_fd:
@@ -151,6 +162,11 @@ def inherited_listeners(environ: Mapping[str, str]) -> InheritedSockets:
             sock.close()
         raise
     return found
+
+
+def _env_entries(environ: Mapping[str, str]) -> list[tuple[int, str]]:
+    """(fd, spec text) of each PREFORK_FDS entry; ListenerError for a malformed one."""
+    return [_parse_env_entry(entry) for entry in filter(None, environ.get(_ENV_FDS, "").split(";"))]
 
 
 def _parse_env_entry(entry: str) -> tuple[int, str]:

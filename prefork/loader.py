@@ -9,12 +9,15 @@ traceback through importlib.
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
+import os
+import sys
 import traceback
 from typing import Any
 
 from prefork.errors import AppLoadError
 
-__all__ = ["load_object", "split_target"]
+__all__ = ["load_object", "split_target", "locate"]
 
 
 def split_target(target: str) -> tuple[str, str]:
@@ -42,6 +45,27 @@ def load_object(target: str) -> Any:
         except AttributeError:
             raise AppLoadError(f"cannot load {target!r}: module {module_name!r} has no attribute {attr!r}") from None
     return obj
+
+
+def locate(target: str) -> str | None:
+    """The file (or package directory) that importing *target*'s module reads; None if not found.
+
+    Found as importlib would find it, package by package, without running any code: so the
+    master, or a worker before it drops privileges, can tell where the app is.
+    """
+    search: list[str] | None = None
+    where: str | None = None
+    parts = split_target(target)[0].split(".")
+    for depth in range(1, len(parts) + 1):
+        name = ".".join(parts[:depth])
+        loaded = sys.modules.get(name)
+        spec = (getattr(loaded, "__spec__", None) if loaded is not None
+                else importlib.machinery.PathFinder.find_spec(name, search))
+        if spec is None:
+            return None
+        search = list(spec.submodule_search_locations or [])
+        where = spec.origin if spec.has_location else (search[0] if search else None)
+    return where if where and os.path.isabs(where) else None
 
 
 def _cause(exc: BaseException) -> str:

@@ -34,6 +34,7 @@ import weakref
 from typing import IO, Any, Callable
 
 from prefork.errors import ConfigError
+from prefork.privileges import denied, unreachable
 
 __all__ = ["AccessLog", "JsonFormatter", "LEVELS", "OUTCOMES", "TEXT_FORMAT", "close", "configured", "error_stream",
            "reopen", "setup"]
@@ -123,6 +124,10 @@ def reopen() -> None:
     for path, file in list(_STATE.files):
         try:
             _reopen_in_place(path, file)
+        except PermissionError:
+            reason = unreachable(path, write=True) or f"cannot write {path}"
+            log.error("cannot reopen log file %s: %s; still writing to the old file", path,
+                      denied(reason, f"the log file {path}", "make the file and its directory writable by that user"))
         except OSError as exc:
             log.error("cannot reopen log file %s: %s; still writing to the old file", path, exc.strerror)
 

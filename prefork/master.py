@@ -34,6 +34,7 @@ from prefork.listeners import (Listener, bind_all, inherited_listeners, listener
                                rebind_reuse_port, reconfigure)
 from prefork.loader import load_object
 from prefork.modes import server_class_for
+from prefork.runpaths import service_name
 from prefork.servers import BaseServer, TCPServer, UDPServer
 from prefork.worker import WorkerSpec
 
@@ -186,6 +187,8 @@ class _Service:
         name = settings.name or self.default_name
         access_log = _access_log(settings, current)
         spec = _worker_spec(settings, listeners, builder, name, hooks, access_log)
+        if isinstance(builder, _ServerBuilder) and isinstance(builder.app, str):
+            spec.app_target = builder.app  # the worker finds its file while still root (prefork.loader.locate)
         return Plan(settings, listeners, spec, hooks, enter=lambda: _enter(settings, name))
 
     def replan(self, current: Plan) -> Plan:
@@ -362,8 +365,11 @@ def handler_for(app: Any, listener: Listener) -> Any:
 def _worker_spec(settings: Settings, listeners: Sequence[Listener], build: Callable[..., list[BaseServer]],
                  name: str, hooks: Hooks, access_log: log_files.AccessLog | None) -> WorkerSpec:
     from prefork.proctitle import set_title
-    from prefork.privileges import privilege_dropper
+    from prefork.privileges import check_reach, privilege_dropper
 
+    switch = privilege_dropper(settings.user, settings.group)
+    check_reach(switch, os.getcwd(), [path for path in (settings.error_log, settings.access_log)
+                                      if path not in (None, "-")])
     return WorkerSpec(
         listeners=listeners,
         build_servers=build,
@@ -372,7 +378,7 @@ def _worker_spec(settings: Settings, listeners: Sequence[Listener], build: Calla
         master_pid=os.getpid(),
         reuse_port=settings.reuse_port,
         rebind=rebind_reuse_port,
-        drop_privileges=privilege_dropper(settings.user, settings.group),
+        drop_privileges=switch,
         post_fork=hooks.post_fork,
         on_reopen_logs=log_files.reopen,
         set_title=lambda number, generation: set_title("worker", name, number, generation),
@@ -394,7 +400,7 @@ def _hooks(settings: Settings) -> Hooks:
 
 def _app_name(app: Any) -> str:
     if isinstance(app, str):
-        return app.partition(":")[2].rpartition(".")[2] or app.rpartition(".")[2]
+        return service_name(app)
     if isinstance(app, types.ModuleType):
         return app.__name__.rpartition(".")[2]
     return getattr(app, "__name__", type(app).__name__)

@@ -38,9 +38,11 @@ from typing import Any, Callable, NoReturn, Sequence
 from prefork.accounting import instrument
 from prefork.allowlist import guard
 from prefork.errors import AppLoadError
+from prefork.loader import locate
 from prefork.log import error_stream
 from prefork.parking import ACCEPT_BATCH, FirstMessage, ParkingLot, defer_accept, parking_limit
 from prefork.pool import WORKER_BOOT_FAILED
+from prefork.privileges import denied, unreachable
 from prefork.scoreboard import STOP_SHUTDOWN, SlotWriter
 from prefork.servers import BaseServer, TCPServer, _Poller
 from prefork.signals import MASTER_SIGNALS, WORKER_SIGNALS, SignalQueue, reset_to_defaults
@@ -83,6 +85,7 @@ class WorkerSpec:
     on_reopen_logs: Callable[[], None] | None = None
     set_title: Callable[[int, int], object] | None = None
     boot_error_fd: int = -1  # where a worker that cannot load the app says why (read by the master)
+    app_target: str | None = None  # the app's 'module:attribute' when the worker imports it
     access_log: Any = None  # prefork.log.AccessLog, opened by the master before fork
     read_timeout: float = 0.0
     # The scoreboard's per-listener counter of each listener (stable across reloads that add
@@ -144,16 +147,34 @@ def _live(spec: WorkerSpec, identity: WorkerIdentity, inherited_signals: SignalQ
     identity.stage = "binding its own SO_REUSEPORT sockets"
     listeners = [spec.rebind(l) for l in spec.listeners] if spec.reuse_port and spec.rebind else spec.listeners
     identity.stage = "dropping privileges"
+    app_file = None
     if spec.drop_privileges is not None:
+        app_file = locate(spec.app_target) if spec.app_target else None  # found while still root
         spec.drop_privileges()
     identity.stage = "post_fork hook failed"
     if spec.post_fork is not None:
         spec.post_fork(identity)
     identity.stage = "loading the app"
-    servers = spec.build_servers(listeners)
+    servers = _build_servers(spec, listeners, app_file)
     identity.stage = "starting to serve"
     with SignalQueue(WORKER_SIGNALS) as signals:
         return _Loop(spec, identity, servers, listeners, signals).run()
+
+
+def _build_servers(spec: WorkerSpec, listeners: Sequence[Any], app_file: str | None) -> list[BaseServer]:
+    """Load the app and wrap the listeners; if the worker's user cannot read the app, say so.
+
+    An import that cannot read a directory says "no module named ...": the real cause is
+    found by checking, as this user, the path to the file that root found before the drop.
+    """
+    try:
+        return spec.build_servers(listeners)
+    except AppLoadError as exc:
+        reason = unreachable(app_file) if app_file else None
+        if reason is None:
+            raise
+        raise AppLoadError(f"cannot load {spec.app_target!r}: " + denied(
+            reason, f"the app's module {app_file}", "make the app readable by that user")) from exc
 
 
 def _report_boot_error(spec: WorkerSpec, message: str) -> None:

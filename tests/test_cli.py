@@ -185,9 +185,11 @@ def test_a_stale_pidfile_is_reported_as_such(capsys, in_tmp):
     assert code == EXIT_FAILURE and "names pid 4194304, which is not running (stale pidfile)" in err
 
 
-def test_control_commands_without_a_pidfile_name_the_flag(capsys, in_tmp):
+def test_control_commands_without_a_pidfile_and_no_master_name_the_flag(capsys, in_tmp, monkeypatch):
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(in_tmp))  # where default pidfiles are: none here
     code, _, err = run(capsys, "reload")
-    assert code == EXIT_USAGE and "give --pidfile FILE" in err and "PREFORK_PIDFILE" in err
+    assert code == EXIT_FAILURE and f"no master running: no live pidfile in {in_tmp}" in err
+    assert "give --pidfile FILE" in err and "PREFORK_PIDFILE" in err
 
 
 def test_the_pidfile_setting_is_found_in_the_config_sources(capsys, in_tmp, monkeypatch):

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.deploy.conftest import DEPLOY, PREFORK, Master, gone, prefork, render, run, tool
@@ -35,7 +36,8 @@ os.execv(sys.argv[3], sys.argv[3:])
 """
 
 
-def activated_master(directory: Path, processes: list, env: dict[str, str] | None = None):
+def activated_master(directory: Path, processes: list, env: dict[str, str] | None = None,
+                     bind: tuple[str, ...] = ("--bind", "systemd")):
     """prefork.service's command under systemd-socket-activate, on a TCP and a UDP socket of
     the test's (as prefork.socket's ListenStream and ListenDatagram); returns (master, tcp, udp)."""
     tcp = socket.create_server(("127.0.0.1", 0))
@@ -45,7 +47,7 @@ def activated_master(directory: Path, processes: list, env: dict[str, str] | Non
         setenv = [arg for name, value in (env or {}).items() for arg in ("-E", f"{name}={value}")]
         launcher = [sys.executable, "-c", _AT_FD_3_AND_4, str(tcp.fileno()), str(udp.fileno()),
                     tool("systemd-socket-activate"), "-E", "PYTHONUNBUFFERED=1", *setenv]
-        master = Master(directory, ["--bind", "systemd", "--workers", "2", "--graceful-timeout", "5", "workers.echo"],
+        master = Master(directory, [*bind, "--workers", "2", "--graceful-timeout", "5", "workers.echo"],
                         launcher=launcher, pass_fds=(tcp.fileno(), udp.fileno()))
         processes.append(master)
         return master, tcp.getsockname(), udp.getsockname()
@@ -56,6 +58,23 @@ def echo_line(address, line: bytes) -> bytes:
         sock.sendall(line + b"\n")
         sock.shutdown(socket.SHUT_WR)
         return sock.makefile("rb").readline().rstrip(b"\n")
+
+
+def test_without_a_bind_a_socket_activated_master_serves_only_the_passed_sockets(tmp_path, processes):
+    """As gunicorn does: LISTEN_FDS for the master's pid and no bind given means bind systemd,
+    not the service's DEFAULT_BIND beside the passed sockets; across an upgrade too."""
+    master, tcp, udp = activated_master(tmp_path / "m", processes, bind=())
+    assert echo_line(tcp, b"first") == b"first"
+    master.wait_ready(2)
+    assert "socket activation: serving the 2 socket(s) systemd passed (LISTEN_FDS), as no bind was given" \
+        in master.log()
+    assert datagram_request(udp, b"datagram") == b"datagram"
+    assert master.tcp_port() == tcp[1]  # only the passed TCP socket: not echo's 127.0.0.1:9000
+    prefork("upgrade", "-p", str(master.pidfile))
+    new = master.master_pid()
+    assert master.wait() == 0 and master.tcp_port(new) == tcp[1]
+    assert datagram_request(udp, b"after upgrade") == b"after upgrade"
+    assert [c.laddr.port for c in psutil.Process(new).net_connections(kind="udp")] == [udp[1]]
 
 
 def test_socket_activation_serves_the_first_connection_and_both_sockets_across_an_upgrade(tmp_path, processes):

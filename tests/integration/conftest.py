@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
+import stat
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import psutil
 import pytest
 
 from prefork.listeners import parse_bind
 from prefork.scoreboard import Scoreboard, SlotView
-from tests.support import SOCKET_TIMEOUT, kill_process_group, wait_until
+from tests.support import SOCKET_TIMEOUT, kill_process_group, skip_or_fail, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 # How long a master gets to start every worker, or to stop.
@@ -29,7 +32,8 @@ class Master:
     """One prefork master started by a test."""
 
     def __init__(self, directory: Path, app: str, bind: list[str], pythonpath: Path | None = None,
-                 env: dict[str, str] | None = None, pass_fds: tuple[int, ...] = (), **settings: Any) -> None:
+                 env: dict[str, str] | None = None, pass_fds: tuple[int, ...] = (), cwd: Path = ROOT,
+                 **settings: Any) -> None:
         self.dir = directory
         self.ready_file = directory / "ready.json"
         self.pidfile = directory / "master.pid"
@@ -41,7 +45,7 @@ class Master:
         full_env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.integration.runner", json.dumps(options)],
-            cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=cwd, env=full_env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
             pass_fds=pass_fds)
         self.pgid = self.proc.pid
         self.info: dict[str, Any] = {}
@@ -139,6 +143,39 @@ def start_master(tmp_path):
     yield start
     for master in masters:
         master.kill_group()
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A fresh directory under the temporary directory that every user may enter and read.
+
+    Workers that switch to another user (nobody) import the app as that user, and the checkout
+    may sit under a directory that user cannot enter (any home directory, mode 0700).
+    """
+    directory = Path(tempfile.mkdtemp(prefix="prefork-open-"))
+    try:
+        directory.chmod(0o755)
+        _require_reachable(directory)
+        yield directory
+    finally:
+        shutil.rmtree(directory)
+
+
+@pytest.fixture
+def readable_app(open_dir: Path) -> dict[str, Any]:
+    """``start_master(**readable_app, user=...)``: the test app copied where any user can read it."""
+    copy = open_dir / "readable_apps.py"
+    shutil.copyfile(Path(__file__).with_name("apps.py"), copy)
+    copy.chmod(0o644)
+    return {"app": "readable_apps", "pythonpath": open_dir}
+
+
+def _require_reachable(directory: Path) -> None:
+    """Skip (fail under CI_REQUIRE_TOOLS=1) if other users cannot enter *directory*."""
+    closed = [p for p in (directory, *directory.parents) if not os.stat(p).st_mode & stat.S_IXOTH]
+    if closed:
+        skip_or_fail(f"other users cannot enter {closed[0]}, which holds the temporary directory "
+                     f"{directory}: set TMPDIR to a directory everyone may enter")
 
 
 class Load:

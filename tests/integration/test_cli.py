@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from prefork.cli import main
-from prefork.errors import EXIT_APP_LOAD, EXIT_BIND, EXIT_OK
+from prefork.errors import EXIT_APP_LOAD, EXIT_BIND, EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from prefork.scoreboard import Scoreboard, SlotView
 from tests.support import SOCKET_TIMEOUT, datagram_request, kill_process_group, wait_until
 
@@ -31,16 +31,31 @@ START_TIMEOUT = 30.0
 class CliMaster:
     """`python -m prefork run ARGS --pidfile DIR/master.pid`, run in DIR in a session of its own."""
 
-    def __init__(self, directory: Path, args: list[str]) -> None:
+    def __init__(self, directory: Path, args: list[str], run_dir: Path | None = None) -> None:
+        """With *run_dir*, no --pidfile: the master picks its default one there (RUNTIME_DIRECTORY)."""
         self.dir = directory
         self.pidfile = directory / "master.pid"
         self.log_path = directory / "master.log"
         self._log = open(self.log_path, "wb")
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFORK_")}
         env.update(PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen([sys.executable, "-m", "prefork", "run", *args, "--pidfile", str(self.pidfile)],
+        pidfile_args = ["--pidfile", str(self.pidfile)]
+        if run_dir is not None:
+            env["RUNTIME_DIRECTORY"], pidfile_args = str(run_dir), []
+        self.proc = subprocess.Popen([sys.executable, "-m", "prefork", "run", *args, *pidfile_args],
                                      cwd=directory, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
+        if run_dir is not None:
+            self.pidfile = wait_until(lambda: self._own_pidfile(run_dir), START_TIMEOUT,
+                                      message=f"no pidfile in {run_dir}:\n{self.log()}")
+
+    def _own_pidfile(self, run_dir: Path) -> Path | None:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"master exited with {self.proc.returncode}:\n{self.log()}")
+        for path in run_dir.glob("*.pid"):
+            if path.read_text().strip() == str(self.proc.pid):
+                return path
+        return None
 
     def log(self) -> str:
         self._log.flush()
@@ -92,10 +107,10 @@ def cli_master(tmp_path) -> Iterator[Any]:
     """cli_master(*run_args, workers=N) -> a CliMaster (ready unless workers=None); killed on teardown."""
     started: list[CliMaster] = []
 
-    def start(*args: str, workers: int | None = 2) -> CliMaster:
+    def start(*args: str, workers: int | None = 2, run_dir: Path | None = None) -> CliMaster:
         directory = tmp_path / f"m{len(started)}"
         directory.mkdir(exist_ok=True)  # a test may have put an app there
-        master = CliMaster(directory, list(args))
+        master = CliMaster(directory, list(args), run_dir)
         started.append(master)
         return master.wait_ready(workers) if workers is not None else master
 
@@ -299,3 +314,57 @@ def test_reopen_logs_signals_the_master(cli_master, capsys):
     wait_until(lambda: "SIGUSR1" in (master.dir / "error.log.1").read_text()
                or log_file.exists() and "SIGUSR1" in log_file.read_text(), 10,
                message=f"the master did not log SIGUSR1:\n{master.log()}")
+
+
+# -- the default pidfile: control commands without flags ------------------------------------------
+
+
+@pytest.fixture
+def run_dir(tmp_path, monkeypatch) -> Path:
+    """The directory of default pidfiles, for the masters and the in-process CLI alike."""
+    directory = tmp_path / "run"
+    directory.mkdir(mode=0o755)
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(directory))
+    return directory
+
+
+def test_without_a_pidfile_status_and_stop_find_the_master(cli_master, capsys, run_dir):
+    master = cli_master("workers.echo", "--bind", "tcp://127.0.0.1:0", "-w", "1", workers=1, run_dir=run_dir)
+    assert master.pidfile == run_dir / "echo.pid"
+    code, out, err = prefork(capsys, "status", "--json")
+    assert (code, err) == (EXIT_OK, "")
+    assert json.loads(out)["master"]["pid"] == master.proc.pid and json.loads(out)["pidfile"] == str(master.pidfile)
+    assert prefork(capsys, "stop")[:2] == (EXIT_OK, f"stopped: master {master.proc.pid}\n")
+    assert master.wait_exit() == EXIT_OK
+    assert list(run_dir.iterdir()) == []  # pidfile and scoreboard removed on stop
+
+
+def test_with_several_masters_the_command_lists_them_and_takes_a_name(cli_master, capsys, run_dir):
+    echo = cli_master("workers.echo", "--bind", "tcp://127.0.0.1:0", "-w", "1", workers=1, run_dir=run_dir)
+    again = cli_master("workers.echo", "--bind", "tcp://127.0.0.1:0", "-w", "1", workers=1, run_dir=run_dir)
+    http = cli_master("workers.http", "--bind", "tcp://127.0.0.1:0", "-w", "1", workers=1, run_dir=run_dir)
+    assert (echo.pidfile.name, again.pidfile.name, http.pidfile.name) == ("echo.pid", "echo@2.pid", "http.pid")
+    for master in (echo, again, http):
+        code, out, err = prefork(capsys, "status")
+    assert (code, out) == (EXIT_USAGE, "")
+    assert "3 masters are running; choose one with --name NAME or --pidfile FILE" in err
+    for service, master in (("echo", echo), ("echo", again), ("http", http)):
+        assert f"  {service}  pid {master.proc.pid}  {master.pidfile}\n" in err
+    code, out, err = prefork(capsys, "status", "--name", "echo")
+    assert code == EXIT_USAGE and "2 masters are running" in err
+    code, out, err = prefork(capsys, "status", "--json", "--name", "http")
+    assert (code, json.loads(out)["master"]["pid"]) == (EXIT_OK, http.proc.pid)
+    assert prefork(capsys, "stop", "-n", "http")[:2] == (EXIT_OK, f"stopped: master {http.proc.pid}\n")
+
+
+def test_a_stale_default_pidfile_is_skipped(cli_master, capsys, run_dir):
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait(START_TIMEOUT)
+    (run_dir / "echo.pid").write_text(f"{dead.pid}\n")  # a master killed with SIGKILL left it
+    (run_dir / "gone.pid").write_text(f"{dead.pid}\n")
+    code, _, err = prefork(capsys, "status")
+    assert code == EXIT_FAILURE and f"no master running: no live pidfile in {run_dir}" in err
+    master = cli_master("workers.echo", "--bind", "tcp://127.0.0.1:0", "-w", "1", workers=1, run_dir=run_dir)
+    assert master.pidfile == run_dir / "echo.pid"  # the stale file is replaced
+    code, out, _ = prefork(capsys, "status", "--json")
+    assert (code, json.loads(out)["master"]["pid"]) == (EXIT_OK, master.proc.pid)

@@ -167,8 +167,8 @@ def test_unix_socket_mode(start_master, tmp_path):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
-def test_workers_run_as_the_configured_user(start_master):
-    master = start_master(workers=2, user="nobody", group="nogroup")
+def test_workers_run_as_the_configured_user(start_master, readable_app):
+    master = start_master(workers=2, user="nobody", group="nogroup", **readable_app)
     for pid in master.wait_workers(2):
         uids = psutil.Process(pid).uids()
         assert (uids.real, uids.effective) == (65534, 65534)
@@ -182,6 +182,7 @@ def test_a_live_master_owns_its_pidfile(start_master, tmp_path):
     assert second.wait_exit() == EXIT_FAILURE
     assert str(first.pidfile) in second.log() and str(first.pid) in second.log()
     assert int(first.pidfile.read_text()) == first.pid
+    assert first.workers(), "the refused master left the first one's scoreboard alone"
 
 
 def test_every_hook_runs_in_its_process(start_master, tmp_path):

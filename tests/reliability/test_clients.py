@@ -22,6 +22,7 @@ import http.client
 import os
 import socket
 import struct
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -237,7 +238,7 @@ BAD_HEADS = [
     pytest.param(b"\x00\xff\xfe garbage \x80\r\n\r\n", 400, "Bad request", id="binary-garbage"),
     pytest.param(bytes(range(256)).replace(b"\n", b"") * 16, 400, "Bad request", id="binary-no-newline"),
     pytest.param(b"GET / HTTX/1.1\r\n\r\n", 400, "Bad request version", id="bad-version"),
-    pytest.param(b"GET /" + b"a" * HUGE + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "Request-URI Too Long",
+    pytest.param(b"GET /" + b"a" * HUGE + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, HTTPStatus(414).phrase,
                  id="huge-request-line"),
     pytest.param(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * HUGE + b"\r\n\r\n", 431, "Line too long",
                  id="huge-header"),

@@ -50,7 +50,7 @@ from prefork import control, handover
 from prefork.errors import ConfigError, ListenerError, PreforkError
 from prefork.handover import inherited_listeners, upgrade_parent
 from prefork.scoreboard import Scoreboard, _Header, _Slot
-from tests.support import SOCKET_TIMEOUT, wait_until
+from tests.support import SOCKET_TIMEOUT, skip_or_fail, wait_until
 
 pytestmark = pytest.mark.reliability
 
@@ -64,13 +64,9 @@ PORT_CANDIDATES = range(1023, 900, -1)
 
 def require_root() -> None:
     """Skip (fail under CI_REQUIRE_TOOLS=1) unless the tests run as root, as CI runs them."""
-    if os.geteuid() == 0:
-        return
-    reason = (f"needs root: switching workers to {USER}/{GROUP} and binding a port below "
-              f"{PRIVILEGED_PORTS} are privileged (CI runs the suite as root)")
-    if os.environ.get("CI_REQUIRE_TOOLS") == "1":
-        pytest.fail(f"{reason}; CI_REQUIRE_TOOLS=1 forbids skipping it")
-    pytest.skip(reason)
+    if os.geteuid() != 0:
+        skip_or_fail(f"needs root: switching workers to {USER}/{GROUP} and binding a port below "
+                     f"{PRIVILEGED_PORTS} are privileged (CI runs the suite as root)")
 
 
 def ids() -> tuple[int, int]:
@@ -124,9 +120,10 @@ def root_groups() -> Iterator[None]:
 
 
 @pytest.mark.parametrize("mode", ["sync", "thread"])
-def test_workers_run_as_the_user_and_group_and_the_master_stays_root(root_groups, start_master, mode):
+def test_workers_run_as_the_user_and_group_and_the_master_stays_root(root_groups, start_master, readable_app,
+                                                                    mode):
     uid, gid = ids()
-    master = start_master(user=USER, group=GROUP, workers=2, mode=mode)
+    master = start_master(user=USER, group=GROUP, workers=2, mode=mode, **readable_app)
     workers = master.wait_workers(2)
     for pid in workers:
         assert_runs_as(pid, uid, gid)
@@ -137,11 +134,12 @@ def test_workers_run_as_the_user_and_group_and_the_master_stays_root(root_groups
     assert imported_in in workers and imported_in != master.pid
 
 
-def test_the_metrics_process_gives_up_root_once_its_port_is_bound(root_groups, start_master):
+def test_the_metrics_process_gives_up_root_once_its_port_is_bound(root_groups, start_master, readable_app):
     """It serves HTTP: after binding metrics_bind it runs as the service's user, and still
     reads the scoreboard (the inherited map, whatever the file's mode: here 0600, root's)."""
     uid, gid = ids()
-    master = start_master(user=USER, group=GROUP, workers=2, umask=0o077, metrics_bind="tcp://127.0.0.1:0")
+    master = start_master(user=USER, group=GROUP, workers=2, umask=0o077, metrics_bind="tcp://127.0.0.1:0",
+                          **readable_app)
     workers = master.wait_workers(2)
     url = wait_until(lambda: re.search(r"metrics on (http://\S+)", master.log()), message=master.log()).group(1)
     (metrics_pid,) = [child.pid for child in psutil.Process(master.pid).children() if child.pid not in workers]
@@ -159,11 +157,11 @@ def test_the_metrics_process_gives_up_root_once_its_port_is_bound(root_groups, s
 
 
 @pytest.mark.parametrize("reuse_port", [False, True])
-def test_a_privileged_port_works_with_an_unprivileged_user(root_groups, start_master, reuse_port):
+def test_a_privileged_port_works_with_an_unprivileged_user(root_groups, start_master, readable_app, reuse_port):
     uid, gid = ids()
     port = free_privileged_port()
     master = start_master(bind=[f"tcp://127.0.0.1:{port}"], user=USER, group=GROUP, workers=2,
-                          reuse_port=reuse_port)
+                          reuse_port=reuse_port, **readable_app)
     assert master.address() == ("127.0.0.1", port)
     for _ in range(4):
         assert master.request(b"hello") == b"hello"
@@ -171,12 +169,12 @@ def test_a_privileged_port_works_with_an_unprivileged_user(root_groups, start_ma
         assert_runs_as(pid, uid, gid)
 
 
-def test_unix_socket_files_get_the_configured_mode_owner_and_group(start_master, sock_dir):
+def test_unix_socket_files_get_the_configured_mode_owner_and_group(start_master, sock_dir, readable_app):
     require_root()
     uid, gid = ids()
     path = sock_dir / "s.sock"
     master = start_master(bind=[f"unix:{path}"], unix_mode=0o660, unix_owner=USER, unix_group=GROUP,
-                          user=USER, group=GROUP)
+                          user=USER, group=GROUP, **readable_app)
     info = os.stat(path)
     assert stat.S_ISSOCK(info.st_mode)
     assert (stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid) == (0o660, uid, gid)
