@@ -31,14 +31,16 @@ START_TIMEOUT = 30.0
 class CliMaster:
     """`python -m prefork run ARGS --pidfile DIR/master.pid`, run in DIR in a session of its own."""
 
-    def __init__(self, directory: Path, args: list[str], run_dir: Path | None = None) -> None:
-        """With *run_dir*, no --pidfile: the master picks its default one there (RUNTIME_DIRECTORY)."""
+    def __init__(self, directory: Path, args: list[str], run_dir: Path | None = None,
+                 pythonpath: Path | None = None) -> None:
+        """With *run_dir*, no --pidfile: the master picks its default one there (RUNTIME_DIRECTORY).
+        *pythonpath* goes before the checkout (an app copy that another user can read)."""
         self.dir = directory
         self.pidfile = directory / "master.pid"
         self.log_path = directory / "master.log"
         self._log = open(self.log_path, "wb")
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFORK_")}
-        env.update(PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+        env.update(PYTHONPATH=os.pathsep.join(str(p) for p in (pythonpath, ROOT) if p), PYTHONUNBUFFERED="1")
         pidfile_args = ["--pidfile", str(self.pidfile)]
         if run_dir is not None:
             env["RUNTIME_DIRECTORY"], pidfile_args = str(run_dir), []
@@ -107,10 +109,11 @@ def cli_master(tmp_path) -> Iterator[Any]:
     """cli_master(*run_args, workers=N) -> a CliMaster (ready unless workers=None); killed on teardown."""
     started: list[CliMaster] = []
 
-    def start(*args: str, workers: int | None = 2, run_dir: Path | None = None) -> CliMaster:
+    def start(*args: str, workers: int | None = 2, run_dir: Path | None = None,
+              pythonpath: Path | None = None) -> CliMaster:
         directory = tmp_path / f"m{len(started)}"
         directory.mkdir(exist_ok=True)  # a test may have put an app there
-        master = CliMaster(directory, list(args), run_dir)
+        master = CliMaster(directory, list(args), run_dir, pythonpath)
         started.append(master)
         return master.wait_ready(workers) if workers is not None else master
 

@@ -56,10 +56,10 @@ class Config:
 @pytest.fixture
 def configured(cli_master, tmp_path):
     """configured(**settings) -> (master, config): a master reading its settings from a file."""
-    def start(workers: int = 2, **settings: Any) -> tuple[Any, Config]:
+    def start(workers: int = 2, app: str = APP, pythonpath: Path | None = None, **settings: Any) -> tuple[Any, Config]:
         config = Config(tmp_path / "m0")
         config.write(workers=workers, **settings)
-        return cli_master(APP, "-c", "prefork.toml", workers=workers), config
+        return cli_master(app, "-c", "prefork.toml", workers=workers, pythonpath=pythonpath), config
     return start
 
 
@@ -113,9 +113,9 @@ def test_a_removed_listener_answers_what_was_queued_then_closes(configured, caps
     assert line(("127.0.0.1", keep), b"kept") == b"kept"
 
 
-def test_a_reload_applies_mode_threads_user_and_hooks(configured, capsys, tmp_path):
+def test_a_reload_applies_mode_threads_user_and_hooks(configured, capsys, tmp_path, readable_app):
     port = free_port()
-    master, config = configured(workers=1, bind=[f"tcp://127.0.0.1:{port}"])
+    master, config = configured(workers=1, bind=[f"tcp://127.0.0.1:{port}"], **readable_app)
     assert line(("127.0.0.1", port), b"thread") == b"MainThread"
     assert line(("127.0.0.1", port), b"uid") == b"0"
     config.write(workers=1, bind=[f"tcp://127.0.0.1:{port}"], mode="thread", threads=4, user="nobody",
