@@ -1,11 +1,11 @@
 """Benchmarks of the prefork master: accept wake-ups, master CPU, respawn time, preload memory. Runs in: bench.
 
-("bench" is this script's own process, the load generator, plus the server processes it starts
-through ``loadtests/bench_master_servers.py``; nothing here runs inside a master or a worker.)
+("bench" is this suite's own process, the load generator; the servers are started through the
+harness, ``loadtests/harness.py`` and ``loadtests/servers.py``.)
 
 Run from the repository root, on Linux:
 
-    .venv/bin/python -m loadtests.bench_master
+    .venv/bin/python -m loadtests.bench master
 
 It takes about a minute and a half, prints the report and writes it to ``docs/benchmarks-master.md``
 (``--output -`` writes no file; ``--help`` lists the knobs: ``--connections``, ``--gap-ms``,
@@ -32,7 +32,7 @@ What is measured:
    pre-fork (stdlib ``TCPServer`` forked 8 times, each child in ``serve_forever()`` on the shared
    socket). The same servers with 1 worker give the serving worker's own switches per
    connection, so "8 workers minus 1 worker" is what the other workers cost.
-2. **Master CPU under load.** 2 workers, client threads making short connections for
+2. **Master CPU under load.** 2 workers, 8 short connections in flight (``loadtests.load.EchoLoad``) for
    ``--load-seconds``; the master's CPU (psutil user+sys, and the scheduler's ns counter from
    /proc/PID/schedstat) against the workers'.
 3. **Respawn.** SIGKILL one of 2 workers (always one older than the pool's "died young" age, so
@@ -53,40 +53,26 @@ import argparse
 import collections
 import contextlib
 import dataclasses
-import datetime
+import itertools
 import json
 import os
-import platform
 import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from loadtests.harness import (ROOT, START_TIMEOUT, Server, percentile, positive, prefork_master, progress,
+                               report_head, serving, wait_for, write_report)
+from loadtests.load import LINE, Conversation, EchoLoad, holding, request
 from prefork.pool import YOUNG_AGE
-from prefork.scoreboard import IDLE, Scoreboard, SlotView
-from loadtests.common import positive
+from prefork.scoreboard import IDLE, SlotView
 
-COMMAND = ".venv/bin/python -m loadtests.bench_master"
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUTPUT = ROOT / "docs" / "benchmarks-master.md"
+OUTPUT = ROOT / "docs" / "benchmarks-master.md"
 
-# Every client socket gets this timeout: no read or connect can hang the run.
-SOCKET_TIMEOUT = 10.0
-# Deadline for a server to be ready (the no-preload memory case imports 100 MB in 4 workers on
-# 2 CPUs) and for a process group to go away after TERM, before KILL.
-START_TIMEOUT = 60.0
-STOP_TIMEOUT = 5.0
-# The servers stop by themselves after this many seconds (rule 2), more than a whole run.
-SERVER_LIFETIME = 600
 
 WAKEUP_WORKERS = 8
 # Pause after each reply, so that every worker a connection woke is asleep again before the next
@@ -108,186 +94,20 @@ GC_ROUNDS = 3
 MiB = 1024 * 1024
 
 
-def _progress(message: str) -> None:
-    print(f"[bench_master] {message}", file=sys.stderr, flush=True)
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.01) -> Any:
-    """Poll *predicate* until it returns a true value; RuntimeError after *timeout* seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
-
-
-# -- the servers under test ------------------------------------------------------------------------
-
-
-class ServerGroup:
-    """One server (prefork master or naive pre-fork) in its own session, and its workers."""
-
-    def __init__(self, role: str, options: dict[str, Any], directory: Path) -> None:
-        self.role = role
-        self.dir = directory
-        self.pidfile = directory / "master.pid"
-        self.ready_file = directory / "ready.json"
-        self.log_path = directory / "server.log"
-        options = {**options, "ready_file": str(self.ready_file), "lifetime": SERVER_LIFETIME}
-        if role == "prefork":
-            options["pidfile"] = str(self.pidfile)
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed by stop(), with the server)
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "loadtests.bench_master_servers", role, json.dumps(options)],
-            cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True)
-        self.pgid = self.proc.pid
-        self.address: tuple[str, int] = ("127.0.0.1", 0)
-
-    def wait_ready(self, workers: int) -> ServerGroup:
-        wait_for(self._ready_file_written, START_TIMEOUT, f"{self.role} to serve")
-        info = json.loads(self.ready_file.read_text())
-        self.address = (info["host"], info["port"])
-        wait_for(lambda: len(self.worker_pids()) == workers, START_TIMEOUT, f"{workers} {self.role} workers")
-        return self
-
-    def _ready_file_written(self) -> bool:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"{self.role} server exited with {self.proc.returncode}:\n{self.log()}")
-        return self.ready_file.exists()
-
-    @property
-    def master_pid(self) -> int:
-        return self.proc.pid
-
-    def slots(self) -> list[SlotView]:
-        """prefork only: the scoreboard's worker slots."""
-        board = Scoreboard.open(f"{self.pidfile}.scoreboard")
-        try:
-            return [view for view in board.used() if view.pid]
-        finally:
-            board.close()
-
-    def worker_pids(self) -> list[int]:
-        """Workers ready to serve: idle or busy in the scoreboard, or the naive parent's children."""
-        if self.role == "prefork":
-            return sorted(view.pid for view in self.slots() if view.state_name in ("idle", "busy"))
-        try:
-            return sorted(child.pid for child in psutil.Process(self.master_pid).children())
-        except psutil.NoSuchProcess:
-            return []
-
-    def stop(self) -> None:
-        """TERM, then KILL, the whole process group; reap the server."""
-        for signum in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(self.pgid, signum)
-            except ProcessLookupError:
-                break
-            if _group_gone(self.pgid, STOP_TIMEOUT):
-                break
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(STOP_TIMEOUT)
-        self._log.close()
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-
-def _group_gone(pgid: int, timeout: float) -> bool:
-    def gone() -> bool:
-        for proc in psutil.process_iter(["pid", "status"]):
-            with contextlib.suppress(ProcessLookupError, psutil.Error):
-                if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
-                    return False
-        return True
-    try:
-        return bool(wait_for(gone, timeout, f"process group {pgid} to exit", interval=0.05))
-    except RuntimeError:
-        return False
 
 
 class Servers:
-    """Starts servers in fresh directories and stops every one of them on exit, error or not."""
+    """Fresh directories for the suite's servers: ``run`` is a ready server for its block."""
 
     def __init__(self, base: Path) -> None:
-        self.base = base
-        self.running: list[ServerGroup] = []
-        self._started = 0
+        self.base, self._count = base, itertools.count(1)
 
-    @contextlib.contextmanager
-    def run(self, role: str, workers: int, **options: Any) -> Iterator[ServerGroup]:
-        self._started += 1
-        directory = self.base / f"s{self._started}-{role}"
-        directory.mkdir()
-        group = ServerGroup(role, {"workers": workers, **options}, directory)
-        self.running.append(group)
-        try:
-            yield group.wait_ready(workers)
-        finally:
-            self.running.remove(group)
-            group.stop()
-
-    def stop_all(self) -> None:
-        for group in list(self.running):
-            group.stop()
-
-
-# -- clients ---------------------------------------------------------------------------------------
-
-
-class Conversation:
-    """One client connection; ``ask`` sends a line and returns the answering worker's pid."""
-
-    def __init__(self, address: tuple[str, int]) -> None:
-        self.sock = socket.create_connection(address, timeout=SOCKET_TIMEOUT)
-        self._buffer = b""
-
-    def ask(self, line: bytes) -> int:
-        self.sock.sendall(line + b"\n")
-        while b"\n" not in self._buffer:
-            chunk = self.sock.recv(4096)
-            if not chunk:
-                raise ConnectionError(f"closed by the server after {self._buffer!r}")
-            self._buffer += chunk
-        reply, _, self._buffer = self._buffer.partition(b"\n")
-        return int(reply.split(b" ", 1)[0])
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def request(address: tuple[str, int], line: bytes = b"ping") -> int:
-    """One short connection: one line, one reply; returns the pid of the worker that served it."""
-    conversation = Conversation(address)
-    try:
-        return conversation.ask(line)
-    finally:
-        conversation.close()
-
-
-@contextlib.contextmanager
-def holding(address: tuple[str, int], line: bytes, count: int) -> Iterator[list[int]]:
-    """Open *count* connections, one after the other, each kept open after its first answer.
-
-    A held connection keeps its worker busy, so each next one goes to another worker. Yields
-    the pids that answered, in order.
-    """
-    conversations: list[Conversation] = []
-    try:
-        pids = []
-        for _ in range(count):
-            conversations.append(Conversation(address))
-            pids.append(conversations[-1].ask(line))
-        yield pids
-    finally:
-        for conversation in conversations:
-            conversation.close()
+    def run(self, role: str, workers: int, **options: Any) -> contextlib.AbstractContextManager[Server]:
+        directory = self.base / f"s{next(self._count)}-{role}"
+        if role == "prefork":
+            return prefork_master(directory, workers, **options)
+        naive = {"server": "TCPServer", "handler": "pid", "forks": workers}
+        return serving("stdlib", [json.dumps(naive)], directory, workers)
 
 
 # -- 1. accept wake-ups ----------------------------------------------------------------------------
@@ -333,7 +153,7 @@ class WakeupRun:
         return max(self.served.values()) / self.connections
 
 
-def measure_wakeups(group: ServerGroup, implementation: str, workers: int, connections: int,
+def measure_wakeups(group: Server, implementation: str, workers: int, connections: int,
                     gap: float) -> WakeupRun:
     pids = group.worker_pids()
     processes = [psutil.Process(pid) for pid in pids]
@@ -362,7 +182,7 @@ def bench_wakeups(servers: Servers, connections: int, gap: float) -> list[Wakeup
     runs = []
     for workers in (WAKEUP_WORKERS, 1):
         for role in ("prefork", "naive"):
-            _progress(f"wake-ups: {role}, {workers} worker(s), {connections} connections")
+            progress(f"wake-ups: {role}, {workers} worker(s), {connections} connections")
             with servers.run(role, workers) as group:
                 runs.append(measure_wakeups(group, role, workers, connections, gap))
     return runs
@@ -382,46 +202,11 @@ def on_cpu_ns(pid: int) -> int:
         return int(f.read().split()[0])
 
 
-class Load:
-    """Client threads, each making short connections back to back until stopped."""
-
-    def __init__(self, address: tuple[str, int], clients: int) -> None:
-        self.address = address
-        self.ok = 0
-        self.failures: list[str] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._client, name=f"load-{i}") for i in range(clients)]
-
-    def run_for(self, seconds: float) -> None:
-        for thread in self._threads:
-            thread.start()
-        try:
-            time.sleep(seconds)
-        finally:
-            self._stop.set()
-            for thread in self._threads:
-                thread.join(SOCKET_TIMEOUT * 2)
-
-    def _client(self) -> None:
-        while not self._stop.is_set():
-            try:
-                request(self.address)
-                outcome = ""
-            except OSError as exc:
-                outcome = repr(exc)
-            with self._lock:
-                if outcome:
-                    self.failures.append(outcome)
-                else:
-                    self.ok += 1
-
-
 @dataclasses.dataclass
 class MasterCpu:
     seconds: float
     requests: int
-    failures: list[str]
+    failures: int
     master_cpu: float
     master_on_cpu: float
     master_wakeups: int
@@ -432,19 +217,19 @@ class MasterCpu:
         return self.master_on_cpu / self.workers_cpu if self.workers_cpu else float("nan")
 
 
-def measure_master_cpu(group: ServerGroup, seconds: float) -> MasterCpu:
-    master = psutil.Process(group.master_pid)
+def measure_master_cpu(group: Server, seconds: float) -> MasterCpu:
+    master = psutil.Process(group.pid)
     workers = [psutil.Process(pid) for pid in group.worker_pids()]
     for _ in range(WARMUP_CONNECTIONS):
         request(group.address)
-    load = Load(group.address, LOAD_CLIENTS)
+    load = EchoLoad("short", group.address, LOAD_CLIENTS)
     cpu0, ns0, wake0 = cpu_seconds(master), on_cpu_ns(master.pid), master.num_ctx_switches().voluntary
     workers0 = sum(cpu_seconds(w) for w in workers)
     started = time.monotonic()
-    load.run_for(seconds)
+    load.run(seconds)
     elapsed = time.monotonic() - started
     return MasterCpu(
-        elapsed, load.ok, load.failures,
+        elapsed, len(load.latencies), load.errors,
         master_cpu=cpu_seconds(master) - cpu0,
         master_on_cpu=(on_cpu_ns(master.pid) - ns0) / 1e9,
         master_wakeups=master.num_ctx_switches().voluntary - wake0,
@@ -453,7 +238,7 @@ def measure_master_cpu(group: ServerGroup, seconds: float) -> MasterCpu:
 
 
 def bench_master_cpu(servers: Servers, seconds: float) -> MasterCpu:
-    _progress(f"master CPU: {LOAD_WORKERS} workers, {LOAD_CLIENTS} client threads, {seconds:.0f} s")
+    progress(f"master CPU: {LOAD_WORKERS} workers, {LOAD_CLIENTS} connections in flight, {seconds:.0f} s")
     with servers.run("prefork", LOAD_WORKERS) as group:
         return measure_master_cpu(group, seconds)
 
@@ -472,13 +257,13 @@ class Respawn:
     reply_from_new: bool
 
 
-def oldest_eligible(group: ServerGroup) -> SlotView | None:
+def oldest_eligible(group: Server) -> SlotView | None:
     now = time.monotonic()  # CLOCK_MONOTONIC: the scoreboard's clock in every process
     ready = [v for v in group.slots() if v.state_name in ("idle", "busy") and now - v.started >= RESPAWN_MIN_AGE]
     return min(ready, key=lambda v: v.started, default=None)
 
 
-def _hold_all_but(group: ServerGroup, victim: int) -> contextlib.ExitStack:
+def _hold_all_but(group: Server, victim: int) -> contextlib.ExitStack:
     """Hold a connection on every worker except (maybe also) *victim*, so none of them can accept."""
     stack = contextlib.ExitStack()
     others = set(group.worker_pids()) - {victim}
@@ -490,7 +275,7 @@ def _hold_all_but(group: ServerGroup, victim: int) -> contextlib.ExitStack:
     return stack
 
 
-def _new_idle_worker(group: ServerGroup, known: set[int], killed_at: float) -> SlotView:
+def _new_idle_worker(group: Server, known: set[int], killed_at: float) -> SlotView:
     """Poll the scoreboard every RESPAWN_POLL s until a worker not in *known* is idle."""
     deadline = killed_at + RESPAWN_DEADLINE
     while time.monotonic() < deadline:
@@ -501,7 +286,7 @@ def _new_idle_worker(group: ServerGroup, known: set[int], killed_at: float) -> S
     raise RuntimeError(f"no idle replacement within {RESPAWN_DEADLINE}s: {group.slots()}")
 
 
-def measure_respawn(group: ServerGroup) -> Respawn:
+def measure_respawn(group: Server) -> Respawn:
     victim = wait_for(lambda: oldest_eligible(group), START_TIMEOUT, "a worker old enough to kill")
     with _hold_all_but(group, victim.pid):
         known = {view.pid for view in group.slots()}
@@ -518,7 +303,7 @@ def measure_respawn(group: ServerGroup) -> Respawn:
 
 
 def bench_respawn(servers: Servers, samples: int) -> list[Respawn]:
-    _progress(f"respawn: {samples} SIGKILLs of one of {RESPAWN_WORKERS} workers (~{RESPAWN_MIN_AGE / 2:.1f} s each)")
+    progress(f"respawn: {samples} SIGKILLs of one of {RESPAWN_WORKERS} workers (~{RESPAWN_MIN_AGE / 2:.1f} s each)")
     with servers.run("prefork", RESPAWN_WORKERS) as group:
         return [measure_respawn(group) for _ in range(samples)]
 
@@ -565,7 +350,7 @@ MEMORY_CASES = (
 )
 
 
-def collect_in_every_worker(group: ServerGroup) -> None:
+def collect_in_every_worker(group: Server) -> None:
     """GC_ROUNDS rounds; in each, every worker gets a held connection and runs gc.collect()."""
     for _ in range(GC_ROUNDS):
         with holding(group.address, b"gc", MEMORY_WORKERS) as pids:
@@ -573,7 +358,7 @@ def collect_in_every_worker(group: ServerGroup) -> None:
                 raise RuntimeError(f"expected {MEMORY_WORKERS} distinct workers, got {pids}")
 
 
-def measure_memory(group: ServerGroup, name: str) -> MemoryCase:
+def measure_memory(group: Server, name: str) -> MemoryCase:
     collect_in_every_worker(group)
     conversation = Conversation(group.address)
     try:
@@ -581,42 +366,16 @@ def measure_memory(group: ServerGroup, name: str) -> MemoryCase:
     finally:
         conversation.close()
     workers = [Memory.of(pid) for pid in group.worker_pids()]
-    return MemoryCase(name, graph_bytes, Memory.of(group.master_pid), workers)
+    return MemoryCase(name, graph_bytes, Memory.of(group.pid), workers)
 
 
 def bench_memory(servers: Servers) -> list[MemoryCase]:
     cases = []
     for name, options in MEMORY_CASES:
-        _progress(f"memory: {name}")
+        progress(f"memory: {name}")
         with servers.run("prefork", MEMORY_WORKERS, app="loadtests.bigapp", **options) as group:
             cases.append(measure_memory(group, name))
     return cases
-
-
-# -- the report ------------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def machine_lines(argv: list[str], load_before: float) -> list[str]:
-    return [
-        "| | |",
-        "|---|---|",
-        f"| CPU | {cpu_model()} ({os.cpu_count()} logical CPUs) |",
-        f"| Kernel | {platform.system()} {platform.release()} |",
-        f"| Python | {platform.python_implementation()} {platform.python_version()} |",
-        f"| psutil | {psutil.__version__} |",
-        f"| Date | {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC} |",
-        f"| Command | `{' '.join([COMMAND, *argv])}` |",
-        (f"| Load average (1 min) | {load_before:.2f} before the run, {os.getloadavg()[0]:.2f} after "
-         f"(other work on the machine adds noise to every figure) |"),
-    ]
 
 
 def _find(runs: list[WakeupRun], implementation: str, workers: int) -> WakeupRun:
@@ -659,15 +418,15 @@ def _wakeup_row(run: WakeupRun) -> str:
 
 def master_cpu_lines(m: MasterCpu) -> list[str]:
     return [
-        (f"A prefork master with {LOAD_WORKERS} workers; {LOAD_CLIENTS} client threads in this "
-         f"process make short connections back to back for {m.seconds:.1f} s. Master CPU from "
+        (f"A prefork master with {LOAD_WORKERS} workers; this process keeps {LOAD_CLIENTS} short "
+         f"connections in flight (one epoll loop, `loadtests.load.EchoLoad`) for {m.seconds:.1f} s. Master CPU from "
          f"psutil (user+sys, 10 ms ticks) and from /proc/PID/schedstat (ns); workers' CPU is "
          f"psutil user+sys summed."),
         "",
         ("| requests | req/s | failed | master CPU (psutil) | master on-CPU (schedstat) "
          "| master wake-ups | master CPU per wake-up | workers' CPU | **master / workers** |"),
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        (f"| {m.requests:,} | {m.requests / m.seconds:,.0f} | {len(m.failures)} | {m.master_cpu:.3f} s "
+        (f"| {m.requests:,} | {m.requests / m.seconds:,.0f} | {m.failures} | {m.master_cpu:.3f} s "
          f"| {m.master_on_cpu * 1000:.2f} ms | {m.master_wakeups} ({m.master_wakeups / m.seconds:.1f}/s) "
          f"| {m.master_on_cpu * 1000 / max(1, m.master_wakeups):.2f} ms "
          f"| {m.workers_cpu:.2f} s | **{m.fraction:.4%}** (on-CPU / workers' CPU) |"),
@@ -675,9 +434,7 @@ def master_cpu_lines(m: MasterCpu) -> list[str]:
 
 
 def _quantiles(values: list[float]) -> tuple[float, float, float, float]:
-    ordered = sorted(values)
-    p90 = ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
-    return ordered[0], statistics.median(ordered), p90, ordered[-1]
+    return min(values), percentile(values, 0.5), percentile(values, 0.9), max(values)
 
 
 def respawn_lines(samples: list[Respawn]) -> list[str]:
@@ -788,88 +545,38 @@ def summary_lines(r: Results) -> list[str]:
     ]
 
 
-def render_report(r: Results, argv: list[str], load_before: float) -> str:
+def render_report(r: Results, argv: list[str]) -> str:
     lines = [
-        "# Benchmarks of the prefork master",
-        "",
-        ("Generated by `loadtests/bench_master.py` (its docstring explains the method); do not edit "
-         "by hand, run it again."),
-        "",
-        *machine_lines(argv, load_before),
-        "",
-        "## Summary",
-        "",
-        *summary_lines(r),
-        "",
-        "## 1. Accept wake-ups per connection",
-        "",
-        *wakeup_lines(r.wakeups),
-        "",
-        "## 2. The master's CPU while the workers serve",
-        "",
-        *master_cpu_lines(r.master_cpu),
-        "",
-        "## 3. From a worker's death to its replacement serving",
-        "",
-        *respawn_lines(r.respawn),
-        "",
-        "## 4. Preload and copy-on-write",
-        "",
-        *memory_lines(r.memory),
-        "",
-        "## Reading the figures",
-        "",
-        *READING,
+        *report_head("Benchmarks of the prefork master", argv,
+                     "Percentiles interpolate linearly between the closest ranks."),
+        "## Summary", "", *summary_lines(r), "",
+        "## 1. Accept wake-ups per connection", "", *wakeup_lines(r.wakeups), "",
+        "## 2. The master's CPU while the workers serve", "", *master_cpu_lines(r.master_cpu), "",
+        "## 3. From a worker's death to its replacement serving", "", *respawn_lines(r.respawn), "",
+        "## 4. Preload and copy-on-write", "", *memory_lines(r.memory), "",
+        "## Reading the figures", "", *READING,
     ]
     return "\n".join(lines) + "\n"
 
 
-# -- the command line ------------------------------------------------------------------------------
+# -- the suite's command line ----------------------------------------------------------------------
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=COMMAND, description=(__doc__ or "").split("\n", 1)[0])
+def add_arguments(parser: argparse.ArgumentParser, quick: bool) -> None:
     add = parser.add_argument
-    add("--connections", type=positive, default=2000, help="sequential connections per wake-up run")
+    add("--connections", type=positive, default=100 if quick else 2000, help="sequential connections per wake-up run")
     add("--gap-ms", type=float, default=DEFAULT_GAP * 1000, help="pause after each wake-up connection")
-    add("--load-seconds", type=float, default=10.0, help="duration of the master-CPU load")
-    add("--samples", type=positive, default=20, help="worker kills for the respawn time")
-    add("--output", default=str(DEFAULT_OUTPUT), help="where to write the report ('-': nowhere)")
-    return parser.parse_args(argv)
+    add("--load-seconds", type=float, default=1.0 if quick else 10.0, help="duration of the master-CPU load")
+    add("--samples", type=positive, default=2 if quick else 20, help="worker kills for the respawn time")
 
 
-def run_all(args: argparse.Namespace, servers: Servers) -> Results:
-    return Results(
-        wakeups=bench_wakeups(servers, args.connections, args.gap_ms / 1000),
-        master_cpu=bench_master_cpu(servers, args.load_seconds),
-        respawn=bench_respawn(servers, args.samples),
-        memory=bench_memory(servers),
-    )
-
-
-def _exit_on_term(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the finally that stops every server
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _exit_on_term)
-    started, load_before = time.monotonic(), os.getloadavg()[0]
+def run(args: argparse.Namespace, argv: list[str]) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-master-") as tmp:
         servers = Servers(Path(tmp))
-        try:
-            results = run_all(args, servers)
-        finally:
-            servers.stop_all()
-    report = render_report(results, argv, load_before)
-    print(report)
-    if args.output != "-":
-        Path(args.output).write_text(report, encoding="utf-8")
-        _progress(f"wrote {args.output}")
-    _progress(f"done in {time.monotonic() - started:.0f} s")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        results = Results(
+            wakeups=bench_wakeups(servers, args.connections, args.gap_ms / 1000),
+            master_cpu=bench_master_cpu(servers, args.load_seconds),
+            respawn=bench_respawn(servers, args.samples),
+            memory=bench_memory(servers),
+        )
+    write_report(render_report(results, argv), args.output)
