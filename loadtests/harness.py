@@ -82,10 +82,6 @@ def percentile(values: Sequence[float], fraction: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def median(values: Sequence[float]) -> float:
-    return percentile(values, 0.5)
-
-
 # -- stopping a process group ----------------------------------------------------------------------
 
 

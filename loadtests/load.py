@@ -1,7 +1,4 @@
-"""The load generators of every benchmark. Runs in: bench.
-
-(Also imported by tests/reliability/test_slow_clients.py: one client for the benchmark and the
-bounded test.)
+"""The load generators of every benchmark. Runs in: bench (and locust, and tests/reliability).
 
 - ``EchoLoad``: one epoll loop keeping N echo requests in flight over short or persistent TCP
   connections or UDP, for a time or a count; ``run_echo_load`` runs it in forked processes.
@@ -35,7 +32,7 @@ from typing import Any
 
 import psutil
 
-from loadtests.harness import LOOPBACK, START_TIMEOUT, percentile, process_cpu_seconds, stop_process_group
+from loadtests.harness import START_TIMEOUT, percentile, process_cpu_seconds, stop_process_group
 
 __all__ = ["EchoLoad", "LoadResult", "run_echo_load", "run_wrk", "GatedBatches", "Served", "request",
            "holding", "bad_clients", "held_by", "good_client_latencies", "p99", "LINE", "HALF_LINE"]
@@ -54,7 +51,7 @@ SOCKET_TIMEOUT = 10.0
 BAD_CLIENT_TIMEOUT = 60.0
 # No load phase makes more requests than this, whatever the duration.
 MAX_REQUESTS = 2_000_000
-# No counted load phase may take longer than this; a stall is an error, not a result.
+# No counted load phase, and no socket operation of the gated load, may take longer than this.
 LOAD_PHASE_TIMEOUT = 60.0
 
 
@@ -292,57 +289,19 @@ class Served:
         self.server_cpu += other.server_cpu
 
 
-class _Connection:
-    """One short non-blocking connection: connect, send the line, read the echo until EOF."""
-
-    __slots__ = ("sock", "received")
-
-    def __init__(self, address: tuple[str, int], deadline: float | None) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-        self.received = bytearray()
-        code = self.sock.connect_ex(address)
-        if code not in (0, errno.EINPROGRESS):
-            self.sock.close()
-            raise ConnectionError(code, os.strerror(code))
-        if deadline is not None:
-            self.send_by(deadline)
-
-    def send_by(self, deadline: float) -> None:
-        """Send the line (on loopback the handshake is done before connect() returns)."""
-        while True:
-            try:
-                self.sock.send(LINE)  # far smaller than an empty socket buffer: one send() takes it
-                return
-            except (BlockingIOError, InterruptedError):
-                pass
-            except OSError as exc:
-                if exc.errno != errno.ENOTCONN:
-                    raise
-            _wait_for(self.sock, select.POLLOUT, deadline)
-
-    def finish_by(self, deadline: float) -> None:
-        """Wait for the whole echo and the server's close, check the echo, close."""
-        while (data := self._recv(deadline)):
-            self.received += data
-        self.sock.close()
-        if self.received != LINE:
-            raise AssertionError(f"bad echo: {bytes(self.received)!r}")
-
-    def _recv(self, deadline: float) -> bytes:
-        while True:
-            try:
-                return self.sock.recv(4096)
-            except BlockingIOError:
-                _wait_for(self.sock, select.POLLIN, deadline)
+def _connect_quietly(address: tuple[str, int]) -> socket.socket:
+    """A connection that has sent nothing yet (on loopback, established when connect() returns)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(LOAD_PHASE_TIMEOUT)
+    sock.connect(address)
+    return sock
 
 
-def _wait_for(sock: socket.socket, event: int, deadline: float) -> None:
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise TimeoutError(f"no answer within {LOAD_PHASE_TIMEOUT} s")
-    poller = select.poll()  # not select(): descriptors may pass FD_SETSIZE with large batches
-    poller.register(sock, event)
-    poller.poll(remaining * 1000)
+def _expect_echo(sock: socket.socket) -> None:
+    """Read until the server closes; AssertionError unless the echo is LINE."""
+    received = b"".join(iter(lambda: sock.recv(4096), b""))
+    if received != LINE:
+        raise AssertionError(f"bad echo: {received!r}")
 
 
 class GatedBatches:
@@ -359,24 +318,21 @@ class GatedBatches:
     def run(self, count: int, server_pid: int) -> Served:
         """Serve at least *count* requests (whole batches, the gates included)."""
         served = Served()
-        deadline = time.monotonic() + LOAD_PHASE_TIMEOUT
         while served.requests < count:
-            served.add(self._one_batch(server_pid, deadline))
+            served.add(self._one_batch(server_pid))
         return served
 
-    def _one_batch(self, server_pid: int, deadline: float) -> Served:
-        connections = [_Connection(self._address, None)]
-        try:
-            connections += [_Connection(self._address, deadline) for _ in range(self._batch)]
+    def _one_batch(self, server_pid: int) -> Served:
+        with contextlib.ExitStack() as stack:
+            gate, *batch = (stack.enter_context(_connect_quietly(self._address)) for _ in range(self._batch + 1))
+            for sock in batch:
+                sock.sendall(LINE)  # queued behind the gate, which the server is blocked on
             wall, cpu = time.perf_counter(), process_cpu_seconds(server_pid)
-            connections[0].send_by(deadline)  # the gate opens
-            connections[-1].finish_by(deadline)  # served in order: the last one ends the drain
-            drained = Served(len(connections), time.perf_counter() - wall, process_cpu_seconds(server_pid) - cpu)
-            for conn in connections[:-1]:
-                conn.finish_by(deadline)
-        finally:
-            for conn in connections:
-                conn.sock.close()
+            gate.sendall(LINE)  # the gate opens
+            _expect_echo(batch[-1])  # served in order: the last one ends the drain
+            drained = Served(self._batch + 1, time.perf_counter() - wall, process_cpu_seconds(server_pid) - cpu)
+            for sock in (gate, *batch[:-1]):
+                _expect_echo(sock)
         return drained
 
 
@@ -401,7 +357,13 @@ class Conversation:
     def __init__(self, address: Any, family: int = socket.AF_INET, timeout: float = SOCKET_TIMEOUT) -> None:
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
-        self.sock.connect(address)
+        try:
+            self.sock.connect(address)
+            if family != socket.AF_UNIX:  # one write per request: never wait for a delayed ACK
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except BaseException:
+            self.sock.close()
+            raise
         self._buffer = b""
 
     def reply(self, line: bytes) -> bytes:
@@ -431,19 +393,19 @@ def request(address: tuple[str, int], line: bytes = b"ping") -> int:
 
 
 @contextlib.contextmanager
-def holding(address: tuple[str, int], line: bytes, count: int) -> Iterator[list[int]]:
-    """Open *count* connections one after the other, each kept open after its first answer.
+def holding(address: tuple[str, int], line: bytes, count: int) -> Iterator[list[bytes]]:
+    """Open *count* connections one after the other, each kept open after its answer to *line*.
 
     A held connection keeps its worker busy, so each next one goes to another worker. Yields
-    the pids that answered, in order.
+    the replies (a ``pid`` server's start with the pid of the worker), in order.
     """
     conversations: list[Conversation] = []
     try:
-        pids = []
+        replies = []
         for _ in range(count):
             conversations.append(Conversation(address))
-            pids.append(conversations[-1].ask(line))
-        yield pids
+            replies.append(conversations[-1].reply(line))
+        yield replies
     finally:
         for conversation in conversations:
             conversation.close()

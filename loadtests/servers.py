@@ -26,8 +26,7 @@ runtimes and not handlers:
   busy: the master's benchmark steers connections with it;
 - ``hello``: ``http.server`` answering the bytes of ``workers.wsgi:hello`` with keep-alive.
 
-Handlers have no timeout on purpose (a timeout makes every read a poll() plus a recv(), a path the
-default handler never takes); the lifetime bounds them instead.
+Handlers have no timeout on purpose (a timeout adds a poll() to every read); the lifetime bounds them.
 """
 
 from __future__ import annotations
@@ -175,7 +174,7 @@ def run_cli(program: str, argv: list[str]) -> int:
     if program == "prefork-cli":
         from prefork.cli import main as prefork_main
         return prefork_main(argv)
-    from gunicorn.app.wsgiapp import run
+    from gunicorn.app.wsgiapp import run  # type: ignore[import-untyped]
     sys.argv = ["gunicorn", *argv]
     run()
     return 0

@@ -31,8 +31,9 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
-from loadtests.harness import (COMMAND, LOOPBACK, ROOT, median, positive, progress, report_head, serving,
+from loadtests.harness import (COMMAND, LOOPBACK, ROOT, percentile, positive, progress, report_head, serving,
                                write_report)
 from loadtests.load import (HTTP_CONNECTIONS, REQUEST_TIMEOUT, REQUESTS_PER_CONNECTION, LoadResult, run_echo_load,
                             run_wrk)
@@ -86,17 +87,17 @@ _GUNICORN = ("-w", str(WORKERS), "--threads", str(THREADS), "-b", "127.0.0.1:0",
              "workers.wsgi:hello", "-k")
 
 # The rows of each group, as data: (name, role, args, workers[, path]).
-TCP = [("prefork sync", "prefork-cli", (*_ECHO, "sync"), WORKERS),
+TCP: list[tuple[Any, ...]] = [("prefork sync", "prefork-cli", (*_ECHO, "sync"), WORKERS),
        ("prefork thread", "prefork-cli", (*_ECHO, "thread"), WORKERS),
        ("prefork fork", "prefork-cli", (*_ECHO, "fork"), WORKERS),
        ("naive prefork", "stdlib", _stdlib("TCPServer", forks=WORKERS), WORKERS),
        ("stdlib TCPServer", "stdlib", _stdlib("TCPServer"), 0),
        ("stdlib ThreadingTCPServer", "stdlib", _stdlib("ThreadingTCPServer"), 0),
        ("stdlib ForkingTCPServer", "stdlib", _stdlib("ForkingTCPServer"), 0)]
-UDP = [("prefork sync", "prefork-cli", (*_ECHO, "sync"), WORKERS),
+UDP: list[tuple[Any, ...]] = [("prefork sync", "prefork-cli", (*_ECHO, "sync"), WORKERS),
        ("stdlib UDPServer", "stdlib", _stdlib("UDPServer", "datagram"), 0),
        ("stdlib ThreadingUDPServer", "stdlib", _stdlib("ThreadingUDPServer", "datagram"), 0)]
-HTTP = [("prefork --wsgi sync", "prefork-cli", (*_WSGI, "sync"), WORKERS),
+HTTP: list[tuple[Any, ...]] = [("prefork --wsgi sync", "prefork-cli", (*_WSGI, "sync"), WORKERS),
         ("prefork --wsgi thread", "prefork-cli", (*_WSGI, "thread", "--threads", str(THREADS)), WORKERS),
         ("prefork workers.http sync", "prefork-cli",
          ("run", "workers.http", "--bind", "tcp://127.0.0.1:0", "--workers", str(WORKERS)), WORKERS, "/health"),
@@ -179,8 +180,8 @@ def run_pass(settings: argparse.Namespace, base: Path, pinned: bool) -> list[Res
 def pooled(results: list[Result]) -> Result:
     """The rounds of one row as one: counts, wall and CPU summed; latencies the median round's."""
     load = LoadResult(sum(r.load.requests for r in results), sum(r.load.errors for r in results),
-                      sum(r.load.wall for r in results), median([r.load.p50 for r in results]),
-                      median([r.load.p99 for r in results]), sum(r.load.load_cpu for r in results))
+                      sum(r.load.wall for r in results), percentile([r.load.p50 for r in results], 0.5),
+                      percentile([r.load.p99 for r in results], 0.5), sum(r.load.load_cpu for r in results))
     return Result(results[0].row, results[0].pinned, load, sum(r.server_cpu for r in results))
 
 
@@ -231,23 +232,21 @@ READING = [
     ("- **CPU per request is the comparison; req/s only where the load generator is not at its limit.** "
      "With the server pinned to one CPU, every multi-process server shares that CPU, so req/s is "
      "about 1 / (CPU per request); a load generator near 100% of its CPU is what limits that row."),
-    ("- **Raw TCP, short connections: the kernel dominates.** Per connection a prefork sync worker "
-     "makes accept4, getsockname (the socket constructor's check), 2 recvfrom, sendto, shutdown and "
-     "close, as the naive pre-fork does; the naive one adds a poll() per connection, which prefork "
-     "replaces by taking queued connections in a batch (`strace -c` of one worker over 3,000 "
-     "sequential connections: 94 epoll_wait against 3,000 poll). On loopback the send runs the "
-     "peer's receive path too, so those calls are most of the CPU (py-spy of a worker: 52% of "
-     "samples in the send, 26% in recv, under 15% in Python code of either server): the runtime's "
-     "own share, where prefork can be leaner, is a few µs of the ~55."),
+    ("- **Raw TCP, short connections: the kernel dominates.** Per connection a prefork sync worker makes accept4, "
+     "getsockname (the socket constructor's check), 2 recvfrom, sendto, shutdown and close, as the naive pre-fork "
+     "does; the naive one adds a poll() per connection, which prefork replaces by taking queued connections in a "
+     "batch (`strace -c` of one worker over 3,000 sequential connections: 94 epoll_wait against 3,000 poll). On "
+     "loopback the send runs the peer's receive path too, so those calls are most of the CPU (py-spy of a worker: "
+     "52% of samples in the send, 26% in recv, under 15% in Python code of either server): the runtime's own "
+     "share, where prefork can be leaner, is a few µs of the ~55."),
     ("- **Errors in the HTTP rows without keep-alive** for `http.server`: it closes the connection "
      "after the response, as the client asked, but does not say `Connection: close` in the "
      "response; wrk then counts the close as a read error. The responses were complete (wrk counts "
      "them as requests too). `workers.http` and `workers.wsgi` say it."),
-    ("- **Synchronous servers and keep-alive:** a sync worker holds a kept-alive connection until "
-     "the client closes it, so with 8 wrk connections and 2 sync workers only 2 connections are "
-     "served; the others wait and their requests are not in the latency figures (wrk counts only "
-     "answered requests). Thread mode serves all of them. gunicorn's sync worker closes after every "
-     "response (it does no keep-alive)."),
+    ("- **Synchronous servers and keep-alive:** a sync worker holds a kept-alive connection until the client "
+     "closes it, so with 8 wrk connections and 2 sync workers only 2 connections are served; the others wait and "
+     "their requests are not in the latency figures (wrk counts only answered requests). Thread mode serves all of "
+     "them. gunicorn's sync worker closes after every response (it does no keep-alive)."),
     ("- **stdlib ThreadingHTTPServer with keep-alive, ~40 ms per request:** `http.server` sends the "
      "headers and the body in two writes without TCP_NODELAY, and Nagle's algorithm waits for the "
      "client's delayed ACK. `workers.http` sets TCP_NODELAY; `workers.wsgi` sends both in one write."),

@@ -1,8 +1,5 @@
 """Benchmarks of the core: prefork.socketserver against the stdlib's socketserver. Runs in: bench.
 
-("bench" is this script's own process, which is also the load generator, plus the echo
-server processes it spawns; nothing here runs in a prefork master or worker.)
-
 Run from the repository root, on a Linux machine with at least two CPUs:
 
     .venv/bin/python -m loadtests.bench core
@@ -12,7 +9,7 @@ Options (see ``--help``): ``--trials``, ``--rounds``, ``--warmup``, ``--requests
 (``-`` writes no file; ``--quick`` small counts). A full run takes about a minute. It prints the report and writes it to
 ``docs/benchmarks-core.md``.
 
-Rules of this script:
+Rules of this suite (beside the harness's, ``loadtests/harness.py``):
 
 1. Both implementations get the same work in the same run: the same handler code, the same
    random shutdown points, the same client. Their turns alternate (stdlib, prefork, prefork,
@@ -20,10 +17,7 @@ Rules of this script:
    benchmark both servers run side by side and take turns every batch (tens of milliseconds),
    because runs of a few seconds one after the other differed by up to 20% on a shared
    virtual machine, whatever the implementation.
-2. Loopback only, ports bound to 0 and read back, every wait has a deadline, and every
-   process started here is stopped here (by its own handle, never by name).
-3. Server CPU is read from outside the server (the kernel's per-process CPU clock), so no
-   instrumentation runs on the measured path.
+2. Server CPU is the kernel's per-process CPU clock, so no instrumentation runs on the measured path.
 
 The two benchmarks:
 
@@ -44,8 +38,7 @@ it (their lines already sent; the synchronous server is blocked on the gate mean
 sends the gate's line: the server drains the whole batch back to back, never waiting for the
 client. ``--load free`` runs the free-running loop instead.
 
-Linux only: it pins with ``sched_setaffinity``, reads CPU clocks of other processes and waits
-with epoll.
+Linux only: it pins, reads CPU clocks of other processes and waits with epoll.
 """
 
 from __future__ import annotations
@@ -57,13 +50,12 @@ import faulthandler
 import json
 import os
 import random
-import statistics
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import psutil
 
@@ -127,17 +119,8 @@ class LatencySummary:
     implementation: str
     samples: list[float]
 
-    @property
-    def median(self) -> float:
-        return statistics.median(self.samples)
-
-    @property
-    def p90(self) -> float:
-        return percentile(self.samples, 0.9)
-
-    @property
-    def worst(self) -> float:
-        return max(self.samples)
+    def at(self, fraction: float) -> float:
+        return percentile(self.samples, fraction)
 
 
 def measure_shutdown(implementation: str, delay: float) -> float:
@@ -174,12 +157,6 @@ def bench_shutdown(trials: int, rng: random.Random) -> dict[str, LatencySummary]
 
 
 
-class Load(Protocol):
-    """A way of driving one echo server: ``GatedBatches`` or ``FreeLoad`` (``loadtests.load``)."""
-
-    def run(self, count: int, server_pid: int) -> Served: ...
-
-
 # -- benchmark 2: measuring one round --------------------------------------------------------------
 
 
@@ -207,7 +184,7 @@ class Settings:
         """Requests given to one server before the other one's turn."""
         return self.batch if self.load == "gated" else FREE_CHUNK
 
-    def make_load(self, port: int) -> Load:
+    def make_load(self, port: int) -> GatedBatches | FreeLoad:
         if self.load == "gated":
             return GatedBatches(("127.0.0.1", port), self.batch)
         return FreeLoad(("127.0.0.1", port), self.concurrency)
@@ -225,30 +202,22 @@ class CpuRun:
     server_system: float = 0.0
     client_cpu: float = 0.0
 
+    def us(self, seconds: float) -> float:
+        """*seconds* of CPU per request, in µs."""
+        return seconds / self.served.requests * 1e6
+
     @property
     def requests_per_second(self) -> float:
         return self.served.requests / self.served.wall
 
     @property
     def cpu_us_per_request(self) -> float:
-        return self.server_cpu / self.served.requests * 1e6
-
-    @property
-    def user_us_per_request(self) -> float:
-        return self.server_user / self.served.requests * 1e6
-
-    @property
-    def system_us_per_request(self) -> float:
-        return self.server_system / self.served.requests * 1e6
+        return self.us(self.server_cpu)
 
     @property
     def server_busy(self) -> float:
         """Share of its CPU the server used while working: near 1.0 means it set the pace."""
         return self.served.server_cpu / self.served.wall
-
-    @property
-    def client_us_per_request(self) -> float:
-        return self.client_cpu / self.served.requests * 1e6
 
     def record_server(self, pid: int, sign: float) -> None:
         """Add (sign 1) or subtract (sign -1) the server's CPU times so far."""
@@ -283,7 +252,7 @@ def measure_round(turn: int, settings: Settings, server_cpu: int | None, directo
     return runs
 
 
-def _serve_chunk(run: CpuRun, load: Load, pid: int, count: int) -> None:
+def _serve_chunk(run: CpuRun, load: GatedBatches | FreeLoad, pid: int, count: int) -> None:
     client_start = time.process_time()
     run.served.add(load.run(count, pid))
     run.client_cpu += time.process_time() - client_start
@@ -317,7 +286,7 @@ def bench_cpu(settings: Settings, directory: Path) -> tuple[list[CpuRun], bool]:
 
 
 def median_of(runs: list[CpuRun], implementation: str, metric: Callable[[CpuRun], float]) -> float:
-    return statistics.median(metric(run) for run in runs if run.implementation == implementation)
+    return percentile([metric(run) for run in runs if run.implementation == implementation], 0.5)
 
 
 def paired_ratios(runs: list[CpuRun]) -> list[float]:
@@ -330,76 +299,60 @@ def paired_ratios(runs: list[CpuRun]) -> list[float]:
 
 def shutdown_lines(results: dict[str, LatencySummary], trials: int) -> list[str]:
     ours, theirs = results[PREFORK], results[STDLIB]
-    verdict = "met" if ours.median <= SHUTDOWN_GOAL else "NOT met"
+    verdict = "met" if ours.at(0.5) <= SHUTDOWN_GOAL else "NOT met"
     return [
-        f"`serve_forever()` with the default poll interval ({DEFAULT_POLL_INTERVAL} s) in a "
-        f"thread; "
-        f"`shutdown()` from the main thread at a random point of one poll period; time until "
-        f"`shutdown()` returns. {trials} trials each, alternating, each pair at the same point.",
+        f"`serve_forever()` with the default poll interval ({DEFAULT_POLL_INTERVAL} s) in a thread; `shutdown()` "
+        f"from the main thread at a random point of one poll period; time until `shutdown()` returns. {trials} "
+        f"trials each, alternating, each pair at the same point.",
         "",
         "| implementation | median | p90 | max |",
         "|---|---:|---:|---:|",
         *(_latency_row(summary) for summary in (theirs, ours)),
         "",
-        f"**stdlib / prefork (median): {ratio(theirs.median, ours.median):,.0f}×**. "
+        f"**stdlib / prefork (median): {ratio(theirs.at(0.5), ours.at(0.5)):,.0f}×**. "
         f"Goal for prefork, median ≤ {SHUTDOWN_GOAL * 1000:.0f} ms: {verdict}.",
     ]
 
 
 def _latency_row(s: LatencySummary) -> str:
-    return f"| {s.implementation} | {_ms(s.median)} | {_ms(s.p90)} | {_ms(s.worst)} |"
+    return f"| {s.implementation} | {_ms(s.at(0.5))} | {_ms(s.at(0.9))} | {_ms(s.at(1.0))} |"
 
 
-def load_description(settings: Settings) -> str:
+def load_description(settings: Settings) -> tuple[str, str]:
+    """How the load drove the servers, and what one turn of each server is."""
     if settings.load == "gated":
-        return (
-            f"Gated load: a gate connection that sends nothing, {settings.batch} connections "
-            f"queued behind it with their line sent, then the gate's line; the server drains the "
-            f"batch back to back (backlog {settings.backlog} on both servers). req/s and \"busy\" "
-            f"cover the drains; the load generator works while the server waits on the gate."
-        )
-    return (
-        f"Free load: {settings.concurrency} connections in flight from one epoll loop, default "
-        f"backlog (5). The load generator runs beside the server."
-    )
-
-
-def turn_description(settings: Settings) -> str:
-    if settings.load == "gated":
-        return f"batch ({settings.batch} + its gate)"
-    return f"{settings.chunk:,} requests"
+        return (f"Gated load: a gate connection that sends nothing, {settings.batch} connections queued behind "
+                f"it with their line sent, then the gate's line; the server drains the batch back to back "
+                f"(backlog {settings.backlog} on both servers). req/s and \"busy\" cover the drains; the load "
+                f"generator works while the server waits on the gate.", f"batch ({settings.batch} + its gate)")
+    return (f"Free load: {settings.concurrency} connections in flight from one epoll loop, default backlog (5). "
+            f"The load generator runs beside the server.", f"{settings.chunk:,} requests")
 
 
 def cpu_lines(runs: list[CpuRun], settings: Settings) -> list[str]:
     of_medians = ratio(median_of(runs, PREFORK, _cpu_us), median_of(runs, STDLIB, _cpu_us))
-    paired = paired_ratios(runs)
+    paired, (load, turn) = paired_ratios(runs), load_description(settings)
     return [
-        f"Plain synchronous `TCPServer` and the same one-line echo handler built on each "
-        f"`StreamRequestHandler`, each server in its own process pinned to one CPU; the load "
-        f"generator on the other CPU. Short connections: connect, send one line, read the echo "
-        f"until EOF, close. {load_description(settings)} {settings.rounds} rounds; in each, fresh "
-        f"servers of both implementations run side by side and take turns every "
-        f"{turn_description(settings)}; {settings.warmup:,} warm-up requests each, then "
-        f"{runs[0].served.requests:,} measured each. Server CPU = user + system time of the "
-        f"server process over the measured requests (its kernel CPU clock; the user/sys split "
-        f"comes from /proc in 10 ms ticks). Figures are medians over the rounds. Absolute "
-        f"figures move with the machine's load; the ratio compares both sides under the same "
-        f"conditions.",
+        f"Plain synchronous `TCPServer` and the same one-line echo handler built on each `StreamRequestHandler`, "
+        f"each server in its own process pinned to one CPU; the load generator on the other CPU. Short "
+        f"connections: connect, send one line, read the echo until EOF, close. {load} {settings.rounds} rounds; "
+        f"in each, fresh servers of both implementations run side by side and take turns every {turn}; "
+        f"{settings.warmup:,} warm-up requests each, then {runs[0].served.requests:,} measured each. Server CPU = "
+        f"user + system time of the server process over the measured requests (its kernel CPU clock; the "
+        f"user/sys split comes from /proc in 10 ms ticks). Figures are medians over the rounds. Absolute figures "
+        f"move with the machine's load; the ratio compares both sides under the same conditions.",
         "",
-        "| implementation | req/s | server CPU µs/req | user µs/req | sys µs/req | server busy "
-        "| load generator CPU µs/req |",
+        "| implementation | req/s | server CPU µs/req | user µs/req | sys µs/req | server busy | load generator CPU µs/req |",
         "|---|---:|---:|---:|---:|---:|---:|",
         _cpu_summary_row(runs, STDLIB),
         _cpu_summary_row(runs, PREFORK),
         "",
-        f"**prefork / stdlib CPU per request: {of_medians:.3f}** (ratio of the medians); "
-        f"round by round {', '.join(f'{value:.3f}' for value in paired)}. "
-        f"Below 1 means prefork spends less.",
+        f"**prefork / stdlib CPU per request: {of_medians:.3f}** (ratio of the medians); round by "
+        f"round {', '.join(f'{value:.3f}' for value in paired)}. Below 1 means prefork spends less.",
         "",
         "Every round:",
         "",
-        "| round | implementation | req/s | server CPU µs/req | server busy "
-        "| load generator CPU µs/req |",
+        "| round | implementation | req/s | server CPU µs/req | server busy | load generator CPU µs/req |",
         "|---:|---|---:|---:|---:|---:|",
         *(_cpu_run_row(run) for run in runs),
     ]
@@ -413,18 +366,15 @@ def _cpu_summary_row(runs: list[CpuRun], implementation: str) -> str:
     def med(metric: Callable[[CpuRun], float]) -> float:
         return median_of(runs, implementation, metric)
 
-    return (
-        f"| {implementation} | {med(lambda r: r.requests_per_second):,.0f} | {med(_cpu_us):.1f} | "
-        f"{med(lambda r: r.user_us_per_request):.1f} | "
-        f"{med(lambda r: r.system_us_per_request):.1f} | "
-        f"{med(lambda r: r.server_busy):.0%} | {med(lambda r: r.client_us_per_request):.1f} |"
-    )
+    return (f"| {implementation} | {med(lambda r: r.requests_per_second):,.0f} | {med(_cpu_us):.1f} | "
+            f"{med(lambda r: r.us(r.server_user)):.1f} | {med(lambda r: r.us(r.server_system)):.1f} | "
+            f"{med(lambda r: r.server_busy):.0%} | {med(lambda r: r.us(r.client_cpu)):.1f} |")
 
 
 def _cpu_run_row(run: CpuRun) -> str:
     return (
         f"| {run.turn + 1} | {run.implementation} | {run.requests_per_second:,.0f} | "
-        f"{run.cpu_us_per_request:.1f} | {run.server_busy:.0%} | {run.client_us_per_request:.1f} |"
+        f"{run.cpu_us_per_request:.1f} | {run.server_busy:.0%} | {run.us(run.client_cpu):.1f} |"
     )
 
 

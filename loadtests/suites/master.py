@@ -11,17 +11,8 @@ It takes about a minute and a half, prints the report and writes it to ``docs/be
 (``--output -`` writes no file; ``--help`` lists the knobs: ``--connections``, ``--gap-ms``,
 ``--load-seconds``, ``--samples``).
 
-Rules of this script:
-
-1. Loopback only; every server binds port 0 and the port is read back; every client socket has
-   a timeout and every wait a deadline (``time.monotonic()``). Server-side connections have
-   none on purpose (a timeout adds a poll() before every read on the measured path); the
-   servers' lifetime bounds them instead.
-2. Every server runs in its own session; it is stopped by its process group (TERM, then KILL),
-   in a ``finally``, on error too. The servers also stop by themselves after a few minutes
-   (SIGALRM), so a benchmark killed with SIGKILL leaves nothing behind for long.
-3. Figures are read from outside the servers: /proc through psutil (voluntary context switches,
-   CPU times, USS/PSS/RSS) and prefork's scoreboard file (``PIDFILE.scoreboard``).
+The harness's rules hold (``loadtests/harness.py``); figures come from /proc through psutil
+(voluntary context switches, CPU times, USS/PSS/RSS) and prefork's scoreboard file.
 
 What is measured:
 
@@ -67,7 +58,7 @@ import psutil
 
 from loadtests.harness import (ROOT, START_TIMEOUT, Server, percentile, positive, prefork_master, progress,
                                report_head, serving, wait_for, write_report)
-from loadtests.load import LINE, Conversation, EchoLoad, holding, request
+from loadtests.load import EchoLoad, holding, request
 from prefork.pool import YOUNG_AGE
 from prefork.scoreboard import IDLE, SlotView
 
@@ -165,17 +156,14 @@ def measure_wakeups(group: Server, implementation: str, workers: int, connection
     idle = _delta(voluntary_switches(processes), before_idle)
     before = voluntary_switches(processes)
     started = time.monotonic()
-    served = collections.Counter(_request_then_pause(group.address, gap) for _ in range(connections))
+    served: collections.Counter[int] = collections.Counter()
+    for _ in range(connections):
+        served[request(group.address)] += 1
+        time.sleep(gap)
     seconds = time.monotonic() - started
     switches = _delta(voluntary_switches(processes), before)
     rates = {pid: count / BASELINE_SECONDS for pid, count in idle.items()}
     return WakeupRun(implementation, workers, connections, gap, seconds, switches, rates, served)
-
-
-def _request_then_pause(address: tuple[str, int], gap: float) -> int:
-    pid = request(address)
-    time.sleep(gap)
-    return pid
 
 
 def bench_wakeups(servers: Servers, connections: int, gap: float) -> list[WakeupRun]:
@@ -271,7 +259,7 @@ def _hold_all_but(group: Server, victim: int) -> contextlib.ExitStack:
     for _ in range(RESPAWN_WORKERS + 1):
         if others <= held:
             break
-        held.update(stack.enter_context(holding(group.address, b"hold", 1)))
+        held.update(int(reply.split()[0]) for reply in stack.enter_context(holding(group.address, b"hold\n", 1)))
     return stack
 
 
@@ -353,18 +341,14 @@ MEMORY_CASES = (
 def collect_in_every_worker(group: Server) -> None:
     """GC_ROUNDS rounds; in each, every worker gets a held connection and runs gc.collect()."""
     for _ in range(GC_ROUNDS):
-        with holding(group.address, b"gc", MEMORY_WORKERS) as pids:
+        with holding(group.address, b"gc\n", MEMORY_WORKERS) as pids:
             if len(set(pids)) != MEMORY_WORKERS:
                 raise RuntimeError(f"expected {MEMORY_WORKERS} distinct workers, got {pids}")
 
 
 def measure_memory(group: Server, name: str) -> MemoryCase:
     collect_in_every_worker(group)
-    conversation = Conversation(group.address)
-    try:
-        graph_bytes = conversation.ask(b"size")
-    finally:
-        conversation.close()
+    graph_bytes = request(group.address, b"size")
     workers = [Memory.of(pid) for pid in group.worker_pids()]
     return MemoryCase(name, graph_bytes, Memory.of(group.pid), workers)
 
@@ -387,13 +371,12 @@ def wakeup_lines(runs: list[WakeupRun]) -> list[str]:
     herd = [f"{name} {_find(runs, name, WAKEUP_WORKERS).per_connection - _find(runs, name, 1).per_connection:+.2f}"
             for name in ("prefork", "naive")]
     return [
-        (f"{runs[0].connections:,} sequential short connections (connect, one line, the reply "
-         f"carries the worker's pid, close; then a {runs[0].gap * 1000:g} ms pause so that every "
-         f"worker is idle again), after {WARMUP_CONNECTIONS} warm-up ones. Switches = "
-         f"voluntary context switches summed over the workers during the run; the idle baseline "
-         f"(the same workers over the same wall time, measured for {BASELINE_SECONDS:.0f} s just "
-         f"before) is subtracted. \"naive\" is the stdlib `TCPServer` forked N times, every child "
-         f"in `serve_forever()` on the shared blocking socket."),
+        (f"{runs[0].connections:,} sequential short connections (connect, one line, the reply carries the worker's "
+         f"pid, close; then a {runs[0].gap * 1000:g} ms pause so that every worker is idle again), "
+         f"after {WARMUP_CONNECTIONS} warm-up ones. Switches = voluntary context switches summed over the workers "
+         f"during the run; the idle baseline (the same workers over the same wall time, measured "
+         f"for {BASELINE_SECONDS:.0f} s just before) is subtracted. \"naive\" is the stdlib `TCPServer` forked N "
+         f"times, every child in `serve_forever()` on the shared blocking socket."),
         "",
         ("| server | workers | wall s | switches | idle baseline | **wake-ups / connection** "
          "| of which by workers that served none | workers that served | busiest worker's share |"),
@@ -418,10 +401,9 @@ def _wakeup_row(run: WakeupRun) -> str:
 
 def master_cpu_lines(m: MasterCpu) -> list[str]:
     return [
-        (f"A prefork master with {LOAD_WORKERS} workers; this process keeps {LOAD_CLIENTS} short "
-         f"connections in flight (one epoll loop, `loadtests.load.EchoLoad`) for {m.seconds:.1f} s. Master CPU from "
-         f"psutil (user+sys, 10 ms ticks) and from /proc/PID/schedstat (ns); workers' CPU is "
-         f"psutil user+sys summed."),
+        (f"A prefork master with {LOAD_WORKERS} workers; this process keeps {LOAD_CLIENTS} short connections in "
+         f"flight (one epoll loop, `loadtests.load.EchoLoad`) for {m.seconds:.1f} s. Master CPU from psutil "
+         f"(user+sys, 10 ms ticks) and from /proc/PID/schedstat (ns); workers' CPU is psutil user+sys summed."),
         "",
         ("| requests | req/s | failed | master CPU (psutil) | master on-CPU (schedstat) "
          "| master wake-ups | master CPU per wake-up | workers' CPU | **master / workers** |"),
@@ -447,13 +429,12 @@ def respawn_lines(samples: list[Respawn]) -> list[str]:
         rows.append(f"| {label} | {low * 1000:.1f} | **{median * 1000:.1f}** | {p90 * 1000:.1f} | {high * 1000:.1f} |")
     from_new = sum(s.reply_from_new for s in samples)
     return [
-        (f"{len(samples)} times: SIGKILL the oldest of {RESPAWN_WORKERS} workers (always older than "
-         f"{RESPAWN_MIN_AGE:.1f} s, so the crash back-off for workers dying within {YOUNG_AGE:.0f} s "
-         f"of their start does not apply), the other worker held busy by an open connection; "
-         f"scoreboard polled every {RESPAWN_POLL * 1000:.0f} ms until the new worker's slot is idle; "
-         f"then one connection, which only the new worker can take. The first two rows are the "
-         f"timestamps that the master and the worker wrote in the scoreboard (CLOCK_MONOTONIC, "
-         f"the same clock in every process). Milliseconds from the SIGKILL:"),
+        (f"{len(samples)} times: SIGKILL the oldest of {RESPAWN_WORKERS} workers (always older "
+         f"than {RESPAWN_MIN_AGE:.1f} s, so the crash back-off for workers dying within {YOUNG_AGE:.0f} s of their "
+         f"start does not apply), the other worker held busy by an open connection; scoreboard polled "
+         f"every {RESPAWN_POLL * 1000:.0f} ms until the new worker's slot is idle; then one connection, which only "
+         f"the new worker can take. The first two rows are the timestamps that the master and the worker wrote in "
+         f"the scoreboard (CLOCK_MONOTONIC, the same clock in every process). Milliseconds from the SIGKILL:"),
         "",
         "| until | min | **median** | p90 | max |",
         "|---|---:|---:|---:|---:|",
@@ -487,34 +468,29 @@ def _memory_row(case: MemoryCase) -> str:
 
 # How the mechanisms behind the figures work; true whatever the figures of a given run.
 READING = [
-    ("- **One wake-up per connection, and which worker.** Each prefork worker registers the "
-     "shared listener in its own epoll with `EPOLLEXCLUSIVE`. The kernel offers a connection to "
-     "the listener's waiters in registration order and stops at the first whose process is "
-     "waiting in `epoll_wait`; busy workers are skipped, so nothing waits behind a busy worker. "
-     "The price is no spreading: under light load the first idle worker in that order takes "
-     "nearly every connection (the \"busiest worker's share\" column), while the others sleep "
-     "(their only wake-up is the worker loop's 1 s tick, the idle baseline). `max_requests` "
-     "therefore recycles that worker much sooner than the others; `reuse_port` spreads by "
-     "hash instead."),
-    ("- **The naive pre-fork's herd.** `poll()` waits non-exclusively: every child waiting in "
-     "it wakes for each connection, one wins `accept()`, and the losers block inside `accept()` "
-     "on the blocking socket (where `serve_forever()`'s poll interval and `shutdown()` no "
-     "longer reach them) until a later connection; at any moment some children are in `poll()` "
-     "and some in `accept()`, which is why the figure is below the number of workers but far "
-     "above 1."),
+    ("- **One wake-up per connection, and which worker.** Each prefork worker registers the shared listener in its "
+     "own epoll with `EPOLLEXCLUSIVE`. The kernel offers a connection to the listener's waiters in registration "
+     "order and stops at the first whose process is waiting in `epoll_wait`; busy workers are skipped, so nothing "
+     "waits behind a busy worker. The price is no spreading: under light load the first idle worker in that order "
+     "takes nearly every connection (the \"busiest worker's share\" column), while the others sleep (their only "
+     "wake-up is the worker loop's 1 s tick, the idle baseline). `max_requests` therefore recycles that worker "
+     "much sooner than the others; `reuse_port` spreads by hash instead."),
+    ("- **The naive pre-fork's herd.** `poll()` waits non-exclusively: every child waiting in it wakes for each "
+     "connection, one wins `accept()`, and the losers block inside `accept()` on the blocking socket (where "
+     "`serve_forever()`'s poll interval and `shutdown()` no longer reach them) until a later connection; at any "
+     "moment some children are in `poll()` and some in `accept()`, which is why the figure is below the number of "
+     "workers but far above 1."),
     ("- **The master is off the request path.** Its only wake-ups under load are its 1 s tick "
      "(reading the scoreboard, checking timeouts and recycling); the connections never touch it."),
-    ("- **Respawn.** SIGCHLD wakes the master through its signal pipe at once; it reaps, logs, "
-     "claims a scoreboard slot and forks. Most of the rest is the new child's first steps "
-     "(Python's after-fork hooks, first copy-on-write page faults, signal and listener "
-     "setup): no step waits on a timer."),
-    ("- **Copy-on-write.** A full collection writes to the GC header of every tracked container "
-     "(dict, list) it traverses, so every page holding one is copied into the worker. Pages "
-     "with no tracked object on them (many of the str, float, dict key tables and list item "
-     "arrays: pymalloc gives each size class its own pools) stay shared, hence a fraction of "
-     "the graph rather than all of it. `gc.freeze()` before fork moves the graph out of the "
-     "collector's reach. It does not make objects immutable: code that reads the graph still "
-     "writes reference counts and copies the pages it touches (this app's handler does not)."),
+    ("- **Respawn.** SIGCHLD wakes the master through its signal pipe at once; it reaps, logs, claims a scoreboard "
+     "slot and forks. Most of the rest is the new child's first steps (Python's after-fork hooks, first "
+     "copy-on-write page faults, signal and listener setup): no step waits on a timer."),
+    ("- **Copy-on-write.** A full collection writes to the GC header of every tracked container (dict, list) it "
+     "traverses, so every page holding one is copied into the worker. Pages with no tracked object on them (many "
+     "of the str, float, dict key tables and list item arrays: pymalloc gives each size class its own pools) stay "
+     "shared, hence a fraction of the graph rather than all of it. `gc.freeze()` before fork moves the graph out "
+     "of the collector's reach. It does not make objects immutable: code that reads the graph still writes "
+     "reference counts and copies the pages it touches (this app's handler does not)."),
 ]
 
 
@@ -529,7 +505,7 @@ class Results:
 def summary_lines(r: Results) -> list[str]:
     prefork8, naive8 = _find(r.wakeups, "prefork", WAKEUP_WORKERS), _find(r.wakeups, "naive", WAKEUP_WORKERS)
     frozen, unfrozen, separate = r.memory
-    respawn = statistics.median(s.served for s in r.respawn)
+    respawn = percentile([s.served for s in r.respawn], 0.5)
     return [
         "| figure | value |",
         "|---|---|",

@@ -22,15 +22,12 @@ every server is stopped by its process group in a ``finally``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import socket
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 from loadtests.harness import ROOT, percentile, positive, prefork_master, report_head, wait_for, write_report
-from loadtests.load import LINE, SOCKET_TIMEOUT, bad_clients, good_client_latencies, held_by, p99
+from loadtests.load import LINE, bad_clients, good_client_latencies, held_by, holding, p99
 
 OUTPUT = ROOT / "docs" / "benchmarks-slow-clients.md"
 WORKERS = 2
@@ -78,23 +75,10 @@ class Row:
                 f"**{p99(self.latencies) * 1000:.2f}** | {ms[-1]:.2f} | {failed} |")
 
 
-@contextlib.contextmanager
-def holding_a_worker(address: tuple[str, int], hold: bool) -> Iterator[None]:
-    """If *hold*, one connection that said a line and stays open for the block."""
-    if not hold:
-        yield
-        return
-    with socket.create_connection(address, timeout=SOCKET_TIMEOUT) as sock:
-        sock.sendall(LINE)
-        with sock.makefile("rb") as replies:
-            replies.readline()
-        yield
-
-
 def measure(directory: Path, case: Case, requests: int) -> Row:
     with prefork_master(directory, WORKERS, app="workers.echo", mode=case.mode) as group:
         address = group.address
-        with bad_clients(address, case.idle, case.stalled), holding_a_worker(address, case.held):
+        with bad_clients(address, case.idle, case.stalled), holding(address, LINE, int(case.held)):
             # Measured once the workers hold every bad connection: TCP_DEFER_ACCEPT keeps the
             # silent ones in the kernel for about a second first.
             wait_for(lambda: held_by(group.worker_pids(), address) >= case.idle + case.stalled, SETTLE_TIMEOUT,
@@ -106,13 +90,12 @@ def measure(directory: Path, case: Case, requests: int) -> Row:
 def render(rows: list[Row], argv: list[str]) -> str:
     lines = [
         *report_head("A well-behaved client beside idle and slow clients", argv),
-        (f"`workers.echo`, {WORKERS} workers, default settings. Latency of the well-behaved client "
-         f"in milliseconds, from connect() to the echo (percentiles interpolate linearly between the "
-         f"closest ranks); a request that failed or took "
-         f"{REQUEST_TIMEOUT:g} s counts as {REQUEST_TIMEOUT:g} s (\"failed\"). Issue 11's bound: "
-         f"p99 at most 100 ms with {BAD} idle and {BAD} stalled connections. Before prefork parked "
-         f"connections until their first line, every request of that row failed (the two sync "
-         f"workers sat in the handlers of the first two bad connections for echo's 300 s idle timeout)."),
+        (f"`workers.echo`, {WORKERS} workers, default settings. Latency of the well-behaved client in "
+         f"milliseconds, from connect() to the echo (percentiles interpolate linearly between the closest ranks); "
+         f"a request that failed or took {REQUEST_TIMEOUT:g} s counts as {REQUEST_TIMEOUT:g} s (\"failed\"). Issue "
+         f"11's bound: p99 at most 100 ms with {BAD} idle and {BAD} stalled connections. Before prefork parked "
+         f"connections until their first line, every request of that row failed (the two sync workers sat in the "
+         f"handlers of the first two bad connections for echo's 300 s idle timeout)."),
         "",
         "| mode | bad clients | requests | p50 | **p99** | max | failed |",
         "|---|---|---:|---:|---:|---:|---:|",
