@@ -4,10 +4,7 @@ Run from the repository root, on a Linux machine with at least two CPUs:
 
     .venv/bin/python -m loadtests.bench core
 
-Options (see ``--help``): ``--trials``, ``--rounds``, ``--warmup``, ``--requests``, ``--load``
-(``gated``, the default, or ``free``), ``--batch``, ``--concurrency``, ``--seed``, ``--output``
-(``-`` writes no file; ``--quick`` small counts). A full run takes about a minute. It prints the report and writes it to
-``docs/benchmarks-core.md``.
+About a minute; it prints the report and writes ``docs/benchmarks-core.md`` (``--help``: the options).
 
 Rules of this suite (beside the harness's, ``loadtests/harness.py``):
 

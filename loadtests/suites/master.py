@@ -7,9 +7,7 @@ Run from the repository root, on Linux:
 
     .venv/bin/python -m loadtests.bench master
 
-It takes about a minute and a half, prints the report and writes it to ``docs/benchmarks-master.md``
-(``--output -`` writes no file; ``--help`` lists the knobs: ``--connections``, ``--gap-ms``,
-``--load-seconds``, ``--samples``).
+About a minute and a half; it prints the report and writes ``docs/benchmarks-master.md`` (``--help``: the options).
 
 The harness's rules hold (``loadtests/harness.py``); figures come from /proc through psutil
 (voluntary context switches, CPU times, USS/PSS/RSS) and prefork's scoreboard file.
