@@ -1,7 +1,7 @@
 """A service whose import builds a ~100 MB graph of small Python objects. Runs in: worker, or master with preload.
 
-Used by the copy-on-write part of ``loadtests/bench_master.py`` (run it as
-``.venv/bin/python -m loadtests.bench_master``); it is not meant to be started by hand, but
+Used by the copy-on-write part of ``loadtests/suites/master.py`` (run it as
+``.venv/bin/python -m loadtests.bench master``); it is not meant to be started by hand, but
 ``prefork run loadtests.bigapp --bind tcp://127.0.0.1:0`` would serve it.
 
 The graph is what a real app drags in at import time (tables, caches, ORM metadata): many small

@@ -31,12 +31,10 @@ import tempfile
 import time
 from typing import Any, Callable
 
+from loadtests.load import REQUESTS_PER_CONNECTION, SOCKET_TIMEOUT, Conversation
+
 __all__ = ["Address", "parse_address", "EchoClient", "EchoMismatch", "SOCKET_TIMEOUT"]
 
-# Seconds any single socket operation may take before the request is reported as failed.
-SOCKET_TIMEOUT = 10.0
-# Reopen a persistent connection after this many requests (see the module docstring).
-REQUESTS_PER_CONNECTION = 100
 # The most a reply may be: workers.echo answers a line of up to 64 KiB in one piece.
 MAX_REPLY = 65536
 
@@ -87,8 +85,7 @@ class EchoClient:
         self.fire = fire
         self.timeout = timeout
         self.requests_per_connection = requests_per_connection
-        self._stream: socket.socket | None = None
-        self._stream_buffer = b""
+        self._stream: Conversation | None = None
         self._stream_used = 0
         self._dgram: socket.socket | None = None
         self._dgram_path: str | None = None
@@ -134,35 +131,21 @@ class EchoClient:
 
     # -- stream -----------------------------------------------------------------------------------
 
-    def _connect(self) -> socket.socket:
-        sock = socket.socket(self.address.family, self.address.type)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.address.target)
-            if self.address.family != socket.AF_UNIX:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+    def _connect(self) -> Conversation:
+        return Conversation(self.address.target, self.address.family, self.timeout)
 
     def _short(self, line: bytes) -> int:
-        with self._connect() as sock:
-            sock.sendall(line + b"\n")
-            reply, _ = _read_line(sock, b"")
-        _check(reply, line)
-        return len(reply) + 1
+        with contextlib.closing(self._connect()) as conversation:
+            return _checked(conversation.reply(line + b"\n"), line)
 
     def _persistent(self, line: bytes) -> int:
         if self._stream is None:
-            self._stream, self._stream_buffer, self._stream_used = self._connect(), b"", 0
-        self._stream.sendall(line + b"\n")
-        reply, self._stream_buffer = _read_line(self._stream, self._stream_buffer)
-        _check(reply, line)
+            self._stream, self._stream_used = self._connect(), 0
+        length = _checked(self._stream.reply(line + b"\n"), line)
         self._stream_used += 1
         if self._stream_used >= self.requests_per_connection:
             self._close_stream()
-        return len(reply) + 1
+        return length
 
     def _close_stream(self) -> None:
         if self._stream is not None:
@@ -197,17 +180,8 @@ class EchoClient:
                 raise TimeoutError(f"no matching reply within {self.timeout} s")
 
 
-def _read_line(sock: socket.socket, buffer: bytes) -> tuple[bytes, bytes]:
-    """One line (without its newline) and what came after it; ConnectionError on EOF."""
-    while b"\n" not in buffer:
-        chunk = sock.recv(MAX_REPLY)
-        if not chunk:
-            raise ConnectionResetError(f"connection closed by the server after {buffer[:80]!r}")
-        buffer += chunk
-    line, _, rest = buffer.partition(b"\n")
-    return line, rest
-
-
-def _check(reply: bytes, sent: bytes) -> None:
-    if reply != sent:
+def _checked(reply: bytes, sent: bytes) -> int:
+    """The reply's length; EchoMismatch unless it is *sent* and its newline."""
+    if reply != sent + b"\n":
         raise EchoMismatch(f"sent {sent[:80]!r}, got {reply[:80]!r}")
+    return len(reply)

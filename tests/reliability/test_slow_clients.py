@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from loadtests.slow_clients import HALF_LINE, LINE, bad_clients, good_client_latencies, held_by, p99
+from loadtests.load import HALF_LINE, LINE, bad_clients, good_client_latencies, held_by, p99
 from tests.reliability.slow_app import GREETING
 from tests.support import SOCKET_TIMEOUT, recv_all, wait_until
 
