@@ -22,7 +22,6 @@ import dataclasses
 import gc
 import logging
 import os
-import select
 import signal
 import sys
 import tempfile
@@ -30,7 +29,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from prefork import notify, pool as policy
-from prefork.children import Child, reap_exited, send_signal, stop_all
+from prefork.children import Child, reap_exited, read_start_report, send_signal, send_start_report, stop_all
 from prefork.errors import EXIT_APP_LOAD, EXIT_FAILURE, EXIT_OK, ConfigError, ListenerError, PidfileError, PreforkError
 from prefork.handover import UPGRADE_PARENT_ENV, upgrade_parent  # the variable: set by USR2, names the old master
 from prefork.listeners import Listener, inherit_env
@@ -581,7 +580,7 @@ class Arbiter:
         self.metrics = Child.fork(lambda: self._run_metrics(bind, write_fd, read_fd))
         os.close(write_fd)
         try:
-            report = _read_report(read_fd, METRICS_START_TIMEOUT) if wait else b"ok"
+            report = read_start_report(read_fd, METRICS_START_TIMEOUT) if wait else b"ok"
         finally:
             os.close(read_fd)
         if report != b"ok":
@@ -607,7 +606,7 @@ class Arbiter:
                         ready=lambda address: _metrics_ready(report_fd, address))
             code = 0
         except PreforkError as exc:
-            _write_report(report_fd, str(exc).encode())
+            send_start_report(report_fd, str(exc).encode())
             code = exc.exit_code
         except BaseException:
             log.exception("metrics process failed")
@@ -675,31 +674,9 @@ class Arbiter:
             log.exception("hook %s failed", name)
 
 
-def _read_report(fd: int, timeout: float) -> bytes:
-    """What a child writes on *fd* until it closes it (or *timeout* passes)."""
-    deadline = time.monotonic() + timeout
-    data = b""
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-        chunk = os.read(fd, 4096) if ready else b""
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
 def _metrics_ready(report_fd: int, address: tuple[str, int]) -> None:
     log.info("metrics on http://%s:%d/metrics", *address)
-    _write_report(report_fd, b"ok")
-
-
-def _write_report(fd: int, data: bytes) -> None:
-    """Called in a child: say how starting went, once, and close."""
-    try:
-        os.write(fd, data)
-        os.close(fd)
-    except OSError:
-        pass  # the master stopped listening (a restart it does not wait for)
+    send_start_report(report_fd, b"ok")
 
 
 def _exec_new_master(argv: list[str], env: dict[str, str]) -> None:

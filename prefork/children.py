@@ -10,12 +10,16 @@ Rules:
 3. Stopping escalates once, here: the signal asked for, then SIGKILL for what is left after the
    grace, each step bounded by a deadline (``stop_all``). It is used on the way out, where the
    loop that reaps no longer runs; while the loop runs, the pool's policy escalates for workers.
+4. A child that must say how its start went (the metrics process: is its port bound?) writes
+   once on a pipe (``send_start_report``); the master reads it with a deadline
+   (``read_start_report``).
 """
 
 from __future__ import annotations
 
 import os
 import resource
+import select
 import signal
 import time
 from typing import Callable, Iterable, Iterator
@@ -23,7 +27,7 @@ from typing import Callable, Iterable, Iterator
 from prefork.signals import blocked
 from prefork.worker import flush_std_streams
 
-__all__ = ["Child", "reap_exited", "send_signal", "stop_all"]
+__all__ = ["Child", "reap_exited", "read_start_report", "send_signal", "send_start_report", "stop_all"]
 
 # While a stop waits for children to leave, how often it looks (a short, bounded wait).
 REAP_POLL = 0.01
@@ -127,6 +131,28 @@ def send_signal(pid: int, signum: int) -> None:
         os.kill(pid, signum)
     except ProcessLookupError:
         pass  # it exited already; a child's exit is reaped in the loop
+
+
+def read_start_report(fd: int, timeout: float) -> bytes:
+    """What a child writes on *fd* until it closes it (or *timeout* passes): how its start went."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        chunk = os.read(fd, 4096) if ready else b""
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def send_start_report(fd: int, data: bytes) -> None:
+    """Called in a child: say how starting went, once, and close."""
+    try:
+        os.write(fd, data)
+        os.close(fd)
+    except OSError:
+        pass  # the master stopped listening (a restart it does not wait for)
 
 
 def _no_core_dump(pid: int) -> None:
