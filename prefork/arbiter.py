@@ -2,8 +2,10 @@
 
 Rules:
 
-1. This is the only module that calls ``os.fork``, ``os.kill`` and ``os.waitpid`` for workers.
-   It decides nothing itself: events go to ``prefork.pool.Pool`` and its actions are carried out.
+1. This module decides when to fork, signal and reap; ``prefork.children`` is the only module
+   that does it (``os.fork``, ``os.kill``, ``os.waitpid``), through one ``Child`` handle per
+   child: each worker, the metrics process, the new master of an upgrade. The arbiter decides
+   nothing about workers itself: events go to ``prefork.pool.Pool`` and its actions are carried out.
 2. Single-threaded. Signal handlers only record (``prefork.signals``); the loop wakes on the
    signal pipe and dispatches to ``handle_<name>()``.
 3. The master is never on the request path: it wakes for signals, child exits and a tick.
@@ -20,8 +22,6 @@ import dataclasses
 import gc
 import logging
 import os
-import resource
-import select
 import signal
 import sys
 import tempfile
@@ -29,6 +29,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from prefork import notify, pool as policy
+from prefork.children import Child, reap_exited, read_start_report, send_signal, send_start_report, stop_all
 from prefork.errors import EXIT_APP_LOAD, EXIT_FAILURE, EXIT_OK, ConfigError, ListenerError, PidfileError, PreforkError
 from prefork.handover import UPGRADE_PARENT_ENV, upgrade_parent  # the variable: set by USR2, names the old master
 from prefork.listeners import Listener, inherit_env
@@ -37,7 +38,7 @@ from prefork.procstats import rss
 from prefork.proctitle import set_title
 from prefork.reloads import CANCELLED, RELOADED, REFUSED, STARTED, ReloadReport, report_path, write_report
 from prefork.scoreboard import Scoreboard
-from prefork.signals import MASTER_SIGNALS, SignalQueue, blocked, reset_to_defaults, signal_name
+from prefork.signals import MASTER_SIGNALS, SignalQueue, reset_to_defaults, signal_name
 from prefork.worker import WorkerIdentity, WorkerSpec, flush_std_streams, run_worker
 
 __all__ = ["Arbiter", "Hooks", "Plan", "UPGRADE_PARENT_ENV"]
@@ -51,8 +52,6 @@ MEMORY_CHECK_INTERVAL = 1.0
 # The metrics process gets this long to listen at start; a crashed one is restarted after this.
 METRICS_START_TIMEOUT = 10.0
 METRICS_RESTART_DELAY = 1.0
-# On the way out, how often a child that was told to leave is looked for (a short, bounded wait).
-_REAP_POLL = 0.01
 
 
 @dataclasses.dataclass
@@ -104,9 +103,10 @@ class Arbiter:
         self.signals: SignalQueue | None = None
         self.scoreboard: Scoreboard | None = None
         self.pidfile: Pidfile | None = None
-        self.upgrade_child = 0
+        self.handles: dict[int, Child] = {}  # each worker's process, by pid
+        self.upgrade: Child | None = None  # the new master of an upgrade in progress
         self.handed_over = False  # a new master took over: leave its sockets and pidfile alone
-        self.metrics_pid = 0
+        self.metrics: Child | None = None
         self.reloads_refused = 0
         self._metrics_due = 0.0  # when to restart a metrics process that died
         self._metrics_serves: tuple[Any, ...] = ()  # (address, service name, listener names) it serves
@@ -144,7 +144,7 @@ class Arbiter:
             except PreforkError as exc:
                 log.error("%s", exc)
                 self._exit = policy.Halt(exc.exit_code, str(exc))
-                self._kill_all(signal.SIGKILL)
+                self._kill_workers()
             finally:
                 self._cleanup()
         code = self._exit.exit_code if self._exit else EXIT_FAILURE
@@ -215,25 +215,20 @@ class Arbiter:
         return {pid: value for pid, value in readings.items() if value is not None}
 
     def _reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            self._child_exited(pid, os.waitstatus_to_exitcode(status))
+        for pid, code in reap_exited():
+            if self.metrics is not None and pid == self.metrics.pid:
+                self._metrics_exited(code)
+            elif self.upgrade is not None and pid == self.upgrade.pid:
+                self._upgrade_failed(code)
+            elif pid in self.handles:
+                self.handles.pop(pid).exited()
+                self._worker_exited(pid, code)
+            # else: a child of a hook, not ours to account for
 
-    def _child_exited(self, pid: int, code: int) -> None:
-        if pid == self.metrics_pid:
-            self._metrics_exited(code)
-            return
-        if pid == self.upgrade_child:
-            self._upgrade_failed(code)
-            return
+    def _worker_exited(self, pid: int, code: int) -> None:
         worker = self.pool.by_pid(pid)
         if worker is None:
-            return  # a child of a hook, not a worker
+            return
         self._read_boot_messages()
         said = self._boot_messages.pop(pid, "")
         how = f"killed by SIG{signal_name(-code)}" if code < 0 else f"exit status {code}"
@@ -277,23 +272,26 @@ class Arbiter:
         plan.spec.boot_error_fd = self._boot_errors[1]
         self._call_hook("pre_fork", self, worker, plan=plan)
         self.scoreboard.claim(worker.slot, worker.number, worker.generation)
-        flush_std_streams()
         try:
-            with blocked(MASTER_SIGNALS):  # a signal for the new worker must not reach our handlers
-                pid = os.fork()
-                if pid == 0:
-                    identity = WorkerIdentity(worker.number, worker.generation, self.scoreboard.writer(worker.slot))
-                    own = {id(listener.sock) for listener in plan.listeners}
-                    others = [l.sock for key, l in self._sockets.items() if key not in own]
-                    run_worker(plan.spec, identity, self.signals, others)
+            # Blocked: a signal for the new worker must not reach our handlers.
+            child = Child.fork(lambda: self._run_worker(worker, plan), block=MASTER_SIGNALS)
         except OSError as exc:
             log.error("cannot fork worker %d: %s", worker.number, exc)
             self.scoreboard.release(worker.slot)
             self.pool.spawn_failed(worker, time.monotonic())
             return
-        self.scoreboard.set_pid(worker.slot, pid)
-        self.pool.spawned(worker, pid)
-        log.debug("worker %d (pid %d) generation %d started", worker.number, pid, worker.generation)
+        self.handles[child.pid] = child
+        self.scoreboard.set_pid(worker.slot, child.pid)
+        self.pool.spawned(worker, child.pid)
+        log.debug("worker %d (pid %d) generation %d started", worker.number, child.pid, worker.generation)
+
+    def _run_worker(self, worker: policy.WorkerRecord, plan: Plan) -> None:
+        """Called in the child of a worker's fork. Never returns."""
+        assert self.scoreboard is not None
+        identity = WorkerIdentity(worker.number, worker.generation, self.scoreboard.writer(worker.slot))
+        own = {id(listener.sock) for listener in plan.listeners}
+        others = [l.sock for key, l in self._sockets.items() if key not in own]
+        run_worker(plan.spec, identity, self.signals, others)
 
     def _stop(self, action: policy.Stop) -> None:
         assert self.scoreboard is not None
@@ -304,36 +302,28 @@ class Arbiter:
         removed = sum(1 << i for i, listener in enumerate(plan.listeners) if id(listener.sock) not in current)
         deadline = time.monotonic() + self.pool.config.graceful_timeout
         self.scoreboard.request_stop(worker.slot, action.mode, deadline, removed)
-        self._signal(worker.pid, signal.SIGTERM)
+        self._signal_worker(worker, signal.SIGTERM)
 
     def _kill(self, action: policy.Kill) -> None:
         worker = action.worker
         level = logging.ERROR if action.signum in (signal.SIGABRT, signal.SIGKILL) else logging.INFO
         log.log(level, "sending SIG%s to worker %d (pid %d): %s", signal_name(action.signum),
                 worker.number, worker.pid, action.reason)
-        if action.signum == signal.SIGABRT:
-            _no_core_dump(worker.pid)
-        self._signal(worker.pid, action.signum)
-        if action.signum == signal.SIGABRT:
-            # A stopped worker (SIGSTOP, a debugger) cannot dump its traceback until it runs.
-            self._signal(worker.pid, signal.SIGCONT)
+        child = self.handles.get(worker.pid)
+        if child is not None and action.signum == signal.SIGABRT:
+            child.abort()
+        elif child is not None:
+            child.send(action.signum)
 
-    def _kill_all(self, signum: int) -> None:
-        for worker in self.pool.workers.values():
-            self._signal(worker.pid, signum)
-        deadline = time.monotonic() + policy.FAST_STOP_GRACE
-        for worker in list(self.pool.workers.values()):
-            if _reap_before(worker.pid, deadline):
-                del self.pool.workers[worker.slot]
+    def _signal_worker(self, worker: policy.WorkerRecord, signum: int) -> None:
+        child = self.handles.get(worker.pid)
+        if child is not None:
+            child.send(signum)
 
-    @staticmethod
-    def _signal(pid: int, signum: int) -> None:
-        if pid <= 0:
-            return
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass  # it exited already; its exit is reaped in the loop
+    def _kill_workers(self) -> None:
+        """On the way out: SIGKILL to every worker left, each reaped (for FAST_STOP_GRACE at most)."""
+        stop_all(self.handles.values(), policy.FAST_STOP_GRACE, signal.SIGKILL)
+        self.handles = {pid: child for pid, child in self.handles.items() if not child.reaped}
 
     def _notify(self, action: policy.Notify) -> None:
         stats = self.pool.statistics()
@@ -358,11 +348,11 @@ class Arbiter:
         """SIGTERM: graceful stop. No new work; what is in flight and what waits in the listen
         backlog is served; SIGKILL for what is left after graceful_timeout. After an upgrade
         hand-over the workers only finish what they hold: the new master serves the listeners."""
-        if self.upgrade_child:
+        if self.upgrade is not None:
             self.handed_over = True  # the new master serves our sockets now: leave them be
             # Sent by us, the current main process, so it counts under NotifyAccess=main too;
             # no STOPPING after it: the service is not stopping, only this process is.
-            notify.mainpid(self.upgrade_child)
+            notify.mainpid(self.upgrade.pid)
         else:
             notify.stopping()
         self._execute(self.pool.stop(time.monotonic(), fast=False, reason="SIGTERM: graceful stop",
@@ -508,27 +498,23 @@ class Arbiter:
         """SIGUSR1: reopen the log files, here and (passed on) in every worker and the metrics process."""
         if self.spec.on_reopen_logs is not None:
             self.spec.on_reopen_logs()
-        for pid in [w.pid for w in self.pool.workers.values()] + [self.metrics_pid]:
-            self._signal(pid, signal.SIGUSR1)
+        for child in [*self.handles.values(), *filter(None, [self.metrics])]:
+            child.send(signal.SIGUSR1)
 
     def handle_usr2(self) -> None:
         """SIGUSR2: upgrade in place: start a new master (same command line) on the same sockets;
         it stops us once its workers accept."""
-        if self.upgrade_child:
-            log.warning("upgrade already in progress (new master %d)", self.upgrade_child)
+        if self.upgrade is not None:
+            log.warning("upgrade already in progress (new master %d)", self.upgrade.pid)
             return
         env = {**os.environ, **inherit_env(self.listeners), UPGRADE_PARENT_ENV: str(self.pid)}
         argv = [sys.executable, *sys.orig_argv[1:]]
         if not self._move_pidfile(f"{self.settings.pidfile}.oldbin"):
             return
-        flush_std_streams()
-        pid = os.fork()
-        if pid == 0:
-            _exec_new_master(argv, env)
+        self.upgrade = Child.fork(lambda: _exec_new_master(argv, env))
         for listener in self.listeners:
             os.set_inheritable(listener.fileno(), False)  # only the new master was to inherit them
-        self.upgrade_child = pid
-        log.info("upgrade: new master %d started: %s", pid, " ".join(argv))
+        log.info("upgrade: new master %d started: %s", self.upgrade.pid, " ".join(argv))
 
     def handle_chld(self) -> None:
         """SIGCHLD: nothing here; children are reaped on every turn of the loop."""
@@ -543,10 +529,10 @@ class Arbiter:
             return  # not an upgrade, or the old master is already gone
         notify.mainpid(self.pid)  # the service manager must follow us before the old one leaves
         log.info("upgrade: taking over from master %d", old)
-        self._signal(old, signal.SIGTERM)
+        send_signal(old, signal.SIGTERM)  # our parent, not a child: no handle
 
     def _upgrade_failed(self, code: int) -> None:
-        self.upgrade_child = 0
+        self.upgrade = None
         self._move_pidfile(self.settings.pidfile)
         log.error("upgrade failed: the new master exited with status %d; this master keeps serving", code)
 
@@ -570,7 +556,7 @@ class Arbiter:
         process of the running configuration is started again on its address).
         """
         wanted = (getattr(self.settings, "metrics_bind", None), self.spec.name, tuple(self.counter_names))
-        if wanted == self._metrics_serves and (self.metrics_pid or self._metrics_due):
+        if wanted == self._metrics_serves and (self.metrics is not None or self._metrics_due):
             return
         self._stop_metrics()
         try:
@@ -591,25 +577,21 @@ class Arbiter:
         if not bind:
             return
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-        flush_std_streams()
-        pid = os.fork()
-        if pid == 0:
-            os.close(read_fd)
-            self._run_metrics(bind, write_fd)
+        self.metrics = Child.fork(lambda: self._run_metrics(bind, write_fd, read_fd))
         os.close(write_fd)
-        self.metrics_pid = pid
         try:
-            report = _read_report(read_fd, METRICS_START_TIMEOUT) if wait else b"ok"
+            report = read_start_report(read_fd, METRICS_START_TIMEOUT) if wait else b"ok"
         finally:
             os.close(read_fd)
         if report != b"ok":
             self._stop_metrics()
             raise ListenerError(bind, report.decode(errors="replace") or "the metrics process did not start")
 
-    def _run_metrics(self, bind: str, report_fd: int) -> None:
+    def _run_metrics(self, bind: str, report_fd: int, parent_fd: int) -> None:
         """Called in the metrics child. Never returns."""
         code = 1
         try:
+            os.close(parent_fd)  # the master's end of the report pipe
             if self.signals is not None:
                 self.signals.forget()
             reset_to_defaults(MASTER_SIGNALS)
@@ -624,7 +606,7 @@ class Arbiter:
                         ready=lambda address: _metrics_ready(report_fd, address))
             code = 0
         except PreforkError as exc:
-            _write_report(report_fd, str(exc).encode())
+            send_start_report(report_fd, str(exc).encode())
             code = exc.exit_code
         except BaseException:
             log.exception("metrics process failed")
@@ -633,26 +615,21 @@ class Arbiter:
             os._exit(code)
 
     def _metrics_exited(self, code: int) -> None:
-        self.metrics_pid = 0
+        self.metrics = None
         if self.pool.stopping or self._exit is not None:
             return
         log.warning("metrics process exited (status %d); restarting it in %.0f s", code, METRICS_RESTART_DELAY)
         self._metrics_due = time.monotonic() + METRICS_RESTART_DELAY
 
     def _stop_metrics(self) -> None:
-        pid, self.metrics_pid = self.metrics_pid, 0
-        if not pid:
-            return
-        self._signal(pid, signal.SIGTERM)
-        if not _reap_before(pid, time.monotonic() + policy.FAST_STOP_GRACE):
-            self._signal(pid, signal.SIGKILL)
-            _reap_before(pid, time.monotonic() + policy.FAST_STOP_GRACE)
+        metrics, self.metrics = self.metrics, None
+        if metrics is not None:
+            metrics.stop(policy.FAST_STOP_GRACE)
 
     # -- end -------------------------------------------------------------------------------------
 
     def _cleanup(self) -> None:
-        if self.pool.workers:
-            self._kill_all(signal.SIGKILL)
+        self._kill_workers()
         self._stop_metrics()
         for listener in self._sockets.values():
             listener.close(unlink=not self.handed_over)
@@ -697,59 +674,9 @@ class Arbiter:
             log.exception("hook %s failed", name)
 
 
-def _reap_before(pid: int, deadline: float) -> bool:
-    """Reap our child *pid* once it has exited, waiting until *deadline* at most.
-
-    True when it is gone (also when something else reaped it already). Used only on the way
-    out, where the loop that reaps on SIGCHLD no longer runs.
-    """
-    while pid > 0:
-        try:
-            done, _ = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            return True
-        if done:
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(_REAP_POLL)
-    return True
-
-
-def _read_report(fd: int, timeout: float) -> bytes:
-    """What a child writes on *fd* until it closes it (or *timeout* passes)."""
-    deadline = time.monotonic() + timeout
-    data = b""
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-        chunk = os.read(fd, 4096) if ready else b""
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
 def _metrics_ready(report_fd: int, address: tuple[str, int]) -> None:
     log.info("metrics on http://%s:%d/metrics", *address)
-    _write_report(report_fd, b"ok")
-
-
-def _write_report(fd: int, data: bytes) -> None:
-    """Called in a child: say how starting went, once, and close."""
-    try:
-        os.write(fd, data)
-        os.close(fd)
-    except OSError:
-        pass  # the master stopped listening (a restart it does not wait for)
-
-
-def _no_core_dump(pid: int) -> None:
-    """A worker aborted for a timeout dumps its tracebacks; a core file of it would only fill disks."""
-    try:
-        _, hard = resource.prlimit(pid, resource.RLIMIT_CORE)
-        resource.prlimit(pid, resource.RLIMIT_CORE, (0, hard))
-    except (OSError, AttributeError):
-        pass  # gone already, not permitted, or not Linux: the system's core settings apply
+    send_start_report(report_fd, b"ok")
 
 
 def _exec_new_master(argv: list[str], env: dict[str, str]) -> None:

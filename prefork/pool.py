@@ -19,11 +19,15 @@ Rules:
    the OOM killer, an operator's kill) is replaced at once, so such deaths cannot empty the pool.
 4. Idle workers are never killed for the request timeout; busy ones are first sent SIGABRT
    (their tracebacks are dumped), then SIGKILL after a short grace.
+5. A worker's life is a ``Phase``; every step it takes is in ``TRANSITIONS`` (a step outside it
+   raises). Two facts outlive the phase that set them: whether it ever accepted (its death is
+   then no boot failure) and why it is to be replaced (still so once aborted, until stopped).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import random
 import signal
 from typing import Any, Mapping, Union
@@ -31,8 +35,8 @@ from typing import Any, Mapping, Union
 from prefork.errors import EXIT_APP_LOAD, EXIT_OK
 from prefork.scoreboard import BOOTING, BUSY, IDLE, STOP_RETIRE, STOP_SHUTDOWN, Health, SlotView
 
-__all__ = ["Pool", "PoolConfig", "WorkerRecord", "Spawn", "Stop", "Kill", "Halt", "Notify",
-           "WORKER_BOOT_FAILED"]
+__all__ = ["Pool", "PoolConfig", "WorkerRecord", "Phase", "TRANSITIONS", "Spawn", "Stop", "Kill", "Halt",
+           "Notify", "WORKER_BOOT_FAILED"]
 
 # Exit status of a worker that could not load the app. Distinct from anything an app's
 # sys.exit() is likely to use by accident; the master turns it into its own exit code 3.
@@ -82,6 +86,32 @@ class PoolConfig:
         return self.max_workers > 0
 
 
+class Phase(enum.Enum):
+    """Where a worker is in its life, as the master sees it."""
+
+    BOOTING = "booting"  # forked; has not accepted yet
+    SERVING = "serving"  # accepts, and stays
+    OUTGOING = "outgoing"  # to be replaced: stopped once its successor accepts (maybe still booting)
+    STOPPING = "stopping"  # asked to stop (SIGTERM); SIGKILL after graceful_timeout
+    ABORTED = "aborted"  # sent SIGABRT (timeout) to dump its tracebacks; SIGKILL after ABORT_GRACE
+    KILLED = "killed"  # sent SIGKILL: nothing more is sent; gone once reaped
+
+
+# Every step of a worker's life. A step not in the table is a bug in the policy.
+TRANSITIONS: dict[Phase, frozenset[Phase]] = {
+    # Any phase before STOPPING goes to KILLED in a fast stop (SIGQUIT, then SIGKILL).
+    Phase.BOOTING: frozenset({Phase.SERVING, Phase.OUTGOING, Phase.STOPPING, Phase.ABORTED, Phase.KILLED}),
+    Phase.SERVING: frozenset({Phase.OUTGOING, Phase.STOPPING, Phase.ABORTED, Phase.KILLED}),
+    # Back to SERVING (or BOOTING) when the reload that replaces it is cancelled.
+    Phase.OUTGOING: frozenset({Phase.SERVING, Phase.BOOTING, Phase.STOPPING, Phase.ABORTED, Phase.KILLED}),
+    Phase.STOPPING: frozenset({Phase.ABORTED, Phase.KILLED}),  # aborted: busy past timeout while draining
+    Phase.ABORTED: frozenset({Phase.KILLED}),  # a stop sent to it keeps it ABORTED: SIGKILL follows anyway
+    Phase.KILLED: frozenset(),
+}
+# The phases in which nothing has been sent to end the worker yet.
+RUNNING = frozenset({Phase.BOOTING, Phase.SERVING, Phase.OUTGOING})
+
+
 @dataclasses.dataclass
 class WorkerRecord:
     """What the master knows of one worker."""
@@ -92,15 +122,26 @@ class WorkerRecord:
     spawned_at: float
     max_requests: int = 0
     pid: int = 0
-    ready: bool = False
-    outgoing: str = ""  # why it is being replaced, once its successor is ready
+    phase: Phase = Phase.BOOTING
+    accepted: bool = False  # it has accepted: its death is no boot failure (kept in every later phase)
+    reason: str = ""  # why it is to be replaced, while it is (kept if it is aborted or killed)
     stop_sent_at: float | None = None
     abort_sent_at: float | None = None
-    killed: bool = False
 
     @property
     def stopping(self) -> bool:
+        """It was asked to stop (SIGTERM): it no longer counts in the pool."""
         return self.stop_sent_at is not None
+
+    @property
+    def outgoing(self) -> bool:
+        return bool(self.reason)
+
+    def move(self, phase: Phase) -> None:
+        """Take one step of its life; ValueError for a step the table does not have."""
+        if phase not in TRANSITIONS[self.phase]:
+            raise ValueError(f"worker {self.number}: no step from {self.phase.value} to {phase.value}")
+        self.phase = phase
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,10 +243,10 @@ class Pool:
         if worker.generation in self._cancelled:
             self.restarts["crash" if exit_code else "exit"] += 1
             return self._after_change(now)  # one of a cancelled reload's: it said all there is
-        if exit_code == WORKER_BOOT_FAILED and not any(w.ready for w in self._live()):
+        if exit_code == WORKER_BOOT_FAILED and not any(w.accepted for w in self._live()):
             return self.stop(now, fast=True, exit_code=EXIT_APP_LOAD,
                              reason=f"worker {worker.number} could not load the app")
-        if exit_code == WORKER_BOOT_FAILED or not served and (not worker.ready or now - worker.spawned_at < YOUNG_AGE):
+        if exit_code == WORKER_BOOT_FAILED or not served and (not worker.accepted or now - worker.spawned_at < YOUNG_AGE):
             return self._died_before_serving(worker, exit_code, now, cause)
         self._count_exit(worker, exit_code, now, served)
         return self._after_change(now)
@@ -230,7 +271,7 @@ class Pool:
     def _reloading(self, worker: WorkerRecord) -> bool:
         """True if *worker* is of a reload in flight, whose older workers still serve."""
         return (self._reload_pending and worker.generation == self.generation
-                and any(w.generation < worker.generation and w.ready for w in self._live()))
+                and any(w.generation < worker.generation and w.accepted for w in self._live()))
 
     def _cancel_reload(self, worker: WorkerRecord, now: float, cause: str) -> list[Action]:
         """The new generation cannot serve: the older one stays, with the pool it had."""
@@ -242,9 +283,10 @@ class Pool:
             self.config, self.target = self._before_reload
             self._before_reload = None
         for other in self._live():
-            other.outgoing = "" if other.generation < worker.generation else other.outgoing
-            if other.generation == worker.generation and not other.ready:
-                other.outgoing = "reload cancelled"
+            if other.generation < worker.generation:
+                _keep(other)
+            elif other.generation == worker.generation and not other.accepted:
+                _replace(other, "reload cancelled")
         reason = f"worker {worker.number} of generation {worker.generation} could not start: {cause or 'died'}"
         return [Notify("cancelled", reason)] + self._after_change(now)
 
@@ -295,7 +337,7 @@ class Pool:
         self.generation += 1
         self._reload_pending = True
         for worker in self._live():
-            worker.outgoing = worker.outgoing or "reload"
+            _replace(worker, worker.reason or "reload")
         return self._after_change(now)
 
     def scale(self, now: float, target: int) -> list[Action]:
@@ -315,7 +357,7 @@ class Pool:
 
     def wait_hint(self, now: float) -> float:
         """How long the arbiter may sleep before the policy needs another tick."""
-        if any(not w.ready and not w.stopping for w in self.workers.values()) or self.stopping:
+        if any(not w.accepted and not w.stopping for w in self.workers.values()) or self.stopping:
             return TICK_BUSY
         if self._next_spawn_at > now:
             return min(TICK_IDLE, self._next_spawn_at - now)
@@ -323,7 +365,7 @@ class Pool:
 
     def health(self, now: float) -> Health:
         """The pool's health for `prefork status` (also tracks since when the pool is short)."""
-        ready = sum(1 for w in self._live() if w.ready)
+        ready = sum(1 for w in self._live() if w.accepted)
         if ready >= self.target:
             self._short_since = 0.0
         elif not self._short_since:
@@ -335,7 +377,7 @@ class Pool:
             "generation": self.generation,
             "target": self.target,
             "workers": len(self.workers),
-            "ready": sum(1 for w in self.workers.values() if w.ready and not w.stopping),
+            "ready": sum(1 for w in self.workers.values() if w.accepted and not w.stopping),
             "stopping": self.stopping,
             "restarts": dict(self.restarts),
         }
@@ -346,27 +388,23 @@ class Pool:
         return [w for w in self.workers.values() if not w.stopping]
 
     def _watch(self, worker: WorkerRecord, view: SlotView, now: float, rss: int | None) -> list[Action]:
-        if not worker.ready and view.state not in (BOOTING, 0):
-            worker.ready = True
-        if self._young_deaths and (view.requests or worker.ready and now - worker.spawned_at >= YOUNG_AGE):
+        if not worker.accepted and view.state not in (BOOTING, 0):
+            _accept(worker)
+        if self._young_deaths and (view.requests or worker.accepted and now - worker.spawned_at >= YOUNG_AGE):
             self._young_deaths = 0  # a worker serves, or has lived long enough: the streak is over
-        if worker.killed:
+        if worker.phase is Phase.KILLED:
             return []
-        if worker.abort_sent_at is not None:
-            if now - worker.abort_sent_at >= ABORT_GRACE:
-                worker.killed = True
-                return [Kill(worker, signal.SIGKILL, "did not exit after SIGABRT")]
-            return []
+        if worker.phase is Phase.ABORTED:
+            waited = now - worker.abort_sent_at if worker.abort_sent_at is not None else 0.0
+            return [_kill(worker, "did not exit after SIGABRT")] if waited >= ABORT_GRACE else []
         timeout = self.config.timeout
         if timeout and view.state == BUSY and view.request_age(now) > timeout:
-            worker.abort_sent_at = now
             self.restarts["timeout"] += 1
-            return [Kill(worker, signal.SIGABRT, _timeout_reason(view, now))]
-        if timeout and not worker.ready and now - worker.spawned_at > max(timeout, YOUNG_AGE):
-            worker.abort_sent_at = now
-            return [Kill(worker, signal.SIGABRT, f"still booting after {now - worker.spawned_at:.1f}s")]
-        if worker.ready and not worker.stopping and not worker.outgoing:
-            worker.outgoing = self._recycle_reason(worker, view, now, rss)
+            return [_abort(worker, now, _timeout_reason(view, now))]
+        if timeout and not worker.accepted and now - worker.spawned_at > max(timeout, YOUNG_AGE):
+            return [_abort(worker, now, f"still booting after {now - worker.spawned_at:.1f}s")]
+        if worker.phase is Phase.SERVING:
+            _replace(worker, self._recycle_reason(worker, view, now, rss))
             if worker.outgoing:
                 self.restarts["recycle"] += 1
         return []
@@ -384,19 +422,18 @@ class Pool:
     def _escalate_stops(self, now: float) -> list[Action]:
         actions: list[Action] = []
         for worker in self.workers.values():
-            if worker.killed or worker.stop_sent_at is None and self.stopping != "fast":
+            if worker.phase is Phase.KILLED or worker.stop_sent_at is None and self.stopping != "fast":
                 continue
             since = worker.stop_sent_at if worker.stop_sent_at is not None else self.stop_started
             grace = FAST_STOP_GRACE if self.stopping == "fast" else self.config.graceful_timeout
             if now - since >= grace:
-                worker.killed = True
-                actions.append(Kill(worker, signal.SIGKILL, f"still running {grace:g}s after it was asked to stop"))
+                actions.append(_kill(worker, f"still running {grace:g}s after it was asked to stop"))
         return actions
 
     def _adapt(self, slots: Mapping[int, SlotView]) -> None:
         cfg = self.config
         live = self._live()
-        spare = sum(1 for w in live if not w.ready or _state(slots, w) == IDLE)
+        spare = sum(1 for w in live if not w.accepted or _state(slots, w) == IDLE)
         if spare < cfg.min_spare and self.target < cfg.max_workers:
             self.target = min(cfg.max_workers, self.target + self._spawn_rate)
             self._spawn_rate = min(self._spawn_rate * 2, MAX_SPAWN_RATE)
@@ -421,7 +458,7 @@ class Pool:
         live = self._live()
         serving = [w for w in live if not w.outgoing]
         missing = self.target - len(live)
-        successor_due = len(serving) < self.target and not any(not w.ready for w in serving)
+        successor_due = len(serving) < self.target and not any(not w.accepted for w in serving)
         if missing <= 0 and successor_due and len(serving) < len(live):
             missing = 1
         actions: list[Action] = []
@@ -438,17 +475,17 @@ class Pool:
         """
         live = self._live()
         excess = len(live) - self.target
-        booting = any(not w.ready for w in live if not w.outgoing)
+        booting = any(not w.accepted for w in live if not w.outgoing)
         if excess <= 0 or (booting and self.target > 0):
             return []
         outgoing = sorted((w for w in live if w.outgoing), key=lambda w: (w.generation, w.number))
-        serving = sorted((w for w in live if not w.outgoing), key=lambda w: (w.ready, w.number), reverse=True)
+        serving = sorted((w for w in live if not w.outgoing), key=lambda w: (w.accepted, w.number), reverse=True)
         victims = (outgoing + serving)[:excess]
-        return [self._stop(w, now, STOP_RETIRE, w.outgoing or "pool shrinks") for w in victims]
+        return [self._stop(w, now, STOP_RETIRE, w.reason or "pool shrinks") for w in victims]
 
     def _announce(self) -> list[Action]:
         serving = [w for w in self._live() if not w.outgoing]
-        all_ready = len(serving) >= self.target and all(w.ready for w in serving)
+        all_ready = len(serving) >= self.target and all(w.accepted for w in serving)
         if not all_ready:
             return []
         if not self._announced_ready:
@@ -462,6 +499,8 @@ class Pool:
 
     def _stop(self, worker: WorkerRecord, now: float, mode: int, reason: str) -> Stop:
         worker.stop_sent_at = now
+        if worker.phase in RUNNING:
+            worker.move(Phase.STOPPING)
         return Stop(worker, mode, reason)
 
     def _new_worker(self, now: float) -> WorkerRecord:
@@ -476,7 +515,7 @@ class Pool:
 
     def _count_exit(self, worker: WorkerRecord, exit_code: int, now: float, served: int) -> None:
         if worker.stopping or self.stopping:
-            self._young_deaths = 0 if worker.ready else self._young_deaths
+            self._young_deaths = 0 if worker.accepted else self._young_deaths
             return
         self.restarts["crash" if exit_code else "exit"] += 1
         self._young_deaths = 0  # it served, or lived past YOUNG_AGE: the app runs
@@ -485,6 +524,38 @@ class Pool:
         self._young_deaths += 1
         delay = min(BACKOFF_BASE * 2 ** (self._young_deaths - 1), BACKOFF_MAX)
         self._next_spawn_at = now + delay
+
+
+def _accept(worker: WorkerRecord) -> None:
+    """Its slot says it accepts (in whatever phase it is by then)."""
+    worker.accepted = True
+    if worker.phase is Phase.BOOTING:
+        worker.move(Phase.SERVING)
+
+
+def _replace(worker: WorkerRecord, reason: str) -> None:
+    """Mark it to be replaced because of *reason* (nothing if *reason* is empty)."""
+    worker.reason = reason
+    if reason and worker.phase in (Phase.BOOTING, Phase.SERVING):
+        worker.move(Phase.OUTGOING)
+
+
+def _keep(worker: WorkerRecord) -> None:
+    """It stays after all: the reload that replaces it was cancelled."""
+    worker.reason = ""
+    if worker.phase is Phase.OUTGOING:
+        worker.move(Phase.SERVING if worker.accepted else Phase.BOOTING)
+
+
+def _abort(worker: WorkerRecord, now: float, reason: str) -> Kill:
+    worker.abort_sent_at = now
+    worker.move(Phase.ABORTED)
+    return Kill(worker, signal.SIGABRT, reason)
+
+
+def _kill(worker: WorkerRecord, reason: str) -> Kill:
+    worker.move(Phase.KILLED)
+    return Kill(worker, signal.SIGKILL, reason)
 
 
 def _state(slots: Mapping[int, SlotView], worker: WorkerRecord) -> int:

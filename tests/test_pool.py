@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import random
 import signal
 
@@ -10,7 +11,7 @@ import pytest
 from prefork import pool as policy
 from prefork.arbiter import SCOREBOARD_CAPACITY
 from prefork.config import MAX_WORKERS
-from prefork.pool import Halt, Kill, Notify, Pool, PoolConfig, Spawn, Stop
+from prefork.pool import TRANSITIONS, Halt, Kill, Notify, Phase, Pool, PoolConfig, Spawn, Stop, WorkerRecord
 from prefork.scoreboard import BOOTING, BUSY, IDLE, STOP_RETIRE, STOP_SHUTDOWN, SlotView
 
 
@@ -160,7 +161,7 @@ def test_reload_replaces_workers_one_at_a_time_never_below_capacity():
         spawns = [a for a in h.actions if isinstance(a, Spawn) and a.worker.generation == 2]
         stops = [a for a in h.actions if isinstance(a, Stop)]
         assert len(spawns) - len(stops) <= 1, "more than one replacement in flight"
-        ready_floor.append(sum(1 for w in h.live() if w.ready))
+        ready_floor.append(sum(1 for w in h.live() if w.accepted))
         for stop in stops:
             if h.pool.by_pid(stop.worker.pid) is not None:
                 h.exit(stop.worker)
@@ -252,7 +253,7 @@ def test_adaptive_pool_grows_under_load_and_shrinks_when_idle():
     h.start(); h.boot_all()
     for _ in range(10):
         for worker in h.live():
-            if worker.ready:
+            if worker.accepted:
                 h.set_state(worker, BUSY, request_started=h.now)
         h.tick(1)
         h.boot_all()
@@ -271,3 +272,67 @@ def test_wait_hint_is_short_while_booting_and_long_when_settled():
     assert h.pool.wait_hint(h.now) == policy.TICK_BUSY
     h.boot_all()
     assert h.pool.wait_hint(h.now) == policy.TICK_IDLE
+
+
+# -- a worker's life: the table of phases -------------------------------------------------------
+
+
+def test_every_phase_is_reachable_from_booting_and_only_killed_is_final():
+    assert set(TRANSITIONS) == set(Phase)
+    reached, frontier = {Phase.BOOTING}, [Phase.BOOTING]
+    while frontier:
+        for phase in TRANSITIONS[frontier.pop()] - reached:
+            reached.add(phase)
+            frontier.append(phase)
+    assert reached == set(Phase)
+    assert [phase for phase, steps in TRANSITIONS.items() if not steps] == [Phase.KILLED]
+
+
+def test_a_step_outside_the_table_is_refused():
+    worker = WorkerRecord(slot=0, number=1, generation=1, spawned_at=0.0)
+    with pytest.raises(ValueError, match="no step from booting to booting"):
+        worker.move(Phase.BOOTING)
+    worker.move(Phase.ABORTED)
+    worker.move(Phase.KILLED)
+    with pytest.raises(ValueError, match="no step from killed to serving"):
+        worker.move(Phase.SERVING)
+
+
+@pytest.fixture
+def steps(monkeypatch):
+    """Every step the policy makes a worker take, as (from, to)."""
+    taken = []
+    move = WorkerRecord.move
+
+    def recording(worker, phase):
+        taken.append((worker.phase, phase))
+        move(worker, phase)
+
+    monkeypatch.setattr(WorkerRecord, "move", recording)
+    return taken
+
+
+def test_the_policy_takes_only_steps_of_the_table_and_every_phase_occurs(steps):
+    h = Harness(workers=2)
+    h.start()
+    first, second = h.pool.workers.values()
+    h.set_state(first, IDLE)
+    h.tick()  # first: booting -> serving
+    h.run(h.pool.reload(h.now))  # first: serving -> outgoing; second: booting -> outgoing
+    successor = next(w for w in h.pool.workers.values() if w.generation == 2)
+    h.exit(successor, code=policy.WORKER_BOOT_FAILED)  # cancelled: outgoing -> serving, -> booting
+    assert (first.phase, second.phase) == (Phase.SERVING, Phase.BOOTING)
+    h.run(h.pool.stop(h.now))  # stopping
+    h.tick(h.pool.config.graceful_timeout)  # stopping -> killed
+    timed_out = Harness(workers=1, timeout=10)
+    timed_out.start(); timed_out.boot_all()
+    busy = next(iter(timed_out.pool.workers.values()))
+    timed_out.set_state(busy, BUSY, request_started=timed_out.now)
+    timed_out.tick(11)  # serving -> aborted
+    timed_out.tick(policy.ABORT_GRACE)  # aborted -> killed
+    assert all(after in TRANSITIONS[before] for before, after in steps)
+    assert {after for _, after in steps} | {Phase.BOOTING} == set(Phase)
+
+
+def test_a_phase_changes_only_by_a_step_of_the_table():
+    assert inspect.getsource(policy).count(".phase = ") == 1, "only WorkerRecord.move sets a phase"
