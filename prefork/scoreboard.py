@@ -24,7 +24,7 @@ import math
 import mmap
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 __all__ = ["Scoreboard", "SlotView", "MasterView", "Health", "RESTART_CAUSES", "MAX_LISTENERS", "BOOTING", "IDLE", "BUSY", "EXITING", "FREE", "STATE_NAMES"]
 
@@ -173,12 +173,9 @@ class Scoreboard:
         size = ctypes.sizeof(_Header) + capacity * ctypes.sizeof(_Slot)
         if path is None:
             buffer = mmap.mmap(-1, size)
-        else:
-            buffer = _map_new_file(path, size)
-        header = _Header.from_buffer(buffer)
-        header.magic, header.capacity = _MAGIC, capacity
-        header.master_pid, header.master_started = os.getpid(), time.monotonic()
-        del header  # a live ctypes view would keep close() from releasing the map
+            _write_header(buffer, capacity)
+        else:  # the header is written before the file gets its name: no reader sees it blank
+            buffer = _map_new_file(path, size, lambda new: _write_header(new, capacity))
         board = cls(buffer, path, owner=True)
         board._inode = os.stat(path).st_ino if path else 0
         return board
@@ -362,7 +359,14 @@ def _check_layout(path: str, data: bytearray) -> None:
         raise ValueError(f"{path} is not a whole prefork scoreboard ({len(data)} bytes for {capacity} slots)")
 
 
-def _map_new_file(path: str, size: int) -> mmap.mmap:
+def _write_header(buffer: mmap.mmap, capacity: int) -> None:
+    header = _Header.from_buffer(buffer)
+    header.magic, header.capacity = _MAGIC, capacity
+    header.master_pid, header.master_started = os.getpid(), time.monotonic()
+    del header  # a live ctypes view would keep close() from releasing the map
+
+
+def _map_new_file(path: str, size: int, fill: Callable[[mmap.mmap], None]) -> mmap.mmap:
     """A shared map backed by a new file at *path* (mode 0644 less the umask: read by the CLI).
 
     The temporary file is created exclusively and never through a symbolic link: the master
@@ -372,6 +376,7 @@ def _map_new_file(path: str, size: int) -> mmap.mmap:
     try:
         os.ftruncate(fd, size)
         buffer = mmap.mmap(fd, size, mmap.MAP_SHARED)
+        fill(buffer)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
