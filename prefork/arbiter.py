@@ -37,6 +37,7 @@ from prefork.procstats import rss
 from prefork.proctitle import set_title
 from prefork.reloads import CANCELLED, RELOADED, REFUSED, STARTED, ReloadReport, report_path, write_report
 from prefork.scoreboard import Scoreboard
+from prefork.servers import Poller
 from prefork.signals import MASTER_SIGNALS, SignalQueue, blocked, reset_to_defaults, signal_name
 from prefork.worker import WorkerIdentity, WorkerSpec, flush_std_streams, run_worker
 
@@ -170,9 +171,7 @@ class Arbiter:
 
     def _loop(self) -> None:
         assert self.signals is not None
-        from prefork.servers import _Poller
-
-        with _Poller() as poller:
+        with Poller() as poller:
             poller.add(self.signals.fileno())
             while self._exit is None:
                 poller.wait(self.pool.wait_hint(time.monotonic()))

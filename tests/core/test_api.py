@@ -22,8 +22,10 @@ PACKAGE_DIR = Path(prefork.__file__).parent
 
 # What prefork adds to the stdlib's public class attributes (documented in servers.py):
 # adopting an already bound socket, and one request in two steps (a worker holds a connection
-# in between until its first message is in). Everything else must match exactly.
-ADDITIONS = {"TCPServer": {"adopt_socket", "from_socket", "take_request", "dispatch_request"}}
+# in between until its first message is in), and a loop of the caller's own over the listener
+# (the core's extension interface, servers.LoopServer). Everything else must match exactly.
+ADDITIONS = {"TCPServer": {"adopt_socket", "from_socket", "take_request", "dispatch_request",
+                           "prepare_listener", "serve_ready"}}
 
 # Dunder methods whose signature code written for the stdlib relies on.
 DUNDERS = ("__init__", "__enter__", "__exit__")
