@@ -193,7 +193,7 @@ class _Service:
         bound, a hook cannot be loaded); nothing this call bound is left open then.
         """
         assert self.reload_settings is not None
-        old = current.settings
+        old = _settings_of(current)
         fresh, held = _hold(old, self.reload_settings())
         listeners, added = _relisten(current, fresh)
         try:
@@ -261,6 +261,14 @@ def _changes(current: Plan, new: Plan) -> list[str]:
     return lines
 
 
+def _settings_of(plan: Plan) -> Settings:
+    """The settings *plan* was made from: a Settings, as every plan here (the arbiter reads them
+    through its MasterSettings Protocol)."""
+    settings = plan.settings
+    assert isinstance(settings, Settings)
+    return settings
+
+
 def _text(name: str, value: Any) -> str:
     return "unset" if value is None else format_value(name, value)
 
@@ -268,7 +276,7 @@ def _text(name: str, value: Any) -> str:
 def _access_log(settings: Settings, current: Plan | None) -> log_files.AccessLog | None:
     """The access log for *settings*: the current plan's if it writes the same way, else opened now."""
     if current is not None and current.spec.access_log is not None:
-        before = current.settings
+        before = _settings_of(current)
         if (before.access_log, before.log_format) == (settings.access_log, settings.log_format):
             return current.spec.access_log
     return log_files.AccessLog.from_settings(settings)  # opened now: a bad path fails before fork

@@ -56,21 +56,24 @@ MAX_SPAWN_RATE = 32
 
 @dataclasses.dataclass(frozen=True)
 class PoolConfig:
-    """The settings the policy reads (a subset of prefork.config.Settings)."""
+    """The settings the policy reads: built from prefork.config.Settings by ``from_settings``.
 
-    workers: int = 1
-    timeout: float = 30.0
-    graceful_timeout: float = 30.0
-    max_requests: int = 0
-    max_requests_jitter: int = 0
-    max_worker_memory: int = 0
-    max_worker_lifetime: float = 0.0
-    min_workers: int = 1
-    max_workers: int = 0
-    min_spare: int = 1
-    max_spare: int = 4
-    crash_limit: int = 10
-    crash_timeout: float = 60.0
+    No defaults here: the one declaration of each setting (its default too) is in prefork.config.
+    """
+
+    workers: int
+    timeout: float
+    graceful_timeout: float
+    max_requests: int
+    max_requests_jitter: int
+    max_worker_memory: int
+    max_worker_lifetime: float
+    min_workers: int
+    max_workers: int
+    min_spare: int
+    max_spare: int
+    crash_limit: int
+    crash_timeout: float
 
     @classmethod
     def from_settings(cls, settings: Any) -> PoolConfig:
