@@ -16,23 +16,20 @@ import argparse
 import ast
 import dataclasses
 import difflib
-import importlib
 import importlib.util
 import json
-import logging
 import os
 import re
 import sys
 from typing import Any, Callable, Sequence
 
 from prefork import __version__, config, control, settings_docs
+from prefork import log as log_files
 from prefork.master import serve
 from prefork.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, AppLoadError, ConfigError, PreforkError
 
 __all__ = ["main", "split_run_args", "RunArgs"]
 
-# The error log's format when prefork.log does not set logging up.
-FALLBACK_LOG_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s"
 # The bundled service that serves a WSGI callable given with --wsgi.
 WSGI_BRIDGE = "workers.wsgi"
 # A service option this close to a setting's flag is taken for a misspelt flag (difflib ratio;
@@ -191,7 +188,7 @@ def _cmd_run(tokens: list[str]) -> int:
         return _with_default_bind(fresh, fresh_sources, default_bind)
 
     settings = _with_default_bind(settings, sources, default_bind)
-    _setup_logging(settings)
+    log_files.setup(settings)
     return serve(target, settings=settings, reload_settings=reload_settings, service_options=service_options)
 
 
@@ -271,25 +268,6 @@ def _assigned_value(node: ast.stmt, name: str) -> ast.expr | None:
     if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id == name:
         return node.value
     return None
-
-
-def _setup_logging(settings: config.Settings) -> None:
-    """prefork.log.setup(settings) if that module offers it, else a plain error log."""
-    try:
-        setup = getattr(importlib.import_module("prefork.log"), "setup", None)
-    except ModuleNotFoundError as exc:
-        if exc.name != "prefork.log":
-            raise
-        setup = None
-    if setup is not None:
-        setup(settings)
-        return
-    try:
-        destination: dict[str, Any] = {"stream": sys.stderr} if settings.error_log == "-" else {
-            "filename": settings.error_log}
-        logging.basicConfig(level=settings.loglevel.upper(), format=FALLBACK_LOG_FORMAT, **destination)
-    except OSError as exc:
-        raise ConfigError(f"setting 'error_log': cannot open {settings.error_log!r}: {exc.strerror}") from exc
 
 
 # -- prefork check-config, print-config ---------------------------------------------------------

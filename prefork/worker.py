@@ -30,13 +30,12 @@ import os
 import select
 import signal
 import socket
-import struct
 import sys
 import time
 import traceback
 from typing import Any, Callable, NoReturn, Sequence
 
-from prefork.accounting import instrument
+from prefork.accounting import accept_queue_length, instrument
 from prefork.allowlist import guard
 from prefork.errors import AppLoadError
 from prefork.listeners import Listener
@@ -56,10 +55,6 @@ TICK = 1.0
 # A stopping worker takes at most this many requests from a listener whose queue length it
 # cannot read (UDP, Unix sockets): about a full backlog (somaxconn's default is 4096).
 DRAIN_LIMIT = 4096
-# struct tcp_info (linux/tcp.h): eight u8 fields, then u32 rto, ato, snd_mss, rcv_mss and
-# unacked, which on a listening socket is the length of its accept queue (sacked: the backlog).
-_TCPI_UNACKED = 24
-_TCP_INFO_LISTEN_BYTES = 32
 _PR_SET_PDEATHSIG = 1
 # Writes to a pipe up to this size are atomic (POSIX guarantees at least 512; Linux gives 4096).
 _PIPE_BUF = getattr(select, "PIPE_BUF", 512)
@@ -366,10 +361,7 @@ def queued_requests(sock: socket.socket) -> int:
     (UDP, Unix sockets) cannot say, so at most DRAIN_LIMIT requests are taken from them.
     """
     if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
-        try:
-            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LISTEN_BYTES)
-        except (OSError, AttributeError):
-            return DRAIN_LIMIT
-        if len(info) == _TCP_INFO_LISTEN_BYTES:
-            return int(struct.unpack_from("=I", info, _TCPI_UNACKED)[0])
+        queued = accept_queue_length(sock)
+        if queued is not None:
+            return queued
     return DRAIN_LIMIT
