@@ -27,7 +27,10 @@ under ``if TYPE_CHECKING``):
    - **services**: workers/, the bundled services. prefork never imports them.
 
 2. No module imports another module's underscore names: neither ``from prefork.x import _y`` nor
-   ``x._y`` on a prefork module it imported. What another module needs is a public name.
+   ``x._y`` on a prefork module it imported; nor calls a private method or reads a private
+   attribute that only another prefork module defines (``server._serve_ready()``; by name, a
+   heuristic: ``self`` and modules outside prefork are not checked). What another module needs
+   is a public name.
 
 3. No import cycles between prefork's modules (counting function-level and TYPE_CHECKING imports).
 
@@ -162,6 +165,43 @@ def private_uses(path: Path, tree: ast.AST) -> list[str]:
     return found
 
 
+def private_names_defined(tree: ast.AST) -> set[str]:
+    """The underscore names *tree* defines: functions, classes, variables, attributes, parameters."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            names.add(node.attr)
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+        elif isinstance(node, ast.arg):
+            names.add(node.arg)
+    return {name for name in names if name.startswith("_") and not name.startswith("__")}
+
+
+def foreign_private_attributes(tree: ast.AST, own: set[str], others: set[str]) -> list[str]:
+    """``obj._name`` where *_name* is defined by another prefork module and not by this one.
+
+    A heuristic for reaching into another module's objects (``server._serve_ready()``): the
+    object's type is not known, so the attribute's name decides. ``self``/``cls`` and modules
+    outside prefork (``os._exit``) are left out.
+    """
+    outside = {alias.asname or alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+               for alias in node.names if not alias.name.startswith(("prefork", "workers"))}
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Attribute) or not node.attr.startswith("_") or node.attr.startswith("__"):
+            continue
+        if isinstance(node.value, ast.Name) and node.value.id in {"self", "cls"} | outside:
+            continue
+        if node.attr in others and node.attr not in own:
+            found.append(f"{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
 def import_graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for path in sources():
@@ -220,6 +260,20 @@ def test_imports_go_down_the_layers(trees: dict[Path, ast.Module]) -> None:
 def test_no_module_uses_another_modules_private_names(trees: dict[Path, ast.Module]) -> None:
     found = [v for path, tree in trees.items() for v in private_uses(path, tree)]
     assert not found, "\n".join(found)
+
+
+def test_no_module_reaches_into_another_modules_objects(trees: dict[Path, ast.Module]) -> None:
+    defined = {path: private_names_defined(tree) for path, tree in trees.items()}
+    found = []
+    for path, tree in trees.items():
+        others = set().union(*(names for other, names in defined.items() if other != path))
+        found += [f"{module_name(path)}:{use}" for use in foreign_private_attributes(tree, defined[path], others)]
+    assert not found, "\n".join(found)
+
+
+def test_the_object_check_can_fail() -> None:
+    tree = ast.parse("import os\ndef f(server):\n    server._serve_ready()\n    os._exit(0)\n    self._own = 1")
+    assert foreign_private_attributes(tree, {"_own"}, {"_serve_ready", "_exit", "_own"}) == ["3: server._serve_ready"]
 
 
 def test_no_import_cycles() -> None:
