@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 __all__ = ["BaseServer", "TCPServer", "UDPServer"]
 # Poller, LoopServer and is_listening (the core's extension interface) are public but not in
@@ -761,6 +761,11 @@ class _RateLimitedReporter:
 
 
 _resource_limiter = _RateLimitedReporter(_RESOURCE_LOG_INTERVAL)
+
+
+if TYPE_CHECKING:
+    def _is_a_loop_server(server: TCPServer) -> LoopServer:
+        return server  # checked by mypy: TCPServer (so every socket server) implements LoopServer
 
 
 # The get_request() methods that never block (on a listener prepare_listener() made non-blocking).
