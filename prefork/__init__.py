@@ -1,4 +1,4 @@
-"""prefork: a pre-forking server runtime with a drop-in ``socketserver``.
+"""prefork: a pre-forking server runtime with a drop-in ``socketserver``. Runs in: both.
 
 This module only re-exports; the implementation lives in private modules.
 """

@@ -10,7 +10,8 @@ written and the hooks keep their order:
   the request), and ``verify_request`` logs refusals.
 
 Byte counts: TCP from the kernel's TCP_INFO (one getsockopt per request, only with an access
-log), datagrams from the packet and the replies sent; Unix streams are not counted ("-").
+log), datagrams from the packet and the replies sent; Unix streams are not counted ("-"). This
+module is the one reader of TCP_INFO: also ``accept_queue_length``, for a stopping worker.
 """
 
 from __future__ import annotations
@@ -25,12 +26,16 @@ from typing import Any
 
 from prefork.scoreboard import SlotWriter
 
-__all__ = ["instrument", "client_text", "stricter_timeout"]
+__all__ = ["instrument", "client_text", "stricter_timeout", "accept_queue_length"]
 
 log = logging.getLogger("prefork.worker")
 
-# struct tcp_info (linux/tcp.h): offsets of the u64 counters read here. bytes_sent and
-# bytes_retrans exist since Linux 4.19; notsent_bytes (u32) since 4.6.
+# struct tcp_info (linux/tcp.h), the one place prefork reads it: eight u8 fields, then u32 rto,
+# ato, snd_mss, rcv_mss and unacked, which on a listening socket is the length of its accept
+# queue (sacked: the backlog). Further on, the counters read per request: bytes_received (u64),
+# notsent_bytes (u32, since Linux 4.6), bytes_sent and bytes_retrans (u64, since 4.19).
+_TCPI_UNACKED = 24
+_TCP_INFO_LISTEN_BYTES = 32
 _TCP_INFO_SIZE = 232
 _BYTES_RECEIVED = 128
 _NOTSENT_BYTES = 144
@@ -154,6 +159,20 @@ def _tcp_byte_counts(conn: socket.socket) -> tuple[int | None, int | None]:
     notsent, = struct.unpack_from("I", info, _NOTSENT_BYTES)
     sent, retrans = struct.unpack_from("QQ", info, _BYTES_SENT)
     return received, sent - retrans + notsent
+
+
+def accept_queue_length(sock: socket.socket) -> int | None:
+    """How many connections wait in the TCP listener *sock*'s accept queue; None where unknown.
+
+    Linux reports it as tcpi_unacked of TCP_INFO on a listening socket.
+    """
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LISTEN_BYTES)
+    except (OSError, AttributeError):
+        return None
+    if len(info) != _TCP_INFO_LISTEN_BYTES:
+        return None
+    return int(struct.unpack_from("=I", info, _TCPI_UNACKED)[0])
 
 
 class _CountingSocket:

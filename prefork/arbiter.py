@@ -26,7 +26,7 @@ import signal
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from prefork import notify, pool as policy
 from prefork.children import Child, reap_exited, read_start_report, send_signal, send_start_report, stop_all
@@ -39,9 +39,10 @@ from prefork.proctitle import set_title
 from prefork.reloads import CANCELLED, RELOADED, REFUSED, STARTED, ReloadReport, report_path, write_report
 from prefork.scoreboard import Scoreboard
 from prefork.signals import MASTER_SIGNALS, SignalQueue, reset_to_defaults, signal_name
+from prefork.servers import Poller
 from prefork.worker import WorkerIdentity, WorkerSpec, flush_std_streams, run_worker
 
-__all__ = ["Arbiter", "Hooks", "Plan", "UPGRADE_PARENT_ENV"]
+__all__ = ["Arbiter", "Hooks", "MasterSettings", "Plan", "UPGRADE_PARENT_ENV"]
 
 log = logging.getLogger("prefork.master")
 
@@ -66,11 +67,25 @@ class Hooks:
     on_exit: Callable[..., Any] | None = None
 
 
+class MasterSettings(Protocol):
+    """The settings the master reads itself (prefork.config.Settings has them; the master never
+    imports it). The pool reads its own through ``PoolConfig.from_settings``."""
+
+    @property
+    def pidfile(self) -> str | None: ...
+    @property
+    def preload(self) -> bool: ...
+    @property
+    def max_worker_memory(self) -> int: ...
+    @property
+    def metrics_bind(self) -> str | None: ...
+
+
 @dataclasses.dataclass
 class Plan:
     """What one generation of workers is made of, prepared in the master before it forks them."""
 
-    settings: Any
+    settings: MasterSettings
     listeners: list[Listener]
     spec: WorkerSpec
     hooks: Hooks
@@ -118,7 +133,7 @@ class Arbiter:
         self._next_memory_check = 0.0
 
     @property
-    def settings(self) -> Any:
+    def settings(self) -> MasterSettings:
         return self.plan.settings
 
     @property
@@ -170,9 +185,7 @@ class Arbiter:
 
     def _loop(self) -> None:
         assert self.signals is not None
-        from prefork.servers import _Poller
-
-        with _Poller() as poller:
+        with Poller() as poller:
             poller.add(self.signals.fileno())
             while self._exit is None:
                 poller.wait(self.pool.wait_hint(time.monotonic()))
@@ -555,7 +568,7 @@ class Arbiter:
         A new address that cannot be bound raises ListenerError (the reload is refused, and the
         process of the running configuration is started again on its address).
         """
-        wanted = (getattr(self.settings, "metrics_bind", None), self.spec.name, tuple(self.counter_names))
+        wanted = (self.settings.metrics_bind, self.spec.name, tuple(self.counter_names))
         if wanted == self._metrics_serves and (self.metrics is not None or self._metrics_due):
             return
         self._stop_metrics()
@@ -571,7 +584,7 @@ class Arbiter:
         At start (*wait*), the master waits until it listens, so that a port that cannot be
         bound stops the service with exit code 4 instead of failing quietly.
         """
-        bind = getattr(self.settings, "metrics_bind", None)
+        bind = self.settings.metrics_bind
         self._metrics_due = 0.0
         self._metrics_serves = (bind, self.spec.name, tuple(self.counter_names))
         if not bind:
@@ -660,7 +673,7 @@ class Arbiter:
         pidfile = self.settings.pidfile
         if pidfile:
             return f"{os.fspath(pidfile)}.scoreboard"
-        if getattr(self.settings, "metrics_bind", None):
+        if self.settings.metrics_bind:
             return os.path.join(tempfile.gettempdir(), f"prefork-{self.pid}.scoreboard")
         return None
 

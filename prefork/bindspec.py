@@ -28,7 +28,8 @@ from typing import Any, Union
 
 from prefork.errors import BindSpecError
 
-__all__ = ["BindSpec", "Network", "parse_bind", "split_bind_list", "failure_reason"]
+__all__ = ["BindSpec", "Network", "parse_bind", "split_bind_list", "failure_reason", "host_text", "unix_text",
+           "DIGITS", "MAX_FD", "INET_SCHEMES", "UNIX_SCHEMES"]
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
@@ -37,16 +38,16 @@ _FORMS = ("tcp://HOST:PORT, udp://HOST:PORT, HOST:PORT (tcp), unix:PATH, unix-dg
           "the unix forms may end in ?allow=NETWORK[,NETWORK...], as in "
           "tcp://0.0.0.0:8000?allow=10.0.0.0/8,127.0.0.1/32; a stream listener whose protocol has "
           "the server speak first takes ?first=server (before allow=, joined by &)")
-_INET_SCHEMES = ("tcp", "udp")
-_UNIX_SCHEMES = ("unix", "unix-dgram")
+INET_SCHEMES = ("tcp", "udp")
+UNIX_SCHEMES = ("unix", "unix-dgram")
 _STREAM_SCHEMES = ("tcp", "unix")
 
 # Host names as getaddrinfo takes them (letters, digits, '-', '.', '_'); IPv6 goes in brackets.
 _HOSTNAME = re.compile(r"[A-Za-z0-9_.-]{1,253}")
-_DIGITS = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() would also accept '٣'
+DIGITS = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() would also accept '٣'
 _MAX_PORT = 65535
 # File descriptors are C ints; a longer number would overflow before the kernel could refuse it.
-_MAX_FD = 2**31 - 1
+MAX_FD = 2**31 - 1
 # Linux's sun_path holds 108 bytes including the terminating NUL; a longer path cannot be bound.
 _UNIX_PATH_MAX = 107
 # LISTEN_FDNAMES entries: printable ASCII except ':' (the separator), at most 255 characters,
@@ -110,7 +111,7 @@ class BindSpec:
         """
         if self.scheme in _STREAM_SCHEMES:
             return True
-        if self.scheme in _INET_SCHEMES + _UNIX_SCHEMES:
+        if self.scheme in INET_SCHEMES + UNIX_SCHEMES:
             return False
         raise ValueError(f"{self.text}: the socket type is known only once adopted; use Listener.is_stream")
 
@@ -149,7 +150,7 @@ def _parse_options(text: str, query: str) -> dict[str, str]:
 def _parse_first(text: str, spec: BindSpec, value: str) -> bool:
     if value not in _FIRST_VALUES:
         raise _bad(text, f"first={value!r}: who speaks first is 'client' (the default) or 'server'")
-    if value == "server" and spec.scheme in _INET_SCHEMES + _UNIX_SCHEMES and not spec.is_stream:
+    if value == "server" and spec.scheme in INET_SCHEMES + UNIX_SCHEMES and not spec.is_stream:
         raise _bad(text, "first= applies to stream listeners (tcp, unix), not to datagrams")
     return value == "server"
 
@@ -183,7 +184,7 @@ def _parse_address(text: str, base: str, allow: bool) -> BindSpec:
     """The spec of *base*, the part of *text* before its options; *allow*: it has ``allow=``."""
     head, sep, rest = base.partition(":")
     scheme = head.lower()
-    if scheme in _UNIX_SCHEMES:
+    if scheme in UNIX_SCHEMES:
         if allow:
             raise _bad(text, "allow= does not apply to Unix sockets: their clients have no network "
                              "address (restrict them with unix_mode, unix_owner and unix_group)")
@@ -195,7 +196,7 @@ def _parse_address(text: str, base: str, allow: bool) -> BindSpec:
                          "the options are first=server and allow=NETWORK[,NETWORK...]")
     if sep and rest.startswith("//"):
         return _parse_url(text, scheme, head, rest[2:])
-    if scheme in _INET_SCHEMES + ("fd",):
+    if scheme in INET_SCHEMES + ("fd",):
         raise _bad(text, f"'{head}:' must be followed by '//'")
     return _parse_inet(text, "tcp", base)
 
@@ -233,7 +234,7 @@ def _bad(text: object, what: str) -> BindSpecError:
 
 
 def _parse_url(text: str, scheme: str, head: str, rest: str) -> BindSpec:
-    if scheme in _INET_SCHEMES:
+    if scheme in INET_SCHEMES:
         return _parse_inet(text, scheme, rest)
     if scheme == "fd":
         return _parse_fd(text, rest)
@@ -242,10 +243,10 @@ def _parse_url(text: str, scheme: str, head: str, rest: str) -> BindSpec:
 
 def _parse_inet(text: str, scheme: str, hostport: str) -> BindSpec:
     host, port_text = _split_host_port(text, hostport)
-    if not _DIGITS.fullmatch(port_text) or len(port_text) > 5 or int(port_text) > _MAX_PORT:
+    if not DIGITS.fullmatch(port_text) or len(port_text) > 5 or int(port_text) > _MAX_PORT:
         raise _bad(text, f"port {port_text!r} is not a number from 0 to {_MAX_PORT}")
     port = int(port_text)
-    return BindSpec(scheme, (host, port), f"{scheme}://{_host_text(host)}:{port}")
+    return BindSpec(scheme, (host, port), f"{scheme}://{host_text(host)}:{port}")
 
 
 def _split_host_port(text: str, hostport: str) -> tuple[str, str]:
@@ -276,12 +277,13 @@ def _parse_ipv6(text: str, host: str) -> str:
         raise _bad(text, f"{host!r} is not an IPv6 address") from None
 
 
-def _host_text(host: str) -> str:
+def host_text(host: str) -> str:
+    """A host as a spec writes it: an IPv6 address in brackets."""
     return f"[{host}]" if ":" in host else host
 
 
 def _parse_fd(text: str, number: str) -> BindSpec:
-    if not _DIGITS.fullmatch(number) or len(number) > 10 or int(number) > _MAX_FD:
+    if not DIGITS.fullmatch(number) or len(number) > 10 or int(number) > MAX_FD:
         raise _bad(text, f"{number!r} is not a file descriptor number")
     fd = int(number)
     return BindSpec("fd", fd, f"fd://{fd}")
@@ -299,10 +301,11 @@ def _parse_unix(text: str, scheme: str, rest: str, sep: str) -> BindSpec:
         raise _bad(text, "the path cannot be encoded for the file system") from None
     if size > _UNIX_PATH_MAX:
         raise _bad(text, f"the path is {size} bytes long; Unix sockets allow at most {_UNIX_PATH_MAX}")
-    return BindSpec(scheme, path, _unix_text(scheme, path))
+    return BindSpec(scheme, path, unix_text(scheme, path))
 
 
-def _unix_text(scheme: str, path: str) -> str:
+def unix_text(scheme: str, path: str) -> str:
+    """The spec text of a Unix socket *path* under *scheme* ('unix' or 'unix-dgram')."""
     # 'unix://X' means the path X, so a path that itself starts with '//' keeps its prefix.
     return f"{scheme}://{path}" if path.startswith("//") else f"{scheme}:{path}"
 

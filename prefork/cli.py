@@ -16,7 +16,6 @@ import argparse
 import ast
 import dataclasses
 import difflib
-import importlib
 import importlib.util
 import json
 import logging
@@ -26,6 +25,7 @@ import sys
 from typing import Any, Callable, Sequence
 
 from prefork import __version__, config, control, runpaths, settings_docs
+from prefork import log as log_files
 from prefork.master import serve
 from prefork.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, AppLoadError, ConfigError, PreforkError
 from prefork.handover import socket_activated
@@ -34,8 +34,6 @@ __all__ = ["main", "split_run_args", "RunArgs"]
 
 log = logging.getLogger("prefork.cli")
 
-# The error log's format when prefork.log does not set logging up.
-FALLBACK_LOG_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s"
 # What a master started by socket activation serves when no bind is given: every socket systemd
 # passed (as gunicorn does), not the service's default address beside them.
 SOCKET_ACTIVATION_BIND = "systemd"
@@ -200,7 +198,7 @@ def _cmd_run(tokens: list[str]) -> int:
         return _with_defaults(fresh, fresh_sources, default_bind, pidfile)
 
     settings = _with_defaults(settings, sources, default_bind, pidfile)
-    _setup_logging(settings)
+    log_files.setup(settings)
     if activated and sources["bind"] == "default":
         log.info("socket activation: serving the %d socket(s) systemd passed (LISTEN_FDS), as no bind "
                  "was given", activated)
@@ -285,25 +283,6 @@ def _assigned_value(node: ast.stmt, name: str) -> ast.expr | None:
     if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id == name:
         return node.value
     return None
-
-
-def _setup_logging(settings: config.Settings) -> None:
-    """prefork.log.setup(settings) if that module offers it, else a plain error log."""
-    try:
-        setup = getattr(importlib.import_module("prefork.log"), "setup", None)
-    except ModuleNotFoundError as exc:
-        if exc.name != "prefork.log":
-            raise
-        setup = None
-    if setup is not None:
-        setup(settings)
-        return
-    try:
-        destination: dict[str, Any] = {"stream": sys.stderr} if settings.error_log == "-" else {
-            "filename": settings.error_log}
-        logging.basicConfig(level=settings.loglevel.upper(), format=FALLBACK_LOG_FORMAT, **destination)
-    except OSError as exc:
-        raise ConfigError(f"setting 'error_log': cannot open {settings.error_log!r}: {exc.strerror}") from exc
 
 
 # -- prefork check-config, print-config ---------------------------------------------------------

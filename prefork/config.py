@@ -28,31 +28,32 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, NoReturn, Sequence
 
 from prefork.errors import ConfigError
+from prefork.handover import FDS_ENV, UPGRADE_PARENT_ENV
 from prefork.setting_types import (  # the checks and parsers the declarations below use
-    _ADDRESS,
-    _at_least,
-    _bind_list,
+    ADDRESS,
     BOOL,
-    _boolean,
     HOOK,
-    _hook,
-    _integer,
-    Kind,
-    _KIND_BY_TYPE,
-    _metrics_address,
+    KIND_BY_TYPE,
     MODE,
-    _mode,
-    _name_or_id,
-    _NotAllowed,
-    _one_of,
-    _optional,
-    _path,
-    _path_or_dash,
     SIZE,
-    _text,
     TEXT_LIST,
-    _toml_plain,
     WORD,
+    Kind,
+    NotAllowed,
+    check_at_least,
+    check_bind_list,
+    check_boolean,
+    check_hook,
+    check_integer,
+    check_metrics_address,
+    check_mode,
+    check_name_or_id,
+    check_one_of,
+    check_optional,
+    check_path,
+    check_path_or_dash,
+    check_text,
+    toml_plain,
 )
 
 __all__ = [
@@ -81,8 +82,8 @@ _Validator = Callable[[str, Any], Any]
 # Environment variables named PREFORK_<SETTING> set settings.
 ENV_PREFIX = "PREFORK_"
 # PREFORK_* variables that are not settings: prefork sets them itself for a master it starts on
-# an upgrade (prefork.listeners' inherited sockets, prefork.arbiter.UPGRADE_PARENT_ENV).
-RESERVED_ENV = frozenset({"PREFORK_FDS", "PREFORK_UPGRADE_PARENT"})
+# an upgrade (prefork.handover: the inherited sockets and the master being replaced).
+RESERVED_ENV = frozenset({FDS_ENV, UPGRADE_PARENT_ENV})
 # Where `bind` comes from when nothing sets it and the service declares no DEFAULT_BIND.
 FALLBACK_BIND = "tcp://127.0.0.1:8000"
 # Markers around the generated settings table in README.md.
@@ -137,106 +138,106 @@ class Settings:
                                "in ?allow=NETWORK[,NETWORK...] (only those clients are served); a "
                                "stream listener whose protocol has the server speak first takes "
                                "?first=server; repeat the flag for several",
-                               _bind_list, factory=True, section="listeners", short="-b",
+                               check_bind_list, factory=True, section="listeners", short="-b",
                                default_text=f"the service's DEFAULT_BIND, else {FALLBACK_BIND}",
                                deploy=[FALLBACK_BIND])
     backlog: int = _setting(0, "listen backlog; 0 means as large as the OS allows (somaxconn)",
-                            _integer(0), section="listeners")
+                            check_integer(0), section="listeners")
     reuse_port: bool = _setting(False, "each worker binds its own SO_REUSEPORT socket (kernel balancing; "
-                                "a stopping worker's queued connections are lost)", _boolean,
+                                "a stopping worker's queued connections are lost)", check_boolean,
                                 section="listeners", reload=_RESTART_LISTENERS)
-    unix_mode: int | None = _setting(None, "file mode of Unix socket files, e.g. 0o660", _mode,
+    unix_mode: int | None = _setting(None, "file mode of Unix socket files, e.g. 0o660", check_mode,
                                      section="listeners", kind=MODE, sample=0o660)
-    unix_owner: str | int | None = _setting(None, "owner of Unix socket files", _name_or_id,
+    unix_owner: str | int | None = _setting(None, "owner of Unix socket files", check_name_or_id,
                                             section="listeners", sample="www-data")
-    unix_group: str | int | None = _setting(None, "group of Unix socket files", _name_or_id,
+    unix_group: str | int | None = _setting(None, "group of Unix socket files", check_name_or_id,
                                             section="listeners", sample="www-data")
     # -- workers
-    workers: int = _setting(_cpu_count, "number of worker processes", _integer(0, MAX_WORKERS),
+    workers: int = _setting(_cpu_count, "number of worker processes", check_integer(0, MAX_WORKERS),
                             factory=True, short="-w", default_text="the number of usable CPUs")
     mode: str = _setting("sync", "what runs inside each worker: sync (one request at a time), "
                          "thread (a thread per request, at most `threads`), fork (a process per request)",
-                         _one_of("sync", "thread", "fork"), kind=WORD)
-    threads: int = _setting(16, "most concurrent request threads per worker in thread mode", _integer(1))
+                         check_one_of("sync", "thread", "fork"), kind=WORD)
+    threads: int = _setting(16, "most concurrent request threads per worker in thread mode", check_integer(1))
     wsgi: bool = _setting(False, "APP is a WSGI callable (module:callable), served by the bundled "
-                          "workers.wsgi", _boolean,
+                          "workers.wsgi", check_boolean,
                           reload="the master reads APP as a service or a WSGI callable when it starts; "
                                  "apply with `prefork upgrade`")
     max_workers: int = _setting(0, "adaptive pool: upper bound; 0 keeps the pool at `workers`",
-                                _integer(0, MAX_WORKERS))
-    min_workers: int = _setting(1, "adaptive pool: lower bound", _integer(1, MAX_WORKERS))
-    min_spare: int = _setting(1, "adaptive pool: start workers while fewer than this are idle", _integer(0))
-    max_spare: int = _setting(4, "adaptive pool: stop workers while more than this are idle", _integer(1))
+                                check_integer(0, MAX_WORKERS))
+    min_workers: int = _setting(1, "adaptive pool: lower bound", check_integer(1, MAX_WORKERS))
+    min_spare: int = _setting(1, "adaptive pool: start workers while fewer than this are idle", check_integer(0))
+    max_spare: int = _setting(4, "adaptive pool: stop workers while more than this are idle", check_integer(1))
     read_timeout: float = _setting(0.0, "seconds a connection may stay silent before the worker drops "
                                    "it (also while it waits for its first message); 0 means never",
-                                   _at_least(0, MAX_SECONDS))
+                                   check_at_least(0, MAX_SECONDS))
     # -- supervision
     timeout: float = _setting(30.0, "seconds a worker may spend on one request before it is killed "
-                              "(its traceback logged first); 0 disables", _at_least(0, MAX_SECONDS),
+                              "(its traceback logged first); 0 disables", check_at_least(0, MAX_SECONDS),
                               short="-t", section="supervision")
     graceful_timeout: float = _setting(30.0, "seconds a stopping worker gets to finish before SIGKILL",
-                                       _at_least(0, MAX_SECONDS), section="supervision")
-    max_requests: int = _setting(0, "recycle a worker after this many requests; 0 disables", _integer(0),
+                                       check_at_least(0, MAX_SECONDS), section="supervision")
+    max_requests: int = _setting(0, "recycle a worker after this many requests; 0 disables", check_integer(0),
                                  section="supervision")
     max_requests_jitter: int = _setting(0, "add up to this many requests at random to max_requests, "
-                                        "so workers do not recycle together", _integer(0),
+                                        "so workers do not recycle together", check_integer(0),
                                         section="supervision")
     max_worker_memory: int = _setting(0, "recycle a worker whose RSS exceeds this size; 0 disables",
-                                      _integer(0), kind=SIZE, section="supervision")
+                                      check_integer(0), kind=SIZE, section="supervision")
     max_worker_lifetime: float = _setting(0.0, "recycle a worker after this many seconds; 0 disables",
-                                          _at_least(0, MAX_SECONDS), section="supervision")
+                                          check_at_least(0, MAX_SECONDS), section="supervision")
     crash_limit: int = _setting(10, "halt (exit 3) after this many workers in a row died before serving "
-                                "a request; 0 never halts", _integer(0), section="supervision")
+                                "a request; 0 never halts", check_integer(0), section="supervision")
     crash_timeout: float = _setting(60.0, "halt (exit 3) when workers have kept dying before serving for "
-                                    "this many seconds; 0 never halts", _at_least(0, MAX_SECONDS),
+                                    "this many seconds; 0 never halts", check_at_least(0, MAX_SECONDS),
                                     section="supervision")
     preload: bool = _setting(False, "import the app in the master and gc.freeze() before forking "
-                             "(then a reload does not load new code)", _boolean, section="supervision",
+                             "(then a reload does not load new code)", check_boolean, section="supervision",
                              reload="the app is imported in the master, once; apply with `prefork upgrade`")
     # -- process
-    name: str = _setting("", "service name shown in process titles", _text, section="process",
+    name: str = _setting("", "service name shown in process titles", check_text, section="process",
                          short="-n", default_text="the app's name")
     pidfile: str | None = _setting(None, "write the master's pid here (atomically); removed on stop; "
                                    "`prefork status` and the control commands find the master by it",
-                                   _optional(_path), section="process", short="-p",
+                                   check_optional(check_path), section="process", short="-p",
                                    deploy="/run/prefork/prefork.pid",
                                    default_text="prefork run: NAME.pid in a directory per user (see Command line)",
                                    reload="the control commands find the master by it; restart the service")
     user: str | int | None = _setting(None, "run workers as this user (the master binds first)",
-                                      _name_or_id, section="process", sample="www-data")
-    group: str | int | None = _setting(None, "run workers as this group", _name_or_id, section="process",
+                                      check_name_or_id, section="process", sample="www-data")
+    group: str | int | None = _setting(None, "run workers as this group", check_name_or_id, section="process",
                                        sample="www-data")
-    umask: int | None = _setting(None, "umask of master and workers, e.g. 0o027", _mode, section="process",
+    umask: int | None = _setting(None, "umask of master and workers, e.g. 0o027", check_mode, section="process",
                                  kind=MODE, sample=0o027)
     # -- logging and metrics
     loglevel: str = _setting("info", "least severity written to the error log: debug, info, warning, "
                              "error or critical",
-                             _one_of("debug", "info", "warning", "error", "critical"), section="logging",
+                             check_one_of("debug", "info", "warning", "error", "critical"), section="logging",
                              kind=WORD)
     error_log: str = _setting("-", 'where the error log goes: "-" for stderr, or a file (reopened on USR1)',
-                              _path_or_dash, section="logging")
+                              check_path_or_dash, section="logging")
     access_log: str | None = _setting(None, 'where the access log goes, one line per request: "-" for '
                                       "stdout, or a file (reopened on USR1); unset: no access log",
-                                      _optional(_path_or_dash), section="logging", sample="-")
+                                      check_optional(check_path_or_dash), section="logging", sample="-")
     log_format: str = _setting("text", "format of both logs: text, or json (one object per line)",
-                               _one_of("text", "json"), section="logging", kind=WORD)
+                               check_one_of("text", "json"), section="logging", kind=WORD)
     metrics_bind: str | None = _setting(None, "serve Prometheus metrics on tcp://HOST:PORT, from a small "
-                                        "process of its own; unset: no metrics", _metrics_address,
-                                        section="logging", kind=_ADDRESS, sample="tcp://127.0.0.1:9100")
+                                        "process of its own; unset: no metrics", check_metrics_address,
+                                        section="logging", kind=ADDRESS, sample="tcp://127.0.0.1:9100")
     # -- hooks
-    on_starting: Any = _setting(None, "called in the master before the listeners are bound", _hook,
+    on_starting: Any = _setting(None, "called in the master before the listeners are bound", check_hook,
                                 section="hooks", kind=HOOK, sample=_HOOK_SAMPLE,
                                 reload="it runs once, when the master starts; the next start or "
                                        "`prefork upgrade` runs the new one")
-    when_ready: Any = _setting(None, "called in the master once every worker accepts", _hook,
+    when_ready: Any = _setting(None, "called in the master once every worker accepts", check_hook,
                                section="hooks", kind=HOOK, sample=_HOOK_SAMPLE)
-    pre_fork: Any = _setting(None, "called in the master before each worker is forked", _hook,
+    pre_fork: Any = _setting(None, "called in the master before each worker is forked", check_hook,
                              section="hooks", kind=HOOK, sample=_HOOK_SAMPLE)
-    post_fork: Any = _setting(None, "called in each worker right after fork", _hook, section="hooks",
+    post_fork: Any = _setting(None, "called in each worker right after fork", check_hook, section="hooks",
                               kind=HOOK, sample=_HOOK_SAMPLE)
-    worker_exit: Any = _setting(None, "called in the master when a worker has exited", _hook,
+    worker_exit: Any = _setting(None, "called in the master when a worker has exited", check_hook,
                                 section="hooks", kind=HOOK, sample=_HOOK_SAMPLE)
-    on_exit: Any = _setting(None, "called in the master just before it exits", _hook, section="hooks",
+    on_exit: Any = _setting(None, "called in the master just before it exits", check_hook, section="hooks",
                             kind=HOOK, sample=_HOOK_SAMPLE)
 
     def __post_init__(self) -> None:
@@ -306,7 +307,7 @@ class Option:
             return value
         try:
             return self.validate(self.name, value)
-        except _NotAllowed as exc:
+        except NotAllowed as exc:
             raise self._refused(raw, exc.expected, where) from exc  # the value as the user wrote it
         except ConfigError as exc:  # a bind spec's own error: say which setting holds it
             named = str(exc) if str(exc).startswith("setting ") else f"setting {self.name!r}: {exc}"
@@ -327,7 +328,7 @@ def options() -> tuple[Option, ...]:
 
 def _option(field: dataclasses.Field[Any]) -> Option:
     meta = field.metadata
-    kind = meta["kind"] or _KIND_BY_TYPE.get(str(field.type))
+    kind = meta["kind"] or KIND_BY_TYPE.get(str(field.type))
     if kind is None:
         raise TypeError(f"setting {field.name!r}: no parser for {field.type}; give kind= in _setting()")
     default = field.default if field.default is not dataclasses.MISSING else None
@@ -348,7 +349,7 @@ def format_value(name: str, value: Any) -> str:
     if callable(value):  # a hook given through the Python API
         return f"{getattr(value, '__module__', '?')}:{getattr(value, '__qualname__', repr(value))}"
     option = _by_name().get(name)
-    return option.kind.to_toml(value) if option else _toml_plain(value)
+    return option.kind.to_toml(value) if option else toml_plain(value)
 
 
 def _did_you_mean(word: str, candidates: Iterable[str], quote: bool = True) -> str:

@@ -1,4 +1,4 @@
-"""Inspecting and controlling a running master: `prefork status` and the control commands. Runs in: the CLI.
+"""Inspecting and controlling a running master: `prefork status` and the control commands. Runs in: cli.
 
 Rules: the master is found by its pidfile; each command sends one signal at a time and waits,
 with a deadline, until the pidfile and the scoreboard (``PIDFILE.scoreboard``) show that it

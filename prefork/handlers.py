@@ -1,8 +1,9 @@
-"""Request handler classes of the compatible core. Runs in: worker (and any plain server).
+"""Request handler classes of the compatible core. Runs in: worker.
 
 A handler object lives for one request: the constructor calls ``setup()``, ``handle()`` and,
 even when ``handle()`` raises, ``finish()``. Names, attributes and defaults are those of the
-standard library's ``socketserver``; this module never imports it.
+standard library's ``socketserver``; this module never imports it. (A plain server that uses
+the core without prefork runs its handlers in its own process.)
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 Rules: a socket passed in is wrapped in exactly one socket object (two objects on one fd means
 one closes the descriptor under the other), made non-inheritable, and its environment variables
-are left for the caller to unset; only ``inherit_env`` marks sockets inheritable, for the
-re-exec of an upgrade.
+are left for the caller to unset; only ``prefork.listeners.inherit_env`` (which writes FDS_ENV
+with ``env_entry``) marks sockets inheritable, for the re-exec of an upgrade. This module knows
+sockets and environment variables, not listeners: prefork.listeners builds on it.
 """
 
 from __future__ import annotations
@@ -13,22 +14,20 @@ import os
 import resource
 import socket
 import urllib.parse
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import Mapping, Sequence
 
-from prefork.bindspec import _DIGITS, _MAX_FD, failure_reason as _reason
+from prefork.bindspec import DIGITS, MAX_FD, failure_reason as _reason
 from prefork.errors import ConfigError, ListenerError
 
-if TYPE_CHECKING:
-    from prefork.listeners import Listener
-
-__all__ = ["InheritedSockets", "inherit_env", "inherited_listeners", "socket_activated", "systemd_listeners",
-           "upgrade_parent"]
+__all__ = ["FDS_ENV", "UPGRADE_PARENT_ENV", "InheritedSockets", "env_entry", "inherited_groups", "inherited_listeners",
+           "no_systemd_reason", "socket_activated", "systemd_fds", "systemd_listeners", "upgrade_parent"]
 
 log = logging.getLogger("prefork.listeners")
 
 # sd_listen_fds(3): passed sockets start at fd 3, after stdin, stdout and stderr.
 _SD_LISTEN_FDS_START = 3
-_ENV_FDS = "PREFORK_FDS"
+# The variable that hands the listeners to a master re-executed by USR2: "FD:SPEC;FD:SPEC...".
+FDS_ENV = "PREFORK_FDS"
 # Characters of a spec text left as they are in PREFORK_FDS; ';' (the separator) and '%' are
 # escaped, so a Unix path containing them survives the round trip.
 _ENV_SAFE = ":/[]@!$&'()*+,=~ "
@@ -45,7 +44,7 @@ def systemd_listeners(environ: Mapping[str, str]) -> list[tuple[str | None, sock
     LISTEN_FDNAMES so that children do not see them.
     """
     found = []
-    for name, fd in _systemd_fds(environ):
+    for name, fd in systemd_fds(environ):
         try:
             os.set_inheritable(fd, False)
             found.append((name, socket.socket(fileno=fd)))
@@ -61,15 +60,15 @@ def socket_activated(environ: Mapping[str, str]) -> int:
     started by an upgrade (USR2), those its socket-activated predecessor handed over.
     """
     handed_over = {fd for fd, text in _env_entries(environ) if text.partition(":")[0] == "systemd"}
-    return len(_systemd_fds(environ)) or len(handed_over)
+    return len(systemd_fds(environ)) or len(handed_over)
 
 
-def _systemd_fds(environ: Mapping[str, str]) -> list[tuple[str | None, int]]:
+def systemd_fds(environ: Mapping[str, str]) -> list[tuple[str | None, int]]:
     """(name, fd) of every fd passed to this process by socket activation; nothing is wrapped."""
     if not _is_our_pid(environ.get("LISTEN_PID", "")) or "LISTEN_FDS" not in environ:
         return []
     count_text = environ.get("LISTEN_FDS", "")
-    if not _DIGITS.fullmatch(count_text) or len(count_text) > 6:
+    if not DIGITS.fullmatch(count_text) or len(count_text) > 6:
         raise ListenerError("systemd", f"LISTEN_FDS={count_text!r} is not a number of file descriptors")
     count, limit = int(count_text), _open_files_limit()
     if _SD_LISTEN_FDS_START + count > limit:
@@ -85,14 +84,15 @@ def _systemd_fds(environ: Mapping[str, str]) -> list[tuple[str | None, int]]:
 
 def _open_files_limit() -> int:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return soft if soft != resource.RLIM_INFINITY else _MAX_FD
+    return soft if soft != resource.RLIM_INFINITY else MAX_FD
 
 
 def _is_our_pid(text: str) -> bool:
-    return bool(_DIGITS.fullmatch(text)) and len(text) < 20 and int(text) == os.getpid()
+    return bool(DIGITS.fullmatch(text)) and len(text) < 20 and int(text) == os.getpid()
 
 
-def _no_systemd_reason(environ: Mapping[str, str]) -> str:
+def no_systemd_reason(environ: Mapping[str, str]) -> str:
+    """Why a systemd bind spec found no socket: what the environment says about activation."""
     if "LISTEN_FDS" not in environ or "LISTEN_PID" not in environ:
         return ("LISTEN_FDS was not set for this process: start it from a systemd socket unit "
                 "(or systemd-socket-activate) to use systemd sockets")
@@ -124,21 +124,9 @@ class InheritedSockets(dict[str, socket.socket]):
         self.setdefault(text, sock)
 
 
-def inherit_env(listeners: Sequence[Listener]) -> dict[str, str]:
-    """The environment that hands *listeners* to a re-executed master (in-place upgrade).
-
-    ``{"PREFORK_FDS": "FD:SPEC;FD:SPEC..."}`` with each listener under the spec the user gave
-    and under its bound name, so that ``tcp://127.0.0.1:0`` finds its socket again. The fds
-    are made inheritable here, so that exec keeps them open.
-    """
-    entries = []
-    for listener in listeners:
-        fd = listener.fileno()
-        os.set_inheritable(fd, True)
-        # The address without ?allow=: the new master may allow other networks on the same socket.
-        for text in dict.fromkeys((listener.spec.address_text, listener.name)):
-            entries.append(f"{fd}:{urllib.parse.quote(text, safe=_ENV_SAFE, errors='surrogateescape')}")
-    return {_ENV_FDS: ";".join(entries)}
+def env_entry(fd: int, text: str) -> str:
+    """One entry of FDS_ENV: the socket *fd* handed over under the spec *text* (see ``inherit_env``)."""
+    return f"{fd}:{urllib.parse.quote(text, safe=_ENV_SAFE, errors='surrogateescape')}"
 
 
 def inherited_listeners(environ: Mapping[str, str]) -> InheritedSockets:
@@ -166,13 +154,13 @@ def inherited_listeners(environ: Mapping[str, str]) -> InheritedSockets:
 
 def _env_entries(environ: Mapping[str, str]) -> list[tuple[int, str]]:
     """(fd, spec text) of each PREFORK_FDS entry; ListenerError for a malformed one."""
-    return [_parse_env_entry(entry) for entry in filter(None, environ.get(_ENV_FDS, "").split(";"))]
+    return [_parse_env_entry(entry) for entry in filter(None, environ.get(FDS_ENV, "").split(";"))]
 
 
 def _parse_env_entry(entry: str) -> tuple[int, str]:
     number, sep, quoted = entry.partition(":")
-    if not sep or not _DIGITS.fullmatch(number) or len(number) > 10 or int(number) > _MAX_FD or not quoted:
-        raise ListenerError(_ENV_FDS, f"entry {entry!r} is not FD:SPEC (a file descriptor number, "
+    if not sep or not DIGITS.fullmatch(number) or len(number) > 10 or int(number) > MAX_FD or not quoted:
+        raise ListenerError(FDS_ENV, f"entry {entry!r} is not FD:SPEC (a file descriptor number, "
                                       f"':' and a bind spec)")
     return int(number), urllib.parse.unquote(quoted, errors="surrogateescape")
 
@@ -182,10 +170,11 @@ def _inherited_socket(fd: int, text: str) -> socket.socket:
         os.set_inheritable(fd, False)
         return socket.socket(fileno=fd)
     except OSError as exc:
-        raise ListenerError(text, f"inherited file descriptor {fd} ({_ENV_FDS}): {_reason(exc)}") from exc
+        raise ListenerError(text, f"inherited file descriptor {fd} ({FDS_ENV}): {_reason(exc)}") from exc
 
 
-def _inherited_groups(inherited: Mapping[str, socket.socket]) -> Mapping[str, Sequence[socket.socket]]:
+def inherited_groups(inherited: Mapping[str, socket.socket]) -> Mapping[str, Sequence[socket.socket]]:
+    """Every socket of each spec text: InheritedSockets' groups, or one per text of a plain mapping."""
     groups = getattr(inherited, "groups", None)
     return groups if groups is not None else {text: [sock] for text, sock in inherited.items()}
 
@@ -204,7 +193,7 @@ def upgrade_parent(environ: Mapping[str, str]) -> int:
     text = environ.get(UPGRADE_PARENT_ENV, "")
     if not text:
         return 0
-    if not _DIGITS.fullmatch(text) or len(text) > 10 or int(text) > _MAX_FD:
+    if not DIGITS.fullmatch(text) or len(text) > 10 or int(text) > MAX_FD:
         raise ConfigError(f"{UPGRADE_PARENT_ENV}={text!r} is not a process id; it is set by a master "
                           "upgrading in place (USR2), never by hand")
     return int(text)

@@ -33,18 +33,20 @@ import stat
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from prefork.bindspec import _DIGITS, _INET_SCHEMES, _UNIX_SCHEMES, BindSpec, _host_text, _unix_text, parse_bind
+from prefork.bindspec import DIGITS, INET_SCHEMES, UNIX_SCHEMES, BindSpec, host_text, parse_bind, unix_text
 from prefork.bindspec import failure_reason as _reason
 from prefork.errors import BindSpecError, ConfigError, ListenerError
 from prefork.handover import (
+    FDS_ENV,
     InheritedSockets,
-    _inherited_groups,
-    _no_systemd_reason,
-    _systemd_fds,
-    inherit_env,
+    env_entry,
+    inherited_groups,
     inherited_listeners,
+    no_systemd_reason,
+    systemd_fds,
     systemd_listeners,
 )
+from prefork.servers import is_listening
 
 __all__ = [
     "BindSpec",
@@ -208,7 +210,7 @@ def reconfigure(listeners: Sequence[Listener], *, backlog: int | None = None, re
     for listener in listeners:
         if listener._file is not None and listener.sock.family == socket.AF_UNIX:
             binder._finish_unix(listener.spec, listener.sock)
-        elif listener.sock.type == socket.SOCK_STREAM and _is_listening(listener.sock):
+        elif listener.sock.type == socket.SOCK_STREAM and is_listening(listener.sock):
             with _failing(listener.name, doing=f"cannot listen on {listener.name} with backlog {binder.backlog}"):
                 listener.sock.listen(binder.backlog)  # Linux takes a new backlog for a listening socket
 
@@ -225,6 +227,23 @@ def listener_for_socket(sock: socket.socket) -> Listener:
     if sock.family == socket.AF_UNIX and isinstance(address, str) and address:
         listener._file = _socket_file_id(address)
     return listener
+
+
+def inherit_env(listeners: Sequence[Listener]) -> dict[str, str]:
+    """The environment that hands *listeners* to a re-executed master (in-place upgrade).
+
+    ``{"PREFORK_FDS": "FD:SPEC;FD:SPEC..."}`` with each listener under the spec the user gave
+    and under its bound name, so that ``tcp://127.0.0.1:0`` finds its socket again. The fds
+    are made inheritable here, so that exec keeps them open.
+    """
+    entries = []
+    for listener in listeners:
+        fd = listener.fileno()
+        os.set_inheritable(fd, True)
+        # The address without ?allow=: the new master may allow other networks on the same socket.
+        for text in dict.fromkeys((listener.spec.address_text, listener.name)):
+            entries.append(env_entry(fd, text))
+    return {FDS_ENV: ";".join(entries)}
 
 
 def _spec_of(sock: socket.socket, address: Any) -> BindSpec:
@@ -267,7 +286,7 @@ class _Binder:
         self.uid = _resolve_id("unix_owner", unix_owner, lambda name: pwd.getpwnam(name).pw_uid)
         self.gid = _resolve_id("unix_group", unix_group, lambda name: grp.getgrnam(name).gr_gid)
         self.environ = os.environ if environ is None else environ
-        self.groups = _inherited_groups(inherited or {})
+        self.groups = inherited_groups(inherited or {})
         self.inherited_by_fd = {s.fileno(): s for group in self.groups.values() for s in group}
         self.inherited_by_fd.pop(-1, None)  # closed sockets
         self.claimed: set[int] = set()
@@ -277,9 +296,9 @@ class _Binder:
         adopted = self._take_inherited(spec, expand)
         if adopted:
             return adopted
-        if spec.scheme in _INET_SCHEMES:
+        if spec.scheme in INET_SCHEMES:
             return [self._claim(self._bind_inet(spec))]
-        if spec.scheme in _UNIX_SCHEMES:
+        if spec.scheme in UNIX_SCHEMES:
             return [self._claim(self._bind_unix(spec))]
         if spec.scheme == "fd":
             return [self._adopt_fd(spec, spec.address)]
@@ -308,7 +327,7 @@ class _Binder:
             socks = socks[:1]  # one address, one socket (duplicates come from a spec given twice)
         elif len(socks) > 1 and not expand:
             raise ListenerError(spec.text, f"{len(socks)} inherited sockets match; bind_all() takes them all")
-        return [self._adopt(spec, s, own_file=spec.scheme in _UNIX_SCHEMES) for s in socks]
+        return [self._adopt(spec, s, own_file=spec.scheme in UNIX_SCHEMES) for s in socks]
 
     def _adopt_fd(self, spec: BindSpec, fd: int) -> Listener:
         if fd in self.claimed:
@@ -331,7 +350,7 @@ class _Binder:
                                 f"{fd} is not one (its clients have no network address)")
         with _failing(spec.text, sock):
             parked = self.reuse_port and _reuses_port(sock)
-            if sock.type == socket.SOCK_STREAM and not parked and not _is_listening(sock):
+            if sock.type == socket.SOCK_STREAM and not parked and not is_listening(sock):
                 sock.listen(self.backlog)
         listener = _new_listener(spec, sock)
         if own_file and isinstance(listener._address, str):
@@ -339,9 +358,9 @@ class _Binder:
         return listener
 
     def _systemd_fds(self, spec: BindSpec, expand: bool) -> list[int]:
-        passed = _systemd_fds(self.environ)
+        passed = systemd_fds(self.environ)
         if not passed:
-            raise ListenerError(spec.text, _no_systemd_reason(self.environ))
+            raise ListenerError(spec.text, no_systemd_reason(self.environ))
         fds = [fd for name, fd in passed if spec.address is None or name == spec.address]
         if not fds:
             names = ", ".join(sorted({repr(name) for name, _ in passed}))
@@ -486,13 +505,6 @@ def _reuses_port(sock: socket.socket) -> bool:
         return False  # closed, or a platform without SO_REUSEPORT
 
 
-def _is_listening(sock: socket.socket) -> bool:
-    try:
-        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
-    except OSError:
-        return True  # the platform cannot tell: assume whoever bound it made it listen
-
-
 # -- unix ----------------------------------------------------------------------------------------
 
 
@@ -590,7 +602,7 @@ def _resolve_id(setting: str, value: str | int | None, lookup: Callable[[str], i
         try:
             return lookup(value)
         except KeyError:
-            if _DIGITS.fullmatch(value):
+            if DIGITS.fullmatch(value):
                 return int(value)
     kind = "user" if setting == "unix_owner" else "group"
     raise ConfigError(f"setting '{setting}': no {kind} {value!r} on this system; "
@@ -611,7 +623,7 @@ def _socket_text(sock: socket.socket, address: Any) -> str | None:
     """The spec text of a socket's bound *address*, or None if it has none that a spec can say."""
     stream = sock.type == socket.SOCK_STREAM
     if sock.family in _INET_FAMILIES and isinstance(address, tuple):
-        return f"{'tcp' if stream else 'udp'}://{_host_text(address[0])}:{address[1]}"
+        return f"{'tcp' if stream else 'udp'}://{host_text(address[0])}:{address[1]}"
     if sock.family == socket.AF_UNIX and isinstance(address, str) and address:
-        return _unix_text("unix" if stream else "unix-dgram", address)
+        return unix_text("unix" if stream else "unix-dgram", address)
     return None  # unbound, abstract namespace, or a family prefork does not serve

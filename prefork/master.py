@@ -23,19 +23,20 @@ import signal
 import socket
 import threading
 import types
-from typing import Any, Callable, Sequence, cast
+from typing import Any, Callable, Protocol, Sequence, cast
 
 from prefork import log as log_files
 from prefork.arbiter import Arbiter, Hooks, Plan
 from prefork.config import Settings, format_value, held_on_reload, make_settings
 from prefork.errors import AppLoadError, ConfigError
 from prefork.handlers import DatagramRequestHandler, StreamRequestHandler
+from prefork.handover import FDS_ENV
 from prefork.listeners import (Listener, bind_all, inherited_listeners, listener_for_socket, parse_bind,
                                rebind_reuse_port, reconfigure)
 from prefork.loader import load_object
 from prefork.modes import server_class_for
 from prefork.runpaths import service_name
-from prefork.servers import BaseServer, TCPServer, UDPServer
+from prefork.servers import BaseServer, LoopServer, TCPServer, UDPServer
 from prefork.worker import WorkerSpec
 
 __all__ = [
@@ -67,7 +68,7 @@ class PreforkMixIn:
     # Provided by the socket server class this is mixed into.
     socket: Any
     server_address: Any
-    _adopted: bool
+    adopt_socket: Callable[..., None]
 
     def __init__(self, server_address: Any, RequestHandlerClass: Any, *args: Any, **kwargs: Any) -> None:
         names = {name for name in Settings.__dataclass_fields__}
@@ -80,16 +81,14 @@ class PreforkMixIn:
         """Bind as the server class does, unless a master we replace (USR2) handed us the socket."""
         inherited = _take_inherited(self)
         if inherited is not None:
-            self.socket.close()
-            self.socket = inherited
-            self._adopted = True
+            self.adopt_socket(inherited, bind_and_activate=False)  # the constructor binds (not again) and activates
         super().server_bind()  # type: ignore[misc]
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         """Fork the workers and supervise them until a stop signal or shutdown()."""
         listener = listener_for_socket(self.socket)
-        itself = cast(BaseServer, self)  # in each worker, this very object serves the inherited socket
-        service = _Service(lambda listeners: [itself], self._service_name())
+        itself = cast(LoopServer, self)  # in each worker, this very object serves the inherited socket
+        service = _Service(_ItSelf(itself), self._service_name())
         self._arbiter = Arbiter(service.plan(self.settings, [listener]))
         try:
             self.exit_code = self._arbiter.run()
@@ -151,7 +150,7 @@ def serve(app: Any, bind: Sequence[str] | str | None = None, *, settings: Settin
     listeners = bind_all(settings.bind, backlog=settings.backlog or None, reuse_port=settings.reuse_port,
                          unix_mode=settings.unix_mode, unix_owner=settings.unix_owner,
                          unix_group=settings.unix_group, inherited=inherited_listeners(os.environ))
-    for name in ("PREFORK_FDS", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+    for name in (FDS_ENV, "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(name, None)  # adopted: workers and their children must not see them
     builder = _ServerBuilder(app, server_class, service_options or {})
     if not isinstance(app, str):
@@ -172,7 +171,7 @@ def _run_on_starting(hook: Callable[..., Any], settings: Settings) -> None:
 class _Service:
     """Makes the plan of each generation of workers from the settings in force for it."""
 
-    def __init__(self, build: Callable[..., list[BaseServer]], default_name: str,
+    def __init__(self, build: _Builder, default_name: str,
                  reload_settings: Callable[[], Settings] | None = None) -> None:
         self.build = build
         self.default_name = default_name
@@ -181,9 +180,8 @@ class _Service:
     def plan(self, settings: Settings, listeners: list[Listener], current: Plan | None = None) -> Plan:
         """Everything a generation is built from (hooks resolved, access log opened)."""
         hooks = _hooks(settings)
-        builder = self.build.configured(settings) if isinstance(self.build, _ServerBuilder) else self.build
-        if isinstance(builder, _ServerBuilder) and not isinstance(builder.app, str):
-            builder.check(listeners)  # a mismatch is reported before any fork
+        builder = self.build.configured(settings)
+        builder.check(listeners)  # a mismatch is reported before any fork
         name = settings.name or self.default_name
         access_log = _access_log(settings, current)
         spec = _worker_spec(settings, listeners, builder, name, hooks, access_log)
@@ -198,7 +196,7 @@ class _Service:
         bound, a hook cannot be loaded); nothing this call bound is left open then.
         """
         assert self.reload_settings is not None
-        old = current.settings
+        old = _settings_of(current)
         fresh, held = _hold(old, self.reload_settings())
         listeners, added = _relisten(current, fresh)
         try:
@@ -266,6 +264,14 @@ def _changes(current: Plan, new: Plan) -> list[str]:
     return lines
 
 
+def _settings_of(plan: Plan) -> Settings:
+    """The settings *plan* was made from: a Settings, as every plan here (the arbiter reads them
+    through its MasterSettings Protocol)."""
+    settings = plan.settings
+    assert isinstance(settings, Settings)
+    return settings
+
+
 def _text(name: str, value: Any) -> str:
     return "unset" if value is None else format_value(name, value)
 
@@ -273,9 +279,9 @@ def _text(name: str, value: Any) -> str:
 def _access_log(settings: Settings, current: Plan | None) -> log_files.AccessLog | None:
     """The access log for *settings*: the current plan's if it writes the same way, else opened now."""
     if current is not None and current.spec.access_log is not None:
-        before = current.settings
+        before = _settings_of(current)
         if (before.access_log, before.log_format) == (settings.access_log, settings.log_format):
-            return cast(log_files.AccessLog, current.spec.access_log)
+            return current.spec.access_log
     return log_files.AccessLog.from_settings(settings)  # opened now: a bad path fails before fork
 
 
@@ -288,6 +294,35 @@ def _enter(settings: Settings, name: str) -> None:
     set_title("master", name)
     if log_files.configured():
         log_files.setup(settings)
+
+
+class _Builder(Protocol):
+    """What builds a generation's servers, in each worker, from its listeners."""
+
+    def configured(self, settings: Settings) -> _Builder:
+        """The builder for a generation with *settings*."""
+
+    def check(self, listeners: Sequence[Listener]) -> None:
+        """Raise AppLoadError, before any fork, if the servers cannot be built for *listeners*."""
+
+    def __call__(self, listeners: Sequence[Listener]) -> list[LoopServer]:
+        """Called in the worker: the servers, one per listener."""
+
+
+class _ItSelf:
+    """The builder of PreforkMixIn: the very server object, inherited by each worker."""
+
+    def __init__(self, server: LoopServer) -> None:
+        self.server = server
+
+    def configured(self, settings: Settings) -> _ItSelf:
+        return self
+
+    def check(self, listeners: Sequence[Listener]) -> None:
+        """Nothing to check: the server was built around its listener."""
+
+    def __call__(self, listeners: Sequence[Listener]) -> list[LoopServer]:
+        return [self.server]
 
 
 class _ServerBuilder:
@@ -305,7 +340,7 @@ class _ServerBuilder:
         """The same app and options, with the mode and threads of *settings*."""
         return _ServerBuilder(self.app, self.server_class, self.service_options, settings.mode, settings.threads)
 
-    def __call__(self, listeners: Sequence[Listener]) -> list[BaseServer]:
+    def __call__(self, listeners: Sequence[Listener]) -> list[LoopServer]:
         """Called in the worker: load the app (unless preloaded) and wrap each listener."""
         app = self.service(load_object(self.app)) if isinstance(self.app, str) else self.app
         return [self._build(app, listener) for listener in listeners]
@@ -324,10 +359,13 @@ class _ServerBuilder:
             raise AppLoadError(f"{_app_name(loaded)}: bad service options {self.service_options}: {exc}") from exc
 
     def check(self, listeners: Sequence[Listener]) -> None:
+        """Each listener has its handler in the app; an app named by a string is checked in the worker."""
+        if isinstance(self.app, str):
+            return
         for listener in listeners:
             handler_for(self.app, listener)
 
-    def _build(self, app: Any, listener: Listener) -> BaseServer:
+    def _build(self, app: Any, listener: Listener) -> LoopServer:
         handler = handler_for(app, listener)
         if listener.is_stream:
             base = self.server_class or getattr(app, "server_class", None) or TCPServer
@@ -362,7 +400,7 @@ def handler_for(app: Any, listener: Listener) -> Any:
     return handler
 
 
-def _worker_spec(settings: Settings, listeners: Sequence[Listener], build: Callable[..., list[BaseServer]],
+def _worker_spec(settings: Settings, listeners: Sequence[Listener], build: _Builder,
                  name: str, hooks: Hooks, access_log: log_files.AccessLog | None) -> WorkerSpec:
     from prefork.proctitle import set_title
     from prefork.privileges import check_reach, privilege_dropper
@@ -416,7 +454,7 @@ def _take_inherited(server: Any) -> Any:
     global _inherited
     if _inherited is None:
         _inherited = dict(inherited_listeners(os.environ))
-        os.environ.pop("PREFORK_FDS", None)
+        os.environ.pop(FDS_ENV, None)
     for key, sock in list(_inherited.items()):
         if sock.family == server.address_family and sock.type == server.socket_type \
                 and _same_address(sock.getsockname(), server.server_address):

@@ -60,21 +60,24 @@ MAX_SPAWN_RATE = 32
 
 @dataclasses.dataclass(frozen=True)
 class PoolConfig:
-    """The settings the policy reads (a subset of prefork.config.Settings)."""
+    """The settings the policy reads: built from prefork.config.Settings by ``from_settings``.
 
-    workers: int = 1
-    timeout: float = 30.0
-    graceful_timeout: float = 30.0
-    max_requests: int = 0
-    max_requests_jitter: int = 0
-    max_worker_memory: int = 0
-    max_worker_lifetime: float = 0.0
-    min_workers: int = 1
-    max_workers: int = 0
-    min_spare: int = 1
-    max_spare: int = 4
-    crash_limit: int = 10
-    crash_timeout: float = 60.0
+    No defaults here: the one declaration of each setting (its default too) is in prefork.config.
+    """
+
+    workers: int
+    timeout: float
+    graceful_timeout: float
+    max_requests: int
+    max_requests_jitter: int
+    max_worker_memory: int
+    max_worker_lifetime: float
+    min_workers: int
+    max_workers: int
+    min_spare: int
+    max_spare: int
+    crash_limit: int
+    crash_timeout: float
 
     @classmethod
     def from_settings(cls, settings: Any) -> PoolConfig:
@@ -389,7 +392,7 @@ class Pool:
 
     def _watch(self, worker: WorkerRecord, view: SlotView, now: float, rss: int | None) -> list[Action]:
         if not worker.accepted and view.state not in (BOOTING, 0):
-            _accept(worker)
+            _mark_accepted(worker)
         if self._young_deaths and (view.requests or worker.accepted and now - worker.spawned_at >= YOUNG_AGE):
             self._young_deaths = 0  # a worker serves, or has lived long enough: the streak is over
         if worker.phase is Phase.KILLED:
@@ -526,7 +529,7 @@ class Pool:
         self._next_spawn_at = now + delay
 
 
-def _accept(worker: WorkerRecord) -> None:
+def _mark_accepted(worker: WorkerRecord) -> None:
     """Its slot says it accepts (in whatever phase it is by then)."""
     worker.accepted = True
     if worker.phase is Phase.BOOTING:

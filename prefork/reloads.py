@@ -1,4 +1,6 @@
-"""How the last reload went, in a file beside the pidfile. Runs in: both (master writes, CLI reads).
+"""How the last reload went, in a file beside the pidfile. Runs in: both.
+
+The master writes the file and the CLI (``prefork reload``) reads it.
 
 Rules:
 

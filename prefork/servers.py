@@ -14,7 +14,12 @@ Rules of this module:
      and a connection taken by another process is a silent non-event, not a blocked worker;
    - ``TCPServer.take_request()`` and ``dispatch_request()`` handle one request in two steps, so
      that a caller (a prefork worker) can hold a connection in between.
-3. The request path is lean: one ``epoll_wait`` per turn on a registration made once per
+3. What a layer above needs of the core is the extension interface, public and typed:
+   ``Poller``, ``LoopServer`` (a Protocol of what a loop outside the core needs of a server,
+   implemented by ``TCPServer`` and its subclasses: ``prepare_listener``, ``serve_ready``,
+   ``take_request``, ``dispatch_request``), ``adopt_socket``/``from_socket`` and
+   ``is_listening``. Underscore names stay inside this module.
+4. The request path is lean: one ``epoll_wait`` per turn on a registration made once per
    ``serve_forever`` call, no selector objects built per turn.
 
 This module never imports the standard library's ``socketserver``.
@@ -31,20 +36,16 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 __all__ = ["BaseServer", "TCPServer", "UDPServer"]
+# Poller, LoopServer and is_listening (the core's extension interface) are public but not in
+# __all__, so that the drop-in facade keeps exactly the standard library's names.
 
 log = logging.getLogger("prefork.server")
 
 _RequestType = Any  # a connected socket for stream servers, (data, socket) for datagram servers
 _AddressType = Any  # (host, port) tuples, (host, port, flowinfo, scope_id) or a Unix path
-
-# Failures of accept()/recvfrom() that only mean "another process took it first" or "the
-# client gave up before we got to it". They are normal on a shared listener and never logged.
-_LOST_RACE_ERRNOS = frozenset(
-    {errno.EAGAIN, errno.EWOULDBLOCK, errno.ECONNABORTED, errno.EPROTO, errno.EINTR}
-)
 
 # Failures that mean the process (or the machine) is out of a resource. Retrying at once would
 # spin at 100% CPU because the listener stays readable, so we log and back off briefly.
@@ -68,11 +69,20 @@ _READY_BATCH = 32
 _ACCEPT_INHERITS_NONBLOCK = not sys.platform.startswith("linux")
 
 
-class _Poller:
+class Poller:
     """Waits for readability on a handful of file descriptors.
 
     epoll on Linux, where a shared listener is registered with ``EPOLLEXCLUSIVE`` so that one
-    idle process wakes per connection instead of all of them; ``poll()`` elsewhere.
+    idle process wakes per connection instead of all of them; ``poll()`` elsewhere. Part of
+    the core's extension interface: a worker's loop waits on its listeners, its signal pipe
+    and its waiting connections with one.
+
+    Methods for the caller:
+
+    - add(fd, shared=False)
+    - wait(timeout) -> [fd, ...]
+    - raw_wait() -> wait(timeout) -> [(fd, events), ...]  # the bare call, for hot loops
+    - close()   # or use the poller as a context manager
     """
 
     def __init__(self) -> None:
@@ -111,10 +121,11 @@ class _Poller:
         return lambda timeout: poll(None if timeout is None else timeout * 1000.0)
 
     def close(self) -> None:
+        """Release the epoll descriptor (poll() holds none)."""
         if self._epoll is not None:
             self._epoll.close()
 
-    def __enter__(self) -> _Poller:
+    def __enter__(self) -> Poller:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -135,6 +146,39 @@ def _new_epoll() -> Any:
         if exc.errno not in _RESOURCE_ERRNOS:
             raise
         return None
+
+
+class LoopServer(Protocol):
+    """What a loop outside the core needs of a server: the core's extension interface.
+
+    ``serve_forever()`` is the core's own loop over one listener; a prefork worker runs one loop
+    over all its listeners, its signal pipe and its waiting connections, and an asyncio loop
+    will plug in the same way. Such a loop waits on ``fileno()`` with a ``Poller``
+    (``shared=True``: other processes wait on the same listener) after ``prepare_listener()``;
+    when the listener is readable it calls ``serve_ready()`` (the handler runs now) or
+    ``take_request()`` and later ``dispatch_request()`` (the loop holds the connection in
+    between); ``service_actions()`` after each turn, ``server_close()`` at the end.
+
+    ``TCPServer``, ``UDPServer``, the Unix servers and every class built on them with the
+    mixins implement it.
+    """
+
+    RequestHandlerClass: Callable[..., Any]
+    socket: socket.socket
+
+    def fileno(self) -> int: ...
+
+    def prepare_listener(self) -> None: ...
+
+    def serve_ready(self, interrupted: Callable[[], bool] | None = None) -> None: ...
+
+    def take_request(self) -> tuple[_RequestType, _AddressType] | None: ...
+
+    def dispatch_request(self, request: _RequestType, client_address: _AddressType) -> None: ...
+
+    def service_actions(self) -> None: ...
+
+    def server_close(self) -> None: ...
 
 
 class _WakeupChannel:
@@ -240,7 +284,7 @@ class BaseServer:
         self.__is_shut_down.clear()
         try:
             wakeup = self._wakeup_channel()
-            with _Poller() as poller:
+            with Poller() as poller:
                 listener = self.fileno()  # type: ignore[attr-defined]
                 self._prepare_listener()
                 poller.add(listener, shared=True)
@@ -281,7 +325,7 @@ class BaseServer:
         deadline = None if timeout is None else time.monotonic() + timeout
         listener = self.fileno()  # type: ignore[attr-defined]
         self._prepare_listener()
-        with _Poller() as poller:
+        with Poller() as poller:
             poller.add(listener, shared=True)
             while True:
                 if poller.wait(timeout):
@@ -370,7 +414,7 @@ class BaseServer:
             return
         # Not select(): it refuses descriptors >= FD_SETSIZE (1024), and running out of
         # descriptors, the reason for this pause, is exactly when the numbers are high.
-        with _Poller() as poller:
+        with Poller() as poller:
             poller.add(wakeup.fileno())
             poller.wait(seconds)
 
@@ -442,7 +486,19 @@ class TCPServer(BaseServer):
     socket that is already bound and listening (inherited from the master or from systemd);
     ``take_request()`` and ``dispatch_request(request, client_address)`` handle one request in
     two steps, so that a caller can hold a connection in between (a prefork worker waits there
-    for the client's first message).
+    for the client's first message); ``prepare_listener()`` and ``serve_ready()`` let a loop of
+    the caller's own wait on the listener (see ``LoopServer``).
+
+    Methods for a loop of the caller's (the core's extension interface, ``LoopServer``):
+
+    - prepare_listener()                  # once, before waiting on fileno()
+    - serve_ready(interrupted=None)       # the listener is readable: serve what waits
+    - take_request() -> (request, client_address) | None
+    - dispatch_request(request, client_address)
+
+    Methods that may be overridden (prefork additions):
+
+    - prepare_listener()
     """
 
     address_family = socket.AF_INET
@@ -530,22 +586,25 @@ class TCPServer(BaseServer):
 
     # -- prefork additions -----------------------------------------------------------------------
 
-    def adopt_socket(self, sock: socket.socket) -> None:
+    def adopt_socket(self, sock: socket.socket, *, bind_and_activate: bool = True) -> None:
         """Serve on *sock*, a socket that is already bound (and, for streams, listening).
 
         The socket this server created in ``__init__`` is closed. ``server_bind()`` and
         ``server_activate()`` are called as usual, so subclass bookkeeping runs (http.server
         sets ``server_name`` there, wsgiref its base environ), but nothing is bound or
-        listened to again. Use with ``bind_and_activate=False``.
+        listened to again. Use with ``bind_and_activate=False`` in the constructor. Called
+        from an override of ``server_bind()`` (which the constructor is running), pass
+        ``bind_and_activate=False`` here too: the socket is swapped, the rest goes on as usual.
         """
         self.socket.close()
         self.socket = sock
         self.address_family = sock.family
         self._adopted = True
-        if sock.type == socket.SOCK_STREAM and not _is_listening(sock):
+        if sock.type == socket.SOCK_STREAM and not is_listening(sock):
             sock.listen(self.request_queue_size)
-        self.server_bind()
-        self.server_activate()
+        if bind_and_activate:
+            self.server_bind()
+            self.server_activate()
 
     def take_request(self) -> tuple[_RequestType, _AddressType] | None:
         """get_request() on a ready listener; None if there was nothing to take.
@@ -580,17 +639,30 @@ class TCPServer(BaseServer):
             raise
         return server
 
-    def _prepare_listener(self) -> None:
-        """Put the listening descriptor in non-blocking mode (checked once per call of the loop).
+    def prepare_listener(self) -> None:
+        """Put the listening descriptor in non-blocking mode; call it before waiting on fileno().
 
         Python's socket object keeps its own notion of a timeout (so ``gettimeout()`` still
         answers as before) while accept() on a connection another process took returns EAGAIN
-        instead of blocking this one until the next connection. Checked on every call rather
-        than remembered, because settimeout()/setblocking() on the socket reset the flag.
+        instead of blocking this one until the next connection. Called on every entry into a
+        loop rather than remembered, because settimeout()/setblocking() on the socket reset
+        the flag. May be overridden.
         """
         fd = self.socket.fileno()
         if fd >= 0 and os.get_blocking(fd):
             os.set_blocking(fd, False)
+
+    def serve_ready(self, interrupted: Callable[[], bool] | None = None) -> None:
+        """Serve the request(s) waiting on a listener the caller's poller found readable.
+
+        What one turn of ``serve_forever()`` does when woken: the request that woke it, then
+        (with prefork's own non-blocking get_request()) up to a small batch of those queued
+        behind it, service_actions() between them; none once *interrupted()* is true.
+        """
+        self._serve_ready(interrupted)
+
+    def _prepare_listener(self) -> None:
+        self.prepare_listener()
 
 
 class UDPServer(TCPServer):
@@ -617,7 +689,7 @@ class UDPServer(TCPServer):
     def close_request(self, request: _RequestType) -> None:
         """Nothing to close: the socket is shared by every datagram."""
 
-    def _prepare_listener(self) -> None:
+    def prepare_listener(self) -> None:
         """Datagram sockets stay blocking; get_request() reads with MSG_DONTWAIT instead."""
 
 
@@ -654,7 +726,8 @@ def _accept_plain(listener: socket.socket) -> tuple[socket.socket, Any]:
     return conn, address
 
 
-def _is_listening(sock: socket.socket) -> bool:
+def is_listening(sock: socket.socket) -> bool:
+    """True if the stream socket *sock* listens (SO_ACCEPTCONN); True too where no one can tell."""
     try:
         return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
     except OSError:
@@ -690,5 +763,10 @@ class _RateLimitedReporter:
 _resource_limiter = _RateLimitedReporter(_RESOURCE_LOG_INTERVAL)
 
 
-# The get_request() methods that never block (on a listener _prepare_listener() made non-blocking).
+if TYPE_CHECKING:
+    def _is_a_loop_server(server: TCPServer) -> LoopServer:
+        return server  # checked by mypy: TCPServer (so every socket server) implements LoopServer
+
+
+# The get_request() methods that never block (on a listener prepare_listener() made non-blocking).
 _BATCH_GET_REQUEST = (TCPServer.get_request, UDPServer.get_request)

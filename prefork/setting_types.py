@@ -23,7 +23,7 @@ _Validator = Callable[[str, Any], Any]
 # -- validators: (setting name, value) -> value, or ConfigError naming both -----------------------
 
 
-class _NotAllowed(ConfigError):
+class NotAllowed(ConfigError):
     """A value a validator refuses; ``expected`` says what would do."""
 
     def __init__(self, name: str, value: Any, expected: str) -> None:
@@ -32,10 +32,10 @@ class _NotAllowed(ConfigError):
 
 
 def _not_allowed(name: str, value: Any, expected: str) -> ConfigError:
-    return _NotAllowed(name, value, expected)
+    return NotAllowed(name, value, expected)
 
 
-def _at_least(minimum: float, maximum: float | None = None) -> _Validator:
+def check_at_least(minimum: float, maximum: float | None = None) -> _Validator:
     def check(name: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= minimum:
             raise _not_allowed(name, value, f"a number >= {minimum}")
@@ -45,7 +45,7 @@ def _at_least(minimum: float, maximum: float | None = None) -> _Validator:
     return check
 
 
-def _integer(minimum: int, maximum: int | None = None) -> _Validator:
+def check_integer(minimum: int, maximum: int | None = None) -> _Validator:
     def check(name: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise _not_allowed(name, value, f"an integer >= {minimum}")
@@ -55,7 +55,7 @@ def _integer(minimum: int, maximum: int | None = None) -> _Validator:
     return check
 
 
-def _one_of(*choices: str) -> _Validator:
+def check_one_of(*choices: str) -> _Validator:
     def check(name: str, value: Any) -> Any:
         if value not in choices:
             raise _not_allowed(name, value, f"one of: {', '.join(choices)}")
@@ -63,19 +63,19 @@ def _one_of(*choices: str) -> _Validator:
     return check
 
 
-def _boolean(name: str, value: Any) -> Any:
+def check_boolean(name: str, value: Any) -> Any:
     if not isinstance(value, bool):
         raise _not_allowed(name, value, "true or false")
     return value
 
 
-def _text(name: str, value: Any) -> Any:
+def check_text(name: str, value: Any) -> Any:
     if not isinstance(value, str):
         raise _not_allowed(name, value, "text")
     return value
 
 
-def _path(name: str, value: Any) -> Any:
+def check_path(name: str, value: Any) -> Any:
     if isinstance(value, os.PathLike):
         value = os.fspath(value)  # a pathlib.Path through the Python API
     if not isinstance(value, str) or not value:
@@ -83,13 +83,13 @@ def _path(name: str, value: Any) -> Any:
     return value
 
 
-def _path_or_dash(name: str, value: Any) -> Any:
+def check_path_or_dash(name: str, value: Any) -> Any:
     if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
         raise _not_allowed(name, value, '"-" (stderr) or a file path')
     return os.fspath(value)
 
 
-def _optional(check: _Validator) -> _Validator:
+def check_optional(check: _Validator) -> _Validator:
     def optional(name: str, value: Any) -> Any:
         return None if value is None else check(name, value)
     return optional
@@ -99,27 +99,27 @@ def _optional(check: _Validator) -> _Validator:
 _MAX_ID = 2**32 - 2
 
 
-def _name_or_id(name: str, value: Any) -> Any:
+def check_name_or_id(name: str, value: Any) -> Any:
     if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))
                               or (isinstance(value, int) and not 0 <= value <= _MAX_ID)):
         raise _not_allowed(name, value, f"a name, a number from 0 to {_MAX_ID} or nothing")
     return value
 
 
-def _mode(name: str, value: Any) -> Any:
+def check_mode(name: str, value: Any) -> Any:
     # Permission bits plus setuid, setgid and sticky: 0o7777 is the largest meaningful mode.
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0o7777):
         raise _not_allowed(name, value, "an octal mode from 0o000 to 0o7777, such as 0o660")
     return value
 
 
-def _hook(name: str, value: Any) -> Any:
+def check_hook(name: str, value: Any) -> Any:
     if value is not None and not callable(value) and not (isinstance(value, str) and ":" in value):
         raise _not_allowed(name, value, "a callable or 'module:function'")
     return value
 
 
-def _bind_list(name: str, value: Any) -> Any:
+def check_bind_list(name: str, value: Any) -> Any:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
@@ -129,7 +129,7 @@ def _bind_list(name: str, value: Any) -> Any:
     return list(value)
 
 
-def _metrics_address(name: str, value: Any) -> Any:
+def check_metrics_address(name: str, value: Any) -> Any:
     if value is None:
         return None
     if not isinstance(value, str) or not value.startswith("tcp://"):
@@ -278,35 +278,35 @@ def _toml_string(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
-def _toml_plain(value: Any) -> str:
+def toml_plain(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, list):
-        return "[" + ", ".join(_toml_plain(item) for item in value) + "]"
+        return "[" + ", ".join(toml_plain(item) for item in value) + "]"
     return _toml_string(value)
 
 
 def _toml_mode(value: Any) -> str:
-    return f"0o{value:03o}" if isinstance(value, int) else _toml_plain(value)
+    return f"0o{value:03o}" if isinstance(value, int) else toml_plain(value)
 
 
-INT = Kind("an integer", "N", _int_from_text, _int_from_toml, _toml_plain)
-FLOAT = Kind("a number", "SECONDS", _float_from_text, _float_from_toml, _toml_plain)
-BOOL = Kind("true or false", "", _bool_from_text, _bool_from_toml, _toml_plain)
-TEXT = Kind("text", "TEXT", str, _str_from_toml, _toml_plain)
-WORD = Kind("a name from the list", "NAME", _lower_text, _lower_toml, _toml_plain)
-OPTIONAL_TEXT = Kind("text (empty: unset)", "TEXT", _optional_from_text, _str_from_toml, _toml_plain)
+INT = Kind("an integer", "N", _int_from_text, _int_from_toml, toml_plain)
+FLOAT = Kind("a number", "SECONDS", _float_from_text, _float_from_toml, toml_plain)
+BOOL = Kind("true or false", "", _bool_from_text, _bool_from_toml, toml_plain)
+TEXT = Kind("text", "TEXT", str, _str_from_toml, toml_plain)
+WORD = Kind("a name from the list", "NAME", _lower_text, _lower_toml, toml_plain)
+OPTIONAL_TEXT = Kind("text (empty: unset)", "TEXT", _optional_from_text, _str_from_toml, toml_plain)
 TEXT_LIST = Kind("a list of text (comma-separated in the environment)", "SPEC", _list_from_text,
-                 _list_from_toml, _toml_plain)
-NAME_OR_ID = Kind("a name or a numeric id", "NAME", _name_or_id_from_text, _name_or_id_from_toml, _toml_plain)
+                 _list_from_toml, toml_plain)
+NAME_OR_ID = Kind("a name or a numeric id", "NAME", _name_or_id_from_text, _name_or_id_from_toml, toml_plain)
 MODE = Kind("an octal mode such as 0o660 or 660", "MODE", _mode_from_text, _mode_from_toml, _toml_mode)
 SIZE = Kind("a size in bytes, optionally with a unit: 200MB, 1.5GiB, 512M (binary), 0 for none",
-            "SIZE", _size_from_text, _size_from_toml, _toml_plain)
-_ADDRESS = dataclasses.replace(OPTIONAL_TEXT, allowed="tcp://HOST:PORT (empty: unset)", metavar="ADDRESS")
-HOOK = Kind("'module:function'", "MODULE:FUNCTION", _optional_from_text, _str_from_toml, _toml_plain)
+            "SIZE", _size_from_text, _size_from_toml, toml_plain)
+ADDRESS = dataclasses.replace(OPTIONAL_TEXT, allowed="tcp://HOST:PORT (empty: unset)", metavar="ADDRESS")
+HOOK = Kind("'module:function'", "MODULE:FUNCTION", _optional_from_text, _str_from_toml, toml_plain)
 
 # The kind of a field whose annotation says enough; others name their kind in the metadata.
-_KIND_BY_TYPE = {"int": INT, "float": FLOAT, "bool": BOOL, "str": TEXT, "list[str]": TEXT_LIST,
+KIND_BY_TYPE = {"int": INT, "float": FLOAT, "bool": BOOL, "str": TEXT, "list[str]": TEXT_LIST,
                  "str | None": OPTIONAL_TEXT, "str | int | None": NAME_OR_ID}

@@ -27,24 +27,25 @@ import dataclasses
 import faulthandler
 import logging
 import os
+import select
 import signal
 import socket
-import struct
 import sys
 import time
 import traceback
 from typing import Any, Callable, NoReturn, Sequence
 
-from prefork.accounting import instrument
+from prefork.accounting import accept_queue_length, instrument
 from prefork.allowlist import guard
 from prefork.errors import AppLoadError
+from prefork.listeners import Listener
 from prefork.loader import locate
-from prefork.log import error_stream
+from prefork.log import AccessLog, error_stream
 from prefork.parking import ACCEPT_BATCH, FirstMessage, ParkingLot, defer_accept, parking_limit
 from prefork.pool import WORKER_BOOT_FAILED
 from prefork.privileges import denied, unreachable
 from prefork.scoreboard import STOP_SHUTDOWN, SlotWriter
-from prefork.servers import BaseServer, TCPServer, _Poller
+from prefork.servers import LoopServer, Poller, TCPServer
 from prefork.signals import MASTER_SIGNALS, WORKER_SIGNALS, SignalQueue, reset_to_defaults
 
 __all__ = ["WorkerSpec", "run_worker", "flush_std_streams"]
@@ -56,13 +57,9 @@ TICK = 1.0
 # A stopping worker takes at most this many requests from a listener whose queue length it
 # cannot read (UDP, Unix sockets): about a full backlog (somaxconn's default is 4096).
 DRAIN_LIMIT = 4096
-# struct tcp_info (linux/tcp.h): eight u8 fields, then u32 rto, ato, snd_mss, rcv_mss and
-# unacked, which on a listening socket is the length of its accept queue (sacked: the backlog).
-_TCPI_UNACKED = 24
-_TCP_INFO_LISTEN_BYTES = 32
 _PR_SET_PDEATHSIG = 1
 # Writes to a pipe up to this size are atomic (POSIX guarantees at least 512; Linux gives 4096).
-_PIPE_BUF = getattr(__import__("select"), "PIPE_BUF", 512)
+_PIPE_BUF = getattr(select, "PIPE_BUF", 512)
 # A stopping worker waits this long (within graceful_timeout) for its waiting connections to
 # complete their first message: a client that has just connected sends within a round trip,
 # and an idle one must not hold every stop for the whole graceful_timeout.
@@ -73,20 +70,20 @@ DRAIN_PATIENCE = 1.0
 class WorkerSpec:
     """Everything a worker needs, prepared by the master before fork."""
 
-    listeners: Sequence[Any]  # prefork.listeners.Listener (sock, name, is_stream)
-    build_servers: Callable[[Sequence[Any]], list[BaseServer]]  # may raise AppLoadError
+    listeners: Sequence[Listener]
+    build_servers: Callable[[Sequence[Listener]], list[LoopServer]]  # may raise AppLoadError
     name: str
     graceful_timeout: float
     master_pid: int
     reuse_port: bool = False
-    rebind: Callable[[Any], Any] | None = None  # reuse_port: a new per-worker socket for a listener
+    rebind: Callable[[Listener], Listener] | None = None  # reuse_port: a new per-worker socket for a listener
     drop_privileges: Callable[[], None] | None = None
     post_fork: Callable[[Any], None] | None = None
     on_reopen_logs: Callable[[], None] | None = None
     set_title: Callable[[int, int], object] | None = None
     boot_error_fd: int = -1  # where a worker that cannot load the app says why (read by the master)
     app_target: str | None = None  # the app's 'module:attribute' when the worker imports it
-    access_log: Any = None  # prefork.log.AccessLog, opened by the master before fork
+    access_log: AccessLog | None = None  # opened by the master before fork
     read_timeout: float = 0.0
     # The scoreboard's per-listener counter of each listener (stable across reloads that add
     # or remove listeners); empty: the listener's position.
@@ -161,7 +158,7 @@ def _live(spec: WorkerSpec, identity: WorkerIdentity, inherited_signals: SignalQ
         return _Loop(spec, identity, servers, listeners, signals).run()
 
 
-def _build_servers(spec: WorkerSpec, listeners: Sequence[Any], app_file: str | None) -> list[BaseServer]:
+def _build_servers(spec: WorkerSpec, listeners: Sequence[Listener], app_file: str | None) -> list[LoopServer]:
     """Load the app and wrap the listeners; if the worker's user cannot read the app, say so.
 
     An import that cannot read a directory says "no module named ...": the real cause is
@@ -207,32 +204,32 @@ def flush_std_streams() -> None:
 class _Loop:
     """The worker's one loop over all its servers."""
 
-    def __init__(self, spec: WorkerSpec, identity: WorkerIdentity, servers: list[BaseServer],
-                 listeners: Sequence[Any], signals: SignalQueue) -> None:
+    def __init__(self, spec: WorkerSpec, identity: WorkerIdentity, servers: list[LoopServer],
+                 listeners: Sequence[Listener], signals: SignalQueue) -> None:
         self.spec = spec
         self.identity = identity
         self.slot = identity.slot
         self.servers = servers
         self.signals = signals
         self.stopping = False
-        self.by_fd: dict[int, BaseServer] = {}
-        self.rules: dict[BaseServer, FirstMessage] = {}
+        self.by_fd: dict[int, LoopServer] = {}
+        self.rules: dict[LoopServer, FirstMessage] = {}
         for index, (server, listener) in enumerate(zip(servers, listeners)):
             guard(server, listener.spec.allow, listener.name)  # first: the access log sees its refusals
             counter = spec.counter_indexes[index] if spec.counter_indexes else index
             instrument(server, self.slot, listener.name, counter, spec.access_log, spec.read_timeout)
-            self.by_fd[server.fileno()] = server  # type: ignore[attr-defined]
+            self.by_fd[server.fileno()] = server
             rule = _first_message(server, listener, spec.read_timeout)
             if rule is not None:
                 self.rules[server] = rule
         self.lot = ParkingLot(parking_limit()) if self.rules else None
 
     def run(self) -> int:
-        with _Poller() as poller:
+        with Poller() as poller:
             for fd, server in self.by_fd.items():
-                server._prepare_listener()
+                server.prepare_listener()
                 if _is_stream(server):
-                    defer_accept(server.socket, server in self.rules)  # type: ignore[attr-defined]
+                    defer_accept(server.socket, server in self.rules)
                 poller.add(fd, shared=not self.spec.reuse_port)
             poller.add(self.signals.fileno())
             if self.lot is not None:
@@ -245,7 +242,7 @@ class _Loop:
         self._close()
         return 0
 
-    def _serve(self, poller: _Poller) -> None:
+    def _serve(self, poller: Poller) -> None:
         by_fd, servers, slot = self.by_fd, self.servers, self.slot
         master_pid = self.spec.master_pid
         access = self.spec.access_log
@@ -275,14 +272,14 @@ class _Loop:
                 log.warning("worker %d: master %d is gone, leaving", os.getpid(), master_pid)
                 self.stopping = True
 
-    def _take(self, server: BaseServer, interrupted: Callable[[], bool], batch: int = 0) -> bool:
+    def _take(self, server: LoopServer, interrupted: Callable[[], bool], batch: int = 0) -> bool:
         """Take requests from *server*'s ready listener (at most *batch*, if given); True if any."""
         rule = self.rules.get(server)
         if rule is not None and self.lot is not None and isinstance(server, TCPServer):
             return self.lot.take(server, rule, interrupted, batch or ACCEPT_BATCH) > 0
         if batch:
-            return server._handle_request_noblock()
-        server._serve_ready(interrupted)
+            return _serve_one(server)
+        server.serve_ready(interrupted)
         return True
 
     def _handle_signals(self) -> None:
@@ -296,7 +293,7 @@ class _Loop:
             elif signum == signal.SIGUSR1 and self.spec.on_reopen_logs is not None:
                 self.spec.on_reopen_logs()
 
-    def _drain(self, poller: _Poller) -> None:
+    def _drain(self, poller: Poller) -> None:
         """Serve what is already queued before leaving.
 
         When the whole service stops, the connections queued when the stop began are served
@@ -311,12 +308,12 @@ class _Loop:
         if self.lot is not None:
             self._drain_parked(self.lot, min(deadline, time.monotonic() + DRAIN_PATIENCE))
 
-    def _drain_queued(self, poller: _Poller, deadline: float, mask: int) -> None:
+    def _drain_queued(self, poller: Poller, deadline: float, mask: int) -> None:
         """Serve what the listeners in *mask* (bit = index) have queued now, until *deadline*;
         from the others, one pass over the connections this worker was woken for."""
         # Only what is queued now: under steady load a listener is never empty, and serving
         # new arrivals would hold the stop open until graceful_timeout and its SIGKILL.
-        budget = {server: queued_requests(server.socket) if mask >> index & 1 else 0  # type: ignore[attr-defined]
+        budget = {server: queued_requests(server.socket) if mask >> index & 1 else 0
                   for index, server in enumerate(self.servers)}
         ready = poller.wait(0)
         for fd in ready:  # the one pass
@@ -353,16 +350,25 @@ class _Loop:
                 log.exception("worker %d: error while closing %r", os.getpid(), server)
 
 
-def _first_message(server: BaseServer, listener: Any, read_timeout: float) -> FirstMessage | None:
+def _first_message(server: LoopServer, listener: Listener, read_timeout: float) -> FirstMessage | None:
     """What *server*'s connections wait for before their handler; None if they do not wait."""
     if not listener.is_stream or not isinstance(server, TCPServer):
         return None  # datagrams, and servers without take_request()
     return FirstMessage.of(server.RequestHandlerClass, listener.spec.server_first, read_timeout)
 
 
-def _is_stream(server: BaseServer) -> bool:
+def _is_stream(server: LoopServer) -> bool:
     sock = getattr(server, "socket", None)
     return isinstance(sock, socket.socket) and sock.type == socket.SOCK_STREAM
+
+
+def _serve_one(server: LoopServer) -> bool:
+    """Serve one request from *server*'s ready listener; False if there was none to take."""
+    taken = server.take_request()
+    if taken is None:
+        return False
+    server.dispatch_request(*taken)
+    return True
 
 
 def _never() -> bool:
@@ -376,10 +382,7 @@ def queued_requests(sock: socket.socket) -> int:
     (UDP, Unix sockets) cannot say, so at most DRAIN_LIMIT requests are taken from them.
     """
     if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
-        try:
-            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LISTEN_BYTES)
-        except (OSError, AttributeError):
-            return DRAIN_LIMIT
-        if len(info) == _TCP_INFO_LISTEN_BYTES:
-            return int(struct.unpack_from("=I", info, _TCPI_UNACKED)[0])
+        queued = accept_queue_length(sock)
+        if queued is not None:
+            return queued
     return DRAIN_LIMIT

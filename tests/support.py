@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import socket
+import types
 import threading
 import time
 from typing import Any, Callable, Iterator
+
+from prefork.config import Settings
+from prefork.pool import PoolConfig
 
 # Every socket a test opens gets this timeout, so no test can hang on the network.
 SOCKET_TIMEOUT = 10.0
@@ -132,3 +137,12 @@ def kill_process_group(pgid: int, term_grace: float = 5.0, kill_grace: float = 1
             return
         if wait_until(lambda: not group_members(pgid), grace, fail=False):
             return
+
+
+def pool_config(**values: Any) -> PoolConfig:
+    """A PoolConfig as the master builds it, from Settings' defaults (but one worker) and *values*.
+
+    Unvalidated, as a policy test needs: the pool is tested with combinations config refuses.
+    """
+    defaults = {f.name: f.default for f in dataclasses.fields(Settings) if f.default is not dataclasses.MISSING}
+    return PoolConfig.from_settings(types.SimpleNamespace(**{**defaults, "workers": 1, **values}))

@@ -11,15 +11,16 @@ import pytest
 from prefork import pool as policy
 from prefork.arbiter import SCOREBOARD_CAPACITY
 from prefork.config import MAX_WORKERS
-from prefork.pool import TRANSITIONS, Halt, Kill, Notify, Phase, Pool, PoolConfig, Spawn, Stop, WorkerRecord
+from prefork.pool import TRANSITIONS, Halt, Kill, Notify, Phase, Pool, Spawn, Stop, WorkerRecord
 from prefork.scoreboard import BOOTING, BUSY, IDLE, STOP_RETIRE, STOP_SHUTDOWN, SlotView
+from tests.support import pool_config
 
 
 class Harness:
     """Plays the arbiter: gives pids to Spawn actions and keeps a fake scoreboard."""
 
     def __init__(self, capacity=64, **config):
-        self.pool = Pool(PoolConfig(**config), capacity=capacity, rng=random.Random(7))
+        self.pool = Pool(pool_config(**config), capacity=capacity, rng=random.Random(7))
         self.now = 1000.0
         self.next_pid = 100
         self.slots: dict[int, SlotView] = {}

@@ -1,1 +1,1 @@
-"""Bundled, ready-to-run services. prefork loads them by name and never imports them itself."""
+"""Bundled, ready-to-run services. prefork loads them by name and never imports them itself. Runs in: worker."""

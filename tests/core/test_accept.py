@@ -222,13 +222,13 @@ def test_queued_requests_are_taken_in_one_wake_up(monkeypatch):
     still follows every request, as after every turn of the stdlib's loop."""
     queued = 5
     waits = []
-    raw_wait = prefork.servers._Poller.raw_wait
+    raw_wait = prefork.servers.Poller.raw_wait
 
     def counted_raw_wait(poller):
         wait = raw_wait(poller)
         return lambda timeout: waits.append(timeout) or wait(timeout)
 
-    monkeypatch.setattr(prefork.servers._Poller, "raw_wait", counted_raw_wait)
+    monkeypatch.setattr(prefork.servers.Poller, "raw_wait", counted_raw_wait)
     with Counting(LOCALHOST, Echo) as server:
         clients = [connect(server.server_address) for _ in range(queued)]
         for client in clients:

@@ -93,6 +93,33 @@ def test_adopt_socket_on_a_bound_socket_listens_once(bind_calls):
         assert stream_request(sock.getsockname(), b"x\n") == b"X\n"
 
 
+def test_adopt_socket_from_an_overridden_server_bind(bind_calls):
+    # What PreforkMixIn does with a socket a replaced master handed over: swap it in while the
+    # constructor runs, which then calls server_bind and server_activate once, as usual.
+    inherited = socket.create_server(("127.0.0.1", 0))
+    calls = []
+
+    class Adopting(socketserver.TCPServer):
+        def server_bind(self):
+            if not calls:
+                self.adopt_socket(inherited, bind_and_activate=False)
+            calls.append("server_bind")
+            super().server_bind()
+
+        def server_activate(self):
+            calls.append("server_activate")
+            super().server_activate()
+
+    del bind_calls[:]
+    server = Adopting(("127.0.0.1", 0), Upper)
+    assert server.socket is inherited
+    assert calls == ["server_bind", "server_activate"]
+    assert bind_calls == []
+    assert server.server_address == inherited.getsockname()
+    with serving(server):
+        assert stream_request(server.server_address, b"y\n") == b"Y\n"
+
+
 def test_udp_from_socket(bind_calls):
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))

@@ -17,13 +17,16 @@ import pytest
 
 import prefork
 import prefork.socketserver as facade
+from prefork.servers import LoopServer
 
 PACKAGE_DIR = Path(prefork.__file__).parent
 
 # What prefork adds to the stdlib's public class attributes (documented in servers.py):
 # adopting an already bound socket, and one request in two steps (a worker holds a connection
-# in between until its first message is in). Everything else must match exactly.
-ADDITIONS = {"TCPServer": {"adopt_socket", "from_socket", "take_request", "dispatch_request"}}
+# in between until its first message is in), and a loop of the caller's own over the listener
+# (the core's extension interface, servers.LoopServer). Everything else must match exactly.
+ADDITIONS = {"TCPServer": {"adopt_socket", "from_socket", "take_request", "dispatch_request",
+                           "prepare_listener", "serve_ready"}}
 
 # Dunder methods whose signature code written for the stdlib relies on.
 DUNDERS = ("__init__", "__enter__", "__exit__")
@@ -102,6 +105,16 @@ def test_same_method_signatures(name):
     for method in methods:
         expected = plain_signature(getattr(theirs, method))
         assert plain_signature(getattr(ours, method)) == expected, f"{name}.{method}"
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(stdlib.__all__) if n.endswith("Server")])
+def test_every_server_class_is_a_loop_server(name):
+    # The core's extension interface (prefork.servers.LoopServer) holds for every server class.
+    methods = [m for m, v in vars(LoopServer).items() if not m.startswith("_") and callable(v)]
+    assert "serve_ready" in methods
+    missing = [m for m in methods if not hasattr(getattr(facade, name), m)]
+    assert missing == ([] if name != "BaseServer" else ["fileno", "prepare_listener", "serve_ready",
+                                                        "take_request", "dispatch_request"])
 
 
 def test_additions_are_only_on_socket_servers():

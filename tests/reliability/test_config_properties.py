@@ -28,7 +28,7 @@ from prefork import config
 from prefork.config import MAX_SECONDS, MAX_WORKERS, Option, Settings, format_value, load
 from prefork.errors import ConfigError
 from prefork.setting_types import (
-    _ADDRESS,
+    ADDRESS,
     BOOL,
     FLOAT,
     HOOK,
@@ -115,7 +115,7 @@ def valid_values(option: Option) -> st.SearchStrategy[Any]:
         return st.one_of(st.none(), st.integers(0, 0o7777))
     if kind is SIZE:
         return st.builds(lambda n, unit: n * SIZE_UNITS[unit], st.integers(0, 2**40), st.sampled_from(list(SIZE_UNITS)))
-    if kind is _ADDRESS:
+    if kind is ADDRESS:
         return st.one_of(st.none(), st.builds(lambda host, port: f"tcp://{host}:{port}", _HOST, _PORT))
     if kind is HOOK:
         return st.one_of(st.none(), st.builds("{}:{}".format, _WORD, _WORD))

@@ -11,9 +11,9 @@ import time
 import pytest
 
 from prefork.errors import EXIT_APP_LOAD, EXIT_OK
-from prefork.pool import Pool, PoolConfig, Spawn
+from prefork.pool import Pool, Spawn
 from tests.integration.test_cli import cli_master, prefork, tcp_line  # noqa: F401 (a fixture)
-from tests.support import wait_until
+from tests.support import pool_config, wait_until
 
 pytestmark = pytest.mark.reliability
 
@@ -80,7 +80,7 @@ def test_workers_dying_at_import_end_in_a_halt_naming_how(cli_master, tmp_path, 
 
 def test_crash_timeout_halts_a_slow_crash_loop():
     """Policy: the streak's age halts it too (crash_limit 0: attempts alone never would)."""
-    pool = Pool(PoolConfig(workers=1, crash_limit=0, crash_timeout=10.0), capacity=4)
+    pool = Pool(pool_config(crash_limit=0, crash_timeout=10.0), capacity=4)
     now, pid = 0.0, 100
     actions = pool.start(now)
     while not pool.stopping and now < 1000:

@@ -25,9 +25,9 @@ import psutil
 import pytest
 
 from prefork.errors import EXIT_OK
-from prefork.pool import Pool, PoolConfig, Spawn
+from prefork.pool import Pool, Spawn
 from tests.integration.conftest import wait_pid_gone
-from tests.support import SOCKET_TIMEOUT, wait_until
+from tests.support import SOCKET_TIMEOUT, pool_config, wait_until
 
 pytestmark = pytest.mark.reliability
 
@@ -300,7 +300,7 @@ def test_young_workers_that_served_are_replaced_without_back_off(start_master):
 def test_the_back_off_counts_young_deaths_that_served_nothing():
     """The same rule in the pool policy alone: a young worker that served is replaced at once,
     one that served nothing (a crash loop) only after the back-off."""
-    pool = Pool(PoolConfig(workers=1), capacity=4)
+    pool = Pool(pool_config(), capacity=4)
     (first,) = pool.start(now=0.0)
     pool.spawned(first.worker, 100)
     (second,) = pool.exited(100, -signal.SIGKILL, now=1.0, served=5)

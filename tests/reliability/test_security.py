@@ -15,7 +15,7 @@
   ===========================  ==========================  ======================================
   PREFORK_FDS (env)            the master before USR2      the new master (handover.inherited_listeners)
   PREFORK_UPGRADE_PARENT (env) the master before USR2      the new master (handover.upgrade_parent)
-  LISTEN_FDS, LISTEN_PID,      systemd                     the master (handover._systemd_fds)
+  LISTEN_FDS, LISTEN_PID,      systemd                     the master (handover.systemd_fds)
   LISTEN_FDNAMES (env)
   NOTIFY_SOCKET (env)          systemd                     the master (notify: a path or @name)
   the scoreboard map / file    master and workers          master, ``prefork status``, metrics
@@ -322,7 +322,7 @@ def test_prefork_fds_entries_that_are_not_fd_and_spec_name_the_variable(value: s
 def test_systemd_variables_junk_is_refused_or_read_within_bounds(pid: str, count: str, names: Any) -> None:
     environ = {"LISTEN_PID": pid, "LISTEN_FDS": count, **({} if names is None else {"LISTEN_FDNAMES": names})}
     try:
-        passed = handover._systemd_fds(environ)
+        passed = handover.systemd_fds(environ)
     except ListenerError as exc:
         assert "LISTEN_FDS" in str(exc)
         return
