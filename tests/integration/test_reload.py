@@ -14,23 +14,12 @@ import pytest
 
 from prefork.errors import EXIT_APP_LOAD, EXIT_BIND, EXIT_NOT_APPLIED, EXIT_OK, EXIT_USAGE
 from tests.integration.test_cli import cli_master, prefork, tcp_line  # noqa: F401 (a fixture)
+from tests.integration.test_master import free_port_for_tcp_and_udp as free_port
 from tests.support import SOCKET_TIMEOUT, datagram_request, wait_until
 
 pytestmark = pytest.mark.integration
 
 APP = "tests.integration.apps"
-
-
-def free_port() -> int:
-    """A port nobody listens on now, for a listener a reload adds (TCP and UDP alike)."""
-    with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-        tcp.bind(("127.0.0.1", 0))
-        port = tcp.getsockname()[1]
-        try:
-            udp.bind(("127.0.0.1", port))
-        except OSError:
-            return free_port()
-        return int(port)
 
 
 class Config:
