@@ -4,7 +4,8 @@
   connections or UDP, for a time or a count; ``run_echo_load`` runs it in forked processes.
 - ``run_wrk``: HTTP, by wrk.
 - ``GatedBatches``: the core's gated load (batches of connections queued behind a gate).
-- ``request``, ``holding``: one blocking request, or connections held open (the master's steering).
+- ``Conversation``, ``Datagrams``: blocking stream and datagram clients (also locust's echo users);
+  ``request``, ``holding``: one blocking request, or connections held open (the master's steering).
 - ``bad_clients``, ``good_client_latencies``, ``held_by``: idle and stalled connections and a
   well-behaved client beside them.
 
@@ -18,13 +19,16 @@ import array
 import contextlib
 import dataclasses
 import errno
+import itertools
 import math
 import multiprocessing
 import os
 import re
 import select
+import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
@@ -34,8 +38,8 @@ import psutil
 
 from loadtests.harness import START_TIMEOUT, percentile, process_cpu_seconds, stop_process_group
 
-__all__ = ["EchoLoad", "LoadResult", "run_echo_load", "run_wrk", "GatedBatches", "Served", "request",
-           "holding", "bad_clients", "held_by", "good_client_latencies", "p99", "LINE", "HALF_LINE"]
+__all__ = ["EchoLoad", "LoadResult", "run_echo_load", "run_wrk", "GatedBatches", "Served", "Conversation",
+           "Datagrams", "request", "holding", "bad_clients", "held_by", "good_client_latencies", "p99", "LINE", "HALF_LINE"]
 
 LINE = b"ping from loadtests\n"
 # What a stalled client sends: a line without its newline.
@@ -381,6 +385,37 @@ class Conversation:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class Datagrams:
+    """One client datagram socket; ``reply`` sends a numbered datagram and waits for the same back.
+
+    The number makes each request unique, so a late reply to an earlier request that timed out is
+    skipped instead of being taken for this one's. A Unix datagram needs a bound sender to be
+    answered: the socket binds a path of its own, removed by ``close``.
+    """
+
+    def __init__(self, address: Any, family: int = socket.AF_INET, timeout: float = SOCKET_TIMEOUT) -> None:
+        self.address, self.timeout, self._sequence = address, timeout, itertools.count()
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.sock.settimeout(timeout)
+        self._path = os.path.join(tempfile.mkdtemp(prefix="lc-", dir="/tmp"), "c") if family == socket.AF_UNIX else None
+        if self._path:
+            self.sock.bind(self._path)
+
+    def reply(self, payload: bytes) -> bytes:
+        expected = b"%d " % next(self._sequence) + payload
+        self.sock.sendto(expected, self.address)
+        deadline = time.monotonic() + self.timeout
+        while (reply := self.sock.recv(65536)) != expected:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"no matching reply within {self.timeout} s")
+        return reply
+
+    def close(self) -> None:
+        self.sock.close()
+        if self._path:
+            shutil.rmtree(os.path.dirname(self._path), ignore_errors=True)
 
 
 def request(address: tuple[str, int], line: bytes = b"ping") -> int:

@@ -8,11 +8,13 @@ Pick the users by class name after the options; ``--host`` is the service's addr
     locust --config loadtests/locust.conf --host http://127.0.0.1:8000 HttpHealthUser
     locust --config loadtests/locust.conf --host http://127.0.0.1:8000 WsgiUser
 
-Echo users (``workers.echo``) use ``loadtests.socket_client.EchoClient``, which reports each
-request through locust's request event (the custom-client pattern), so they appear in the same
-statistics, CSV and HTML reports as HTTP users. HTTP users (``workers.http``, ``--wsgi`` apps)
-are plain ``HttpUser``; ``HttpHealthUser`` keeps its connection alive, ``HttpCloseUser`` opens one
-per request (``Connection: close``).
+Echo users (``workers.echo``: a line goes out, the same line comes back) use ``EchoClient``
+(``loadtests.load``'s ``Conversation`` and ``Datagrams``), which times each request and fires
+locust's request event (the custom-client pattern), so they appear in the same statistics, CSV
+and HTML reports as HTTP users; a request fails on an error, a timeout or a wrong reply. Under
+locust, ``socket`` is gevent's, so a blocking call yields to the other users. HTTP users
+(``workers.http``, ``--wsgi`` apps) are plain ``HttpUser``; ``HttpHealthUser`` keeps its
+connection alive, ``HttpCloseUser`` opens one per request (``Connection: close``).
 
 Connections and synchronous workers: a synchronous worker serves one connection from accept to
 close. Users that keep connections open therefore reopen them every ``REQUESTS_PER_CONNECTION``
@@ -24,15 +26,19 @@ connections that never close.
 from __future__ import annotations
 
 import os
+import socket
 import sys
+import time
 from pathlib import Path
+from typing import Any, Callable
 
 from locust import HttpUser, User, constant, task
 
-# locust puts this file's directory on sys.path, not the repository root; the client lives in
+# locust puts this file's directory on sys.path, not the repository root; the clients live in
 # the loadtests package beside this file.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from loadtests.socket_client import SOCKET_TIMEOUT, EchoClient  # noqa: E402
+from loadtests.load import SOCKET_TIMEOUT, Conversation, Datagrams  # noqa: E402
+from prefork.bindspec import parse_bind  # noqa: E402
 
 __all__ = ["TcpEchoUser", "TcpPersistentEchoUser", "UdpEchoUser", "UnixEchoUser", "UnixPersistentEchoUser",
            "UnixDatagramEchoUser", "HttpHealthUser", "HttpCloseUser", "WsgiUser"]
@@ -41,6 +47,82 @@ __all__ = ["TcpEchoUser", "TcpPersistentEchoUser", "UdpEchoUser", "UnixEchoUser"
 REQUESTS_PER_CONNECTION = int(os.environ.get("PREFORK_LOAD_REQUESTS_PER_CONNECTION", "100"))
 # What every echo request sends: short, so the test measures the runtime, not the bytes.
 LINE = b"hello from locust"
+
+
+class EchoMismatch(Exception):
+    """The server answered, but not with what was sent."""
+
+
+class EchoClient:
+    """One user's sockets on *spec* (``tcp://``, ``udp://``, ``unix:``, ``unix-dgram:``); *fire* gets every request.
+
+    A kept-open stream is reopened after *requests_per_connection* requests, and after a failure.
+    """
+
+    def __init__(self, spec: str, fire: Callable[..., Any], requests_per_connection: int) -> None:
+        bind = parse_bind(spec)
+        self.kind, self.address, self.fire = bind.scheme, bind.address, fire
+        unix = bind.scheme.startswith("unix")
+        self.family = socket.AF_UNIX if unix else socket.AF_INET6 if ":" in bind.address[0] else socket.AF_INET
+        self.requests_per_connection = requests_per_connection
+        self._stream: Conversation | None = None
+        self._used = 0
+        self._datagrams: Datagrams | None = None
+
+    def short(self, line: bytes) -> None:
+        self._timed("short", lambda: _checked(self._connect(), line, close=True))
+
+    def persistent(self, line: bytes) -> None:
+        self._timed("persistent", lambda: self._persistent(line))
+
+    def datagram(self, payload: bytes) -> None:
+        if self._datagrams is None:
+            self._datagrams = Datagrams(self.address, self.family, SOCKET_TIMEOUT)
+        self._timed("datagram", lambda: len(self._datagrams.reply(payload)))  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        self._close_stream()
+        if self._datagrams is not None:
+            self._datagrams.close()
+
+    def _timed(self, name: str, call: Callable[[], int]) -> None:
+        start, length, exception = time.perf_counter(), 0, None
+        try:
+            length = call()
+        except (OSError, EchoMismatch) as exc:  # timeouts and resets are OSErrors: the request failed
+            exception = exc
+            self._close_stream()  # a failed exchange leaves the connection in an unknown state
+        self.fire(request_type=self.kind, name=name, response_time=(time.perf_counter() - start) * 1000,
+                  response_length=length, exception=exception, context={})
+
+    def _connect(self) -> Conversation:
+        return Conversation(self.address, self.family, SOCKET_TIMEOUT)
+
+    def _persistent(self, line: bytes) -> int:
+        if self._stream is None:
+            self._stream, self._used = self._connect(), 0
+        length = _checked(self._stream, line)
+        self._used += 1
+        if self._used >= self.requests_per_connection:
+            self._close_stream()
+        return length
+
+    def _close_stream(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+
+
+def _checked(conversation: Conversation, line: bytes, close: bool = False) -> int:
+    """Send *line* and read its echo; the reply's length, EchoMismatch unless it is the line."""
+    try:
+        reply = conversation.reply(line + b"\n")
+    finally:
+        if close:
+            conversation.close()
+    if reply != line + b"\n":
+        raise EchoMismatch(f"sent {line[:80]!r}, got {reply[:80]!r}")
+    return len(reply)
 
 
 class EchoUser(User):
@@ -52,8 +134,7 @@ class EchoUser(User):
     def on_start(self) -> None:
         if not self.host:
             raise ValueError(f"{type(self).__name__} needs --host (tcp://, udp://, unix:, unix-dgram:)")
-        self.client = EchoClient(self.host, self.environment.events.request.fire,
-                                 requests_per_connection=REQUESTS_PER_CONNECTION)
+        self.client = EchoClient(self.host, self.environment.events.request.fire, REQUESTS_PER_CONNECTION)
 
     def on_stop(self) -> None:
         self.client.close()

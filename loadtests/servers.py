@@ -13,8 +13,9 @@ own alarm). Roles:
   ``request_queue_size``. It writes ``{"pid", "port"}`` to READY_FILE once it listens.
 - ``prefork OPTIONS_JSON``: a real master (``prefork.serve``) with those settings plus ``app``
   (default: ``PidEcho``); it writes READY_FILE from ``when_ready``.
-- ``prefork-cli ARGS`` and ``gunicorn ARGS``: that program's own command line in this process
-  (the harness reads the ports back from the log).
+- ``prefork-cli ARGS`` and ``gunicorn ARGS``: that program's own command line in this process,
+  with ``when_ready`` (below) as its when-ready hook (gunicorn reads it from this module, its
+  ``-c python:`` config), which writes READY_FILE with the TCP and UDP ports.
 
 The handlers, each written once and put on each implementation's base class, so that rows compare
 runtimes and not handlers:
@@ -37,15 +38,18 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 from typing import Any
 
 from prefork.handlers import DatagramRequestHandler, StreamRequestHandler
 
-__all__ = ["StreamHandler", "DatagramHandler", "PidEcho", "HELLO", "main"]
+__all__ = ["StreamHandler", "DatagramHandler", "PidEcho", "HELLO", "when_ready", "main"]
 
 # The body of workers.wsgi:hello, so that the stdlib HTTP row answers the same bytes.
 HELLO = b"Hello, World!\n"
+# Where the command-line roles' when_ready finds READY_FILE (the hook runs in another module instance).
+READY_ENV = "LOADTESTS_READY_FILE"
 # The core's handler reads at most this much: the client never sends more than one short line.
 MAX_LINE = 1024
 
@@ -106,11 +110,17 @@ class HelloHandler(http.server.BaseHTTPRequestHandler):
 HANDLERS = {"echo": echo_stream, "datagram": echo_datagram, "one-line": echo_one_line, "pid": echo_pid}
 
 
-def write_ready(path: str, port: int) -> None:
-    """Publish the port atomically (the harness polls for the file)."""
+def write_ready(path: str, port: int, udp_port: int = 0) -> None:
+    """Publish the ports atomically (the harness polls for the file)."""
     with open(f"{path}.tmp", "w", encoding="utf-8") as file:
-        json.dump({"pid": os.getpid(), "port": port}, file)
+        json.dump({"pid": os.getpid(), "port": port, "udp_port": udp_port or port}, file)
     os.replace(f"{path}.tmp", path)
+
+
+def when_ready(master: Any) -> None:
+    """The command-line roles' hook, in prefork's or gunicorn's master: their ports in READY_FILE."""
+    ports = {s.sock.type: s.sock.getsockname()[1] for s in getattr(master, "listeners", None) or master.LISTENERS}
+    write_ready(os.environ[READY_ENV], ports.get(socket.SOCK_STREAM, 0), ports.get(socket.SOCK_DGRAM, 0))
 
 
 def make_stdlib(options: dict[str, Any]) -> Any:
@@ -169,13 +179,14 @@ def run_prefork(options: dict[str, Any], ready_file: str) -> int:
     return prefork.serve(app, settings=settings)
 
 
-def run_cli(program: str, argv: list[str]) -> int:
-    """``prefork`` or ``gunicorn``'s own command line, in this process."""
+def run_cli(program: str, argv: list[str], ready_file: str) -> int:
+    """``prefork`` or ``gunicorn``'s own command line, in this process, with ``when_ready``."""
+    os.environ[READY_ENV] = ready_file
     if program == "prefork-cli":
         from prefork.cli import main as prefork_main
-        return prefork_main(argv)
+        return prefork_main([argv[0], "--when-ready", "loadtests.servers:when_ready", *argv[1:]])
     from gunicorn.app.wsgiapp import run  # type: ignore[import-untyped]
-    sys.argv = ["gunicorn", *argv]
+    sys.argv = ["gunicorn", "-c", "python:loadtests.servers", *argv]
     run()
     return 0
 
@@ -184,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     role, lifetime, ready_file, *rest = sys.argv[1:] if argv is None else argv
     signal.alarm(int(lifetime))  # no server here handles SIGALRM: its default action ends it
     if role in ("prefork-cli", "gunicorn"):
-        return run_cli(role, rest)
+        return run_cli(role, rest, ready_file)
     options = json.loads(rest[0])
     if role == "prefork":
         return run_prefork(options, ready_file)

@@ -10,7 +10,9 @@ Rules:
    in what a ``MSG_PEEK`` sees, or ``FIRST_MESSAGE_MAX`` bytes are buffered, or the client shut
    down its sending side (nothing more will come: the handler reads what there is, or EOF).
    Without a delimiter the first byte is enough. Nothing is read: the handler sees every byte.
-2. A connection ready when accepted is served at once, as without parking; only the others wait.
+2. A connection ready when accepted is served at once, as without parking: one peek, no epoll
+   registration, no clock read; only the others wait. The worker's loop looks at the lot only
+   while it holds connections, so an empty lot costs a turn nothing (datagrams, spoken clients).
    A TCP listener also gets ``TCP_DEFER_ACCEPT``, so a silent client waits in the kernel at first.
 3. Every wait is bounded: by the stricter of the ``read_timeout`` setting and the handler's own
    ``timeout``; by ``PEEK_BUDGET`` bytes of peeking per connection (a client dribbling a byte at a
@@ -101,10 +103,13 @@ class FirstMessage:
     def complete(self, data: bytes) -> bool:
         if not self.delimiters or len(data) >= self.max_bytes:
             return bool(data)
-        return any(d in data for d in self.delimiters)
+        for delimiter in self.delimiters:  # a loop, not any(): this runs once per connection
+            if delimiter in data:
+                return True
+        return False
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, slots=True)
 class _Parked:
     sock: socket.socket
     address: Any
@@ -140,11 +145,12 @@ class ParkingLot:
     def take(self, server: StreamServer, rule: FirstMessage, interrupted: Callable[[], bool],
              batch: int = ACCEPT_BATCH) -> int:
         """Accept up to *batch* connections from *server*'s ready listener; serve the ready ones at once."""
+        take_request, admit = server.take_request, self._admit
         for taken in range(batch):
-            request = server.take_request()
+            request = take_request()
             if request is None:
                 return taken
-            self._admit(server, rule, *request)
+            admit(server, rule, *request)
             if interrupted():
                 return taken + 1
         return batch
@@ -183,12 +189,13 @@ class ParkingLot:
         if not isinstance(sock, socket.socket) or sock.fileno() < 0:
             server.dispatch_request(sock, address)  # not a socket we can watch: as without parking
             return
+        data = _peek(sock, rule.max_bytes)
+        if type(data) is bytes and (not data or rule.complete(data) or type(sock) is not socket.socket):
+            server.dispatch_request(sock, address)  # rule 2: one peek, no wait for a client that has spoken
+            return
         timeout = rule.timeout
         parked = _Parked(sock, address, server, rule, math.inf if timeout is None else self.clock() + timeout)
-        state = _state(parked, 0)
-        if state == _READY:
-            server.dispatch_request(sock, address)  # rule 2: no wait for a client that has spoken
-            return
+        state = _state(parked, 0, data)
         if len(self._parked) >= self.limit:
             self._report.count("full", self.limit)
             self._close(next(iter(self._parked.values())))
@@ -225,14 +232,22 @@ class ParkingLot:
         self._epoll.close()
 
 
-def _state(parked: _Parked, events: int) -> str:
-    """What a parked connection's buffer says now (rule 1)."""
+def _peek(sock: socket.socket, max_bytes: int) -> bytes | str:
+    """What *sock*'s buffer holds, read with MSG_PEEK; _WAIT if nothing yet, _GONE if reset."""
     try:
-        data = socket.socket.recv(parked.sock, parked.rule.max_bytes, _PEEK)  # the raw bytes, also under TLS
+        return socket.socket.recv(sock, max_bytes, _PEEK)  # the raw bytes, also under TLS
     except (BlockingIOError, InterruptedError):
-        return _GONE if events & _GONE_EVENTS else _WAIT
+        return _WAIT
     except OSError:
         return _GONE  # reset by the client: nobody is left to answer
+
+
+def _state(parked: _Parked, events: int, data: bytes | str | None = None) -> str:
+    """What a parked connection's buffer says now (rule 1); *data*: a peek already made."""
+    if data is None:
+        data = _peek(parked.sock, parked.rule.max_bytes)
+    if isinstance(data, str):  # nothing to read: _WAIT, or _GONE
+        return _GONE if data is _GONE or events & _GONE_EVENTS else _WAIT
     if not data or events & select.EPOLLRDHUP:
         return _READY  # EOF, or all the client will send: the handler sees it
     parked.peeked += len(data)

@@ -606,21 +606,14 @@ class TCPServer(BaseServer):
             self.server_bind()
             self.server_activate()
 
-    def take_request(self) -> tuple[_RequestType, _AddressType] | None:
-        """get_request() on a ready listener; None if there was nothing to take.
-
-        A lost race (another process took the connection) is silent; running out of
-        descriptors is logged at a bounded rate and followed by a short back-off. Then
-        ``dispatch_request`` does the rest of what ``handle_request()`` does for a request.
-        """
-        return self._take_request()
-
-    def dispatch_request(self, request: _RequestType, client_address: _AddressType) -> None:
-        """Serve a request got by ``take_request``: verify_request(), then process_request().
-
-        An exception goes to handle_error() and the request is shut down, as in the loop.
-        """
-        self._dispatch_request(request, client_address)
+    # One request in two steps: take_request() is get_request() on a ready listener, None if there
+    # was nothing to take (a lost race is silent; running out of descriptors is logged at a bounded
+    # rate and followed by a short back-off); dispatch_request(request, client_address) does the
+    # rest of what handle_request() does: verify_request(), then process_request(), an exception
+    # to handle_error() and the request shut down. The same functions as the loop's own steps, not
+    # wrappers: a worker calls them once per connection.
+    take_request = BaseServer._take_request
+    dispatch_request = BaseServer._dispatch_request
 
     @classmethod
     def from_socket(

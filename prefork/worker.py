@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import faulthandler
+import functools
 import logging
 import os
 import select
@@ -243,24 +244,28 @@ class _Loop:
         return 0
 
     def _serve(self, poller: Poller) -> None:
-        by_fd, servers, slot = self.by_fd, self.servers, self.slot
+        servers, slot = self.servers, self.slot
+        takers = {fd: self._taker(server) for fd, server in self.by_fd.items()}  # one call per ready listener
         master_pid = self.spec.master_pid
         access = self.spec.access_log
         interrupted = self.signals.has_pending  # a signal ends a batch of queued requests
         lot = self.lot
+        timeout = TICK
         while not self.stopping:
-            ready = poller.wait(0 if lot is not None and lot.has_ready else TICK)
+            ready = poller.wait(timeout)
             for fd in ready:
-                server = by_fd.get(fd)
-                if server is not None:
-                    self._take(server, interrupted)
+                take = takers.get(fd)
+                if take is not None:
+                    take(interrupted)
                 elif lot is not None and fd == lot.fileno():
                     lot.collect()
                 else:
                     self._handle_signals()
-            if lot is not None:
+            timeout = TICK
+            if lot:  # only while connections wait: an empty lot costs a turn nothing (UDP, spoken clients)
                 lot.serve(interrupted)
                 lot.expire()
+                timeout = 0 if lot.has_ready else TICK
             for server in servers:
                 server.service_actions()
             slot.tick()
@@ -272,15 +277,19 @@ class _Loop:
                 log.warning("worker %d: master %d is gone, leaving", os.getpid(), master_pid)
                 self.stopping = True
 
-    def _take(self, server: LoopServer, interrupted: Callable[[], bool], batch: int = 0) -> bool:
-        """Take requests from *server*'s ready listener (at most *batch*, if given); True if any."""
+    def _taker(self, server: LoopServer) -> Callable[[Callable[[], bool]], object]:
+        """What the loop calls when *server*'s listener is ready: the lot's take, or the server's own loop."""
         rule = self.rules.get(server)
         if rule is not None and self.lot is not None and isinstance(server, TCPServer):
-            return self.lot.take(server, rule, interrupted, batch or ACCEPT_BATCH) > 0
-        if batch:
-            return _serve_one(server)
-        server.serve_ready(interrupted)
-        return True
+            return functools.partial(self.lot.take, server, rule)
+        return server.serve_ready
+
+    def _take_one(self, server: LoopServer) -> bool:
+        """Take one request from *server*'s ready listener (a drain); True if there was one."""
+        rule = self.rules.get(server)
+        if rule is not None and self.lot is not None and isinstance(server, TCPServer):
+            return self.lot.take(server, rule, _never, batch=1) > 0
+        return _serve_one(server)
 
     def _handle_signals(self) -> None:
         for signum in self.signals.pop_all():
@@ -319,12 +328,12 @@ class _Loop:
         for fd in ready:  # the one pass
             server = self.by_fd.get(fd)
             if server is not None and not budget[server]:
-                self._take(server, _never, batch=1)
+                self._take_one(server)
         while any(budget.values()) and time.monotonic() < deadline:
             served = False
             for fd in ready:
                 server = self.by_fd.get(fd)
-                if server is not None and budget[server] > 0 and self._take(server, _never, batch=1):
+                if server is not None and budget[server] > 0 and self._take_one(server):
                     budget[server] -= 1
                     served = True
             if not served:

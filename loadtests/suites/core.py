@@ -111,15 +111,6 @@ def _alternating(items: Sequence[Any], turn: int) -> list[Any]:
 # -- benchmark 1: shutdown latency -----------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class LatencySummary:
-    implementation: str
-    samples: list[float]
-
-    def at(self, fraction: float) -> float:
-        return percentile(self.samples, fraction)
-
-
 def measure_shutdown(implementation: str, delay: float) -> float:
     """Seconds from calling shutdown() until it returns, *delay* seconds into serve_forever()."""
     server = make_echo_server(implementation)
@@ -142,49 +133,33 @@ def measure_shutdown(implementation: str, delay: float) -> float:
             raise RuntimeError(f"{implementation}: serve_forever() still running after shutdown()")
 
 
-def bench_shutdown(trials: int, rng: random.Random) -> dict[str, LatencySummary]:
+def bench_shutdown(trials: int, rng: random.Random) -> dict[str, list[float]]:
     """Alternate the two implementations, each pair sharing one random shutdown point."""
     samples: dict[str, list[float]] = {name: [] for name in IMPLEMENTATIONS}
     for trial in range(trials):
         delay = rng.uniform(0.0, DEFAULT_POLL_INTERVAL)
         for name in _alternating(IMPLEMENTATIONS, trial):
             samples[name].append(measure_shutdown(name, delay))
-    return {name: LatencySummary(name, values) for name, values in samples.items()}
-
-
+    return samples
 
 
 # -- benchmark 2: measuring one round --------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class Settings:
-    """The command line, resolved."""
+def backlog(settings: argparse.Namespace) -> int | None:
+    """The servers' listen backlog: the default, except where a whole batch must queue."""
+    return settings.batch + 1 if settings.load == "gated" else None
 
-    trials: int
-    rounds: int
-    warmup: int
-    requests: int
-    load: str
-    batch: int
-    concurrency: int
-    seed: int
-    argv: list[str]
 
-    @property
-    def backlog(self) -> int | None:
-        """The servers' listen backlog: the default, except where a whole batch must queue."""
-        return self.batch + 1 if self.load == "gated" else None
+def chunk(settings: argparse.Namespace) -> int:
+    """Requests given to one server before the other one's turn."""
+    return settings.batch if settings.load == "gated" else FREE_CHUNK
 
-    @property
-    def chunk(self) -> int:
-        """Requests given to one server before the other one's turn."""
-        return self.batch if self.load == "gated" else FREE_CHUNK
 
-    def make_load(self, port: int) -> GatedBatches | FreeLoad:
-        if self.load == "gated":
-            return GatedBatches(("127.0.0.1", port), self.batch)
-        return FreeLoad(("127.0.0.1", port), self.concurrency)
+def make_load(settings: argparse.Namespace, port: int) -> GatedBatches | FreeLoad:
+    if settings.load == "gated":
+        return GatedBatches(("127.0.0.1", port), settings.batch)
+    return FreeLoad(("127.0.0.1", port), settings.concurrency)
 
 
 @dataclasses.dataclass
@@ -224,7 +199,7 @@ class CpuRun:
         self.server_system += sign * times.system
 
 
-def measure_round(turn: int, settings: Settings, server_cpu: int | None, directory: Path) -> list[CpuRun]:
+def measure_round(turn: int, settings: argparse.Namespace, server_cpu: int | None, directory: Path) -> list[CpuRun]:
     """Both implementations in fresh processes side by side, served in alternating chunks.
 
     Alternating every chunk (a batch, tens of milliseconds) puts both through the same
@@ -234,16 +209,16 @@ def measure_round(turn: int, settings: Settings, server_cpu: int | None, directo
     runs = [CpuRun(name, turn) for name in IMPLEMENTATIONS]
     with contextlib.ExitStack() as stack:
         servers = [stack.enter_context(serving("stdlib", [json.dumps(
-            {"server": "TCPServer", "handler": "one-line", "module": name, "backlog": settings.backlog})],
+            {"server": "TCPServer", "handler": "one-line", "module": name, "backlog": backlog(settings)})],
             directory / f"{turn}-{name}", cpu=server_cpu)) for name in IMPLEMENTATIONS]
-        loads = [settings.make_load(server.tcp_port) for server in servers]
+        loads = [make_load(settings, server.tcp_port) for server in servers]
         for load, server in zip(loads, servers):
             load.run(settings.warmup, server.pid)
         for run, server in zip(runs, servers):
             run.record_server(server.pid, -1)
-        for chunk in range(-(-settings.requests // settings.chunk)):
-            for index in _alternating(range(len(runs)), chunk):
-                _serve_chunk(runs[index], loads[index], servers[index].pid, settings.chunk)
+        for turn_of_chunk in range(-(-settings.requests // chunk(settings))):
+            for index in _alternating(range(len(runs)), turn_of_chunk):
+                _serve_chunk(runs[index], loads[index], servers[index].pid, chunk(settings))
         for run, server in zip(runs, servers):
             run.record_server(server.pid, 1)
     return runs
@@ -272,7 +247,7 @@ def pinned_to_client_cpu() -> Iterator[bool]:
         os.sched_setaffinity(0, previous)
 
 
-def bench_cpu(settings: Settings, directory: Path) -> tuple[list[CpuRun], bool]:
+def bench_cpu(settings: argparse.Namespace, directory: Path) -> tuple[list[CpuRun], bool]:
     """*rounds* rounds, each with fresh servers of both implementations."""
     runs: list[CpuRun] = []
     with pinned_to_client_cpu() as pinned:
@@ -294,9 +269,8 @@ def paired_ratios(runs: list[CpuRun]) -> list[float]:
     return [ratio(pair[PREFORK], pair[STDLIB]) for _, pair in sorted(by_turn.items())]
 
 
-def shutdown_lines(results: dict[str, LatencySummary], trials: int) -> list[str]:
-    ours, theirs = results[PREFORK], results[STDLIB]
-    verdict = "met" if ours.at(0.5) <= SHUTDOWN_GOAL else "NOT met"
+def shutdown_lines(results: dict[str, list[float]], trials: int) -> list[str]:
+    ours, theirs = percentile(results[PREFORK], 0.5), percentile(results[STDLIB], 0.5)
     return [
         f"`serve_forever()` with the default poll interval ({DEFAULT_POLL_INTERVAL} s) in a thread; `shutdown()` "
         f"from the main thread at a random point of one poll period; time until `shutdown()` returns. {trials} "
@@ -304,29 +278,26 @@ def shutdown_lines(results: dict[str, LatencySummary], trials: int) -> list[str]
         "",
         "| implementation | median | p90 | max |",
         "|---|---:|---:|---:|",
-        *(_latency_row(summary) for summary in (theirs, ours)),
+        *(f"| {name} | {' | '.join(_ms(percentile(results[name], q)) for q in (0.5, 0.9, 1.0))} |"
+          for name in (STDLIB, PREFORK)),
         "",
-        f"**stdlib / prefork (median): {ratio(theirs.at(0.5), ours.at(0.5)):,.0f}×**. "
-        f"Goal for prefork, median ≤ {SHUTDOWN_GOAL * 1000:.0f} ms: {verdict}.",
+        f"**stdlib / prefork (median): {ratio(theirs, ours):,.0f}×**. "
+        f"Goal for prefork, median ≤ {SHUTDOWN_GOAL * 1000:.0f} ms: {'met' if ours <= SHUTDOWN_GOAL else 'NOT met'}.",
     ]
 
 
-def _latency_row(s: LatencySummary) -> str:
-    return f"| {s.implementation} | {_ms(s.at(0.5))} | {_ms(s.at(0.9))} | {_ms(s.at(1.0))} |"
-
-
-def load_description(settings: Settings) -> tuple[str, str]:
+def load_description(settings: argparse.Namespace) -> tuple[str, str]:
     """How the load drove the servers, and what one turn of each server is."""
     if settings.load == "gated":
         return (f"Gated load: a gate connection that sends nothing, {settings.batch} connections queued behind "
                 f"it with their line sent, then the gate's line; the server drains the batch back to back "
-                f"(backlog {settings.backlog} on both servers). req/s and \"busy\" cover the drains; the load "
+                f"(backlog {backlog(settings)} on both servers). req/s and \"busy\" cover the drains; the load "
                 f"generator works while the server waits on the gate.", f"batch ({settings.batch} + its gate)")
     return (f"Free load: {settings.concurrency} connections in flight from one epoll loop, default backlog (5). "
-            f"The load generator runs beside the server.", f"{settings.chunk:,} requests")
+            f"The load generator runs beside the server.", f"{chunk(settings):,} requests")
 
 
-def cpu_lines(runs: list[CpuRun], settings: Settings) -> list[str]:
+def cpu_lines(runs: list[CpuRun], settings: argparse.Namespace) -> list[str]:
     of_medians = ratio(median_of(runs, PREFORK, _cpu_us), median_of(runs, STDLIB, _cpu_us))
     paired, (load, turn) = paired_ratios(runs), load_description(settings)
     return [
@@ -379,9 +350,7 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f} ms"
 
 
-
-
-def render_report(settings: Settings, shutdown: dict[str, LatencySummary], runs: list[CpuRun], pinned: bool) -> str:
+def render_report(settings: argparse.Namespace, shutdown: dict[str, list[float]], runs: list[CpuRun], pinned: bool) -> str:
     pinning = f"server on CPU {SERVER_CPU}, load generator on CPU {CLIENT_CPU}" if pinned else "NOT pinned"
     intro = ("prefork.socketserver against the standard library's socketserver, side by side in one run "
              f"(seed {settings.seed}; p90 interpolates linearly between the closest ranks).")
@@ -409,12 +378,12 @@ def add_arguments(parser: argparse.ArgumentParser, quick: bool) -> None:
     add("--seed", type=int, default=None, help="seed of the shutdown points")
 
 
-def run(args: argparse.Namespace, argv: list[str]) -> None:
-    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1_000_000)
-    settings = Settings(args.trials, args.rounds, args.warmup, args.requests, args.load, args.batch,
-                        args.concurrency, seed, argv)
+def run(settings: argparse.Namespace, argv: list[str]) -> None:
+    if settings.seed is None:
+        settings.seed = random.SystemRandom().randrange(1_000_000)
+    settings.argv = argv
     progress(f"shutdown latency: {settings.trials} trials per implementation")
-    shutdown = bench_shutdown(settings.trials, random.Random(seed))
+    shutdown = bench_shutdown(settings.trials, random.Random(settings.seed))
     with tempfile.TemporaryDirectory(prefix="bench-core-") as tmp:
         runs, pinned = bench_cpu(settings, Path(tmp))
-    write_report(render_report(settings, shutdown, runs, pinned), args.output)
+    write_report(render_report(settings, shutdown, runs, pinned), settings.output)

@@ -83,8 +83,6 @@ GC_ROUNDS = 3
 MiB = 1024 * 1024
 
 
-
-
 class Servers:
     """Fresh directories for the suite's servers: ``run`` is a ready server for its block."""
 
