@@ -6,6 +6,9 @@ written and the hooks keep their order:
 - ``process_request`` is framed by the scoreboard (busy/idle, client, listener, counts) and gives
   stream connections the ``read_timeout`` before the handler reads; ``handle_error`` then logs a
   connection dropped for it in one line, without a traceback;
+- ``finish_request`` is timed into the slot's latency histogram for the listener, in the thread
+  or child that serves the request (so thread and fork modes measure the handler, not the
+  hand-off); the time a connection waited in the listen queue is not in it;
 - with an access log, ``finish_request`` is timed and logged (in the thread or child that serves
   the request), and ``verify_request`` logs refusals.
 
@@ -50,6 +53,7 @@ def instrument(server: Any, slot: SlotWriter, listener: str, index: int, access:
                read_timeout: float = 0.0) -> None:
     """Wrap *server*'s hooks for the scoreboard and, if given, the access log."""
     _report_to_scoreboard(server, slot, listener.encode(), index, read_timeout)
+    _time_requests(server, slot, index)
     if read_timeout:
         _quiet_read_timeouts(server, read_timeout)
     if access is not None:
@@ -90,6 +94,20 @@ def _report_to_scoreboard(server: Any, slot: SlotWriter, listener: bytes, index:
             slot.end(index)
 
     server.process_request = process_request_reported
+
+
+def _time_requests(server: Any, slot: SlotWriter, index: int) -> None:
+    finish_request = server.finish_request
+    monotonic = time.monotonic
+
+    def finish_request_timed(request: Any, client_address: Any) -> None:
+        started = monotonic()
+        try:
+            finish_request(request, client_address)
+        finally:
+            slot.observe(index, monotonic() - started)
+
+    server.finish_request = finish_request_timed
 
 
 def _quiet_read_timeouts(server: Any, read_timeout: float) -> None:

@@ -24,10 +24,11 @@ from prefork.errors import EXIT_FAILURE, EXIT_NOT_APPLIED, EXIT_OK, EXIT_UNHEALT
 from prefork.pidfile import is_running, read_pid
 from prefork.procstats import CpuSampler, ProcStats, stats
 from prefork.reloads import CANCELLED, REFUSED, RELOADED, ReloadReport, read_report, report_path
-from prefork.scoreboard import BUSY, IDLE, MasterView, Scoreboard, SlotView
+from prefork.latency import Histogram
+from prefork.scoreboard import BUSY, IDLE, NO_DEPTH, MasterView, Scoreboard, SlotView
 
 __all__ = ["cmd_status", "cmd_reload", "cmd_stop", "cmd_upgrade", "cmd_scale", "cmd_reopen_logs",
-           "DEFAULT_WAIT", "columns"]
+           "DEFAULT_WAIT", "columns", "listener_rows"]
 
 # How long a control command waits for its effect unless --timeout says otherwise: more than
 # the default graceful_timeout (30 s), so that `prefork stop` sees a graceful stop through.
@@ -87,6 +88,11 @@ class _Master:
 
     def snapshot(self, doing: str = "") -> tuple[MasterView, list[SlotView]]:
         """The scoreboard's header and used slots; PreforkError if the master has gone."""
+        view, slots, _ = self.reading(doing)
+        return view, slots
+
+    def reading(self, doing: str = "") -> tuple[MasterView, list[SlotView], list[Histogram]]:
+        """The snapshot and the latency histogram of each listener counter."""
         if doing and not is_running(self.pid):
             raise PreforkError(f"master {self.pid} exited while {doing}; see its error log")
         try:
@@ -101,11 +107,11 @@ class _Master:
                                f"(run as the master's user, or give the master a umask that lets "
                                f"this user read it)") from exc
         try:
-            return board.master(), board.used()
+            return board.master(), board.used(), board.latency()
         finally:
             board.close()
 
-    def published(self, timeout: float = PUBLISH_WAIT) -> tuple[MasterView, list[SlotView]]:
+    def published(self, timeout: float = PUBLISH_WAIT) -> tuple[MasterView, list[SlotView], list[Histogram]]:
         """A snapshot once the master has published its pool's figures (generation 1 or more).
 
         The header is written on each turn of the master's loop, so for a moment after the
@@ -113,7 +119,7 @@ class _Master:
         """
         _wait(f"master {self.pid} publishing its pool in {self.scoreboard}",
               lambda: self.snapshot("starting")[0].generation > 0, timeout)
-        return self.snapshot()
+        return self.reading()
 
 
 def _pidfile(args: argparse.Namespace) -> str:
@@ -343,7 +349,7 @@ def _problems(view: MasterView, slots: list[SlotView], now: float, grace: float)
 
 
 def _status_report(master: _Master, grace: float = DEFAULT_GRACE) -> dict[str, Any]:
-    view, slots = master.published()
+    view, slots, latency = master.published()
     readings = _sample([master.pid, *(slot.pid for slot in slots if slot.pid)])
     now = time.monotonic()
     problems = _problems(view, slots, now, grace)
@@ -354,8 +360,18 @@ def _status_report(master: _Master, grace: float = DEFAULT_GRACE) -> dict[str, A
         "master": {"pid": master.pid, "title": _title(master.pid), "generation": view.generation,
                    "target": view.target, "workers": len(slots), "uptime": round(now - view.started, 3),
                    "restarts": view.restarts, **_usage(readings.get(master.pid))},
+        "listeners": listener_rows(view, slots, latency),
         "workers": [_worker_row(slot, readings.get(slot.pid), now) for slot in slots],
     }
+
+
+def listener_rows(view: MasterView, slots: list[SlotView], latency: list[Histogram]) -> list[dict[str, Any]]:
+    """Each listener: its accept-queue depth (None where unknown), requests its live workers have
+    served, and its latency (count, sum, p50, p99 in seconds) since the master started."""
+    return [{"name": name, "queue_depth": None if depth == NO_DEPTH else depth,
+             "requests": sum(slot.by_listener[i] for slot in slots if i < len(slot.by_listener)),
+             "latency": latency[i].summary() if i < len(latency) else Histogram().summary()}
+            for i, (name, depth) in enumerate(zip(view.listeners, view.queue_depth))]
 
 
 def _sample(pids: list[int]) -> dict[int, ProcStats | None]:
@@ -397,13 +413,23 @@ def _format_status(report: dict[str, Any]) -> str:
             f"  {verdict}: {health['serving']} of {m['target']} workers serving\n"
             f"  generation {m['generation']}, {m['workers']} of {m['target']} workers, up {_duration(m['uptime'])}, "
             f"RSS {_size(m['rss'])}, USS {_size(m['uss'])}, CPU {_percent(m['cpu_percent'])}\n"
-            f"  restarts: {restarts}\n")
+            f"  restarts: {restarts}\n" + "".join(f"  {_listener_line(row)}\n" for row in report["listeners"]))
     rows = [("PID", "#", "GEN", "STATE", "REQUESTS", "REQ AGE", "RSS", "USS", "CPU", "UP")]
     for w in report["workers"]:
         age = _duration(w["request_age"]) if w["state"] == "busy" else "-"
         rows.append((str(w["pid"]), str(w["number"]), str(w["generation"]), w["state"], str(w["requests"]),
                      age, _size(w["rss"]), _size(w["uss"]), _percent(w["cpu_percent"]), _duration(w["uptime"])))
     return head + "\n" + columns(rows)
+
+
+def _listener_line(row: dict[str, Any]) -> str:
+    latency, depth = row["latency"], row["queue_depth"]
+    return (f"{row['name']}: queue {'-' if depth is None else depth}, {latency['count']} requests, "
+            f"p50 {_millis(latency['p50'])}, p99 {_millis(latency['p99'])}")
+
+
+def _millis(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.2f} ms"
 
 
 def columns(rows: Sequence[Sequence[str]]) -> str:
