@@ -1,0 +1,121 @@
+"""Real masters seen live: listen-queue depth against ss, status --json against the metrics, prefork top."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.integration.conftest import ROOT
+from tests.support import SOCKET_TIMEOUT, require_tool, wait_until
+
+pytestmark = pytest.mark.integration
+
+# How long a `prefork` command of a test may take.
+COMMAND_TIMEOUT = 20.0
+
+
+def prefork(master: Any, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m prefork ARGS -p PIDFILE`, as an operator runs it."""
+    return subprocess.run([sys.executable, "-m", "prefork", *args, "-p", str(master.pidfile)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False)
+
+
+def status(master: Any) -> dict[str, Any]:
+    done = prefork(master, "status", "--json")
+    assert done.returncode == 0, done.stderr
+    return dict(json.loads(done.stdout))
+
+
+def metrics_url(master: Any) -> str:
+    found = wait_until(lambda: re.search(r"metrics on (http://\S+)", master.log()), message=master.log())
+    return str(found.group(1))
+
+
+def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    with urllib.request.urlopen(url, timeout=SOCKET_TIMEOUT) as response:
+        text = response.read().decode()
+    return {(sample.name, frozenset((k, v) for k, v in sample.labels.items() if k != "service")): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def samples_named(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str) -> dict[frozenset[tuple[str, str]], float]:
+    return {labels: value for (sample, labels), value in samples.items() if sample == name}
+
+
+def ss_recv_q(port: int) -> int | None:
+    """Recv-Q of the listening TCP socket on *port* as `ss -lnt` prints it (the accept queue)."""
+    out = subprocess.run(["ss", "-lnt", f"sport = :{port}"], capture_output=True, text=True,
+                         timeout=COMMAND_TIMEOUT, check=True).stdout
+    rows = [line.split() for line in out.splitlines()[1:] if line.startswith("LISTEN")]
+    return int(rows[0][1]) if len(rows) == 1 else None
+
+
+def test_listen_queue_depth_is_the_kernels(start_master):
+    require_tool("ss")
+    master = start_master(workers=1, metrics_bind="tcp://127.0.0.1:0")
+    url, port = metrics_url(master), master.address()[1]
+    (worker,) = master.wait_workers(1)
+    depth = {frozenset({("listener", master.info["listeners"][0])})}
+    clients = []
+    os.kill(worker, signal.SIGSTOP)  # nobody accepts: the connections stay in the backlog
+    try:
+        for _ in range(5):
+            client = socket.create_connection(master.address(), timeout=SOCKET_TIMEOUT)
+            client.sendall(b"queued\n")  # data: a TCP_DEFER_ACCEPT listener queues it at once
+            clients.append(client)
+        wait_until(lambda: ss_recv_q(port) == 5, message=f"ss -lnt: {ss_recv_q(port)} queued")
+        gauge = samples_named(scrape(url), "prefork_listen_queue_depth")
+        wait_until(lambda: list(samples_named(scrape(url), "prefork_listen_queue_depth").values()) == [5],
+                   message=f"the gauge never showed the 5 connections ss shows: {gauge}")
+        assert set(samples_named(scrape(url), "prefork_listen_queue_depth")) == depth
+        assert status(master)["listeners"][0]["queue_depth"] == ss_recv_q(port) == 5
+    finally:
+        os.kill(worker, signal.SIGCONT)
+        for client in clients:
+            client.close()
+    wait_until(lambda: ss_recv_q(port) == 0 and status(master)["listeners"][0]["queue_depth"] == 0)
+
+
+def test_status_and_metrics_agree_under_load(start_master, load):
+    master = start_master(workers=2, metrics_bind="tcp://127.0.0.1:0")
+    url, tcp = metrics_url(master), master.info["listeners"][0]
+    running = load(master, clients=3)
+    running.wait_requests(50)
+    before, samples, after = status(master), scrape(url), status(master)  # under load: metrics between two
+    count = samples_named(samples, "prefork_request_duration_seconds_count")[frozenset({("listener", tcp)})]
+    assert before["listeners"][0]["latency"]["count"] <= count <= after["listeners"][0]["latency"]["count"]
+    by_number = _requests_by_number(samples)
+    for row_before, row_after in zip(before["workers"], after["workers"]):
+        assert row_before["number"] == row_after["number"]
+        assert row_before["requests"] <= by_number[row_before["number"]] <= row_after["requests"]
+    running.stop()
+    assert not running.failures, running.failures[:5]
+    wait_until(lambda: all(w.state_name == "idle" for w in master.workers()))
+    quiet, samples = status(master), scrape(url)  # at rest: equal, figure for figure
+    listener = quiet["listeners"][0]
+    histogram = {name: samples_named(samples, f"prefork_request_duration_seconds_{name}")[frozenset({("listener", tcp)})]
+                 for name in ("count", "sum")}
+    assert listener["latency"]["count"] == histogram["count"] == listener["requests"] >= running.ok
+    assert listener["latency"]["sum"] == pytest.approx(histogram["sum"], abs=1e-6)
+    assert _requests_by_number(samples) == {w["number"]: w["requests"] for w in quiet["workers"]}
+    workers = samples_named(samples, "prefork_workers")
+    assert workers[frozenset({("state", "idle")})] == len(quiet["workers"]) == quiet["master"]["target"] == 2
+    assert samples[("prefork_generation", frozenset())] == quiet["master"]["generation"]
+
+
+def _requests_by_number(samples: dict[tuple[str, frozenset[tuple[str, str]]], float]) -> dict[int, float]:
+    totals: dict[int, float] = {}
+    for labels, value in samples_named(samples, "prefork_requests_total").items():
+        number = int(dict(labels)["worker"])
+        totals[number] = totals.get(number, 0) + value
+    return totals
