@@ -430,8 +430,10 @@ def _histograms(counts: Any, sums: Any) -> list[Histogram]:
 def _copy(buffer: mmap.mmap) -> bytearray:
     """A private copy of the map, taken again if the master folded a slot meanwhile (see latency)."""
     offset = _Header.folds.offset
+    if len(buffer) < ctypes.sizeof(_Header):
+        return bytearray(buffer)  # too short to be a scoreboard: _check_layout says so
     for _ in range(_FOLD_RETRIES):
-        folds = struct.unpack_from("=q", buffer, offset)[0] if len(buffer) >= offset + 8 else 0
+        folds = struct.unpack_from("=q", buffer, offset)[0]
         data = bytearray(buffer)
         if folds % 2 == 0 and struct.unpack_from("=q", buffer, offset)[0] == folds:
             break

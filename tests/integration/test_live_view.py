@@ -119,3 +119,64 @@ def _requests_by_number(samples: dict[tuple[str, frozenset[tuple[str, str]]], fl
         number = int(dict(labels)["worker"])
         totals[number] = totals.get(number, 0) + value
     return totals
+
+
+def tmux(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["tmux", *args], capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False)
+
+
+def rows_of(screen: str, pids: set[int]) -> dict[int, list[str]]:
+    """The worker rows of a top frame, by pid (the second column)."""
+    rows = {}
+    for line in screen.splitlines():
+        cells = line.split()
+        if len(cells) > 5 and cells[1].isdigit() and int(cells[1]) in pids:
+            rows[int(cells[1])] = cells
+    return rows
+
+
+def test_top_in_a_terminal_under_load(start_master, load, tmp_path):
+    require_tool("tmux")
+    master = start_master(workers=2)
+    pids = master.wait_workers(2)
+    running = load(master, clients=2)
+    session = f"prefork-top-{os.getpid()}"
+    socket_name = str(tmp_path / "tmux.sock")  # a tmux server of its own, never the user's
+    command = f"{sys.executable} -m prefork top -p {master.pidfile}"
+    started = tmux("-S", socket_name, "new-session", "-d", "-s", session, "-x", "150", "-y", "30", "-c", str(ROOT),
+                   command)
+    assert started.returncode == 0, started.stderr
+    try:
+        def screen() -> str:
+            return tmux("-S", socket_name, "capture-pane", "-p", "-t", session).stdout
+
+        def busy_rows() -> dict[int, list[str]]:
+            rows = rows_of(screen(), pids)
+            return rows if set(rows) == pids and all(r[4] != "-" and float(r[4]) > 0 for r in rows.values()) else {}
+
+        rows = wait_until(busy_rows, 20, message=f"no rows with requests/s for {pids}:\n{screen()}")
+        assert all(row[3] in ("idle", "busy") for row in rows.values()), rows
+        assert f"master {master.pid}  generation 1  workers 2 serving of 2 target" in screen()
+        assert re.search(r"tcp://127\.0\.0\.1:\d+: queue \d+  \d+ requests  p50 [\d.]+ ms", screen()), screen()
+        assert "sorted by number" in screen()
+        tmux("-S", socket_name, "send-keys", "-t", session, "c")
+        wait_until(lambda: "sorted by cpu" in screen(), message=screen())
+        tmux("-S", socket_name, "send-keys", "-t", session, "q")
+        wait_until(lambda: tmux("-S", socket_name, "has-session", "-t", session).returncode != 0,
+                   message=f"q did not quit top:\n{screen()}")
+    finally:
+        tmux("-S", socket_name, "kill-session", "-t", session)
+        running.stop()
+
+
+def test_top_prints_plain_frames_when_not_a_terminal(start_master):
+    master = start_master(workers=2)
+    pids = master.wait_workers(2)
+    master.request(b"one")
+    done = prefork(master, "top", "--iterations", "2", "--sort", "m")
+    assert done.returncode == 0, done.stderr
+    frames = re.split(r"(?m)^(?=master \d+ )", done.stdout)[1:]
+    assert len(frames) == 2 and all("sorted by rss" in frame for frame in frames), done.stdout
+    assert all(set(rows_of(frame, pids)) == pids for frame in frames), done.stdout
+    assert "\x1b" not in done.stdout, "escape sequences on a pipe"
+    assert all(row[4] == "0.0" for row in rows_of(frames[1], pids).values())  # idle: 0 requests/s
