@@ -30,7 +30,7 @@ import time
 from typing import Any, Callable, Protocol, Sequence
 
 from prefork import notify, pool as policy
-from prefork.accounting import accept_queue_length
+from prefork.accounting import accept_queue_length, unix_accept_queue_length
 from prefork.children import Child, reap_exited, read_start_report, send_signal, send_start_report, stop_all
 from prefork.errors import EXIT_APP_LOAD, EXIT_FAILURE, EXIT_OK, ConfigError, ListenerError, PidfileError, PreforkError
 from prefork.handover import UPGRADE_PARENT_ENV, upgrade_parent  # the variable: set by USR2, names the old master
@@ -693,14 +693,15 @@ class Arbiter:
 
 
 def queue_depth(listener: Listener | None) -> int:
-    """Connections waiting in *listener*'s accept queue, as ``ss -lnt`` shows it (Recv-Q); NO_DEPTH
-    for a listener gone, a datagram one, a reuse_port one (each worker has its own queue) or a
-    Unix stream one (the kernel tells its queue only through sock_diag netlink, not read here)."""
+    """Connections waiting in *listener*'s accept queue, as ``ss -lnt`` / ``ss -lx`` show it
+    (Recv-Q); NO_DEPTH for a listener gone, a datagram one, a reuse_port one (each worker has
+    its own queue), or where the kernel does not tell."""
     if listener is None or not listener.is_stream or listener.reuses_port:
         return NO_DEPTH
-    if listener.sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return NO_DEPTH
-    depth = accept_queue_length(listener.sock)
+    if listener.sock.family == socket.AF_UNIX:
+        depth = unix_accept_queue_length(listener.sock)
+    else:
+        depth = accept_queue_length(listener.sock)
     return NO_DEPTH if depth is None else depth
 
 

@@ -52,38 +52,45 @@ def samples_named(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], 
     return {labels: value for (sample, labels), value in samples.items() if sample == name}
 
 
-def ss_recv_q(port: int) -> int | None:
-    """Recv-Q of the listening TCP socket on *port* as `ss -lnt` prints it (the accept queue)."""
-    out = subprocess.run(["ss", "-lnt", f"sport = :{port}"], capture_output=True, text=True,
-                         timeout=COMMAND_TIMEOUT, check=True).stdout
-    rows = [line.split() for line in out.splitlines()[1:] if line.startswith("LISTEN")]
-    return int(rows[0][1]) if len(rows) == 1 else None
+def ss_recv_q(args: list[str], local: str) -> int | None:
+    """Recv-Q of the listening socket whose local address is *local*, as `ss ARGS` prints it."""
+    out = subprocess.run(["ss", *args], capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=True).stdout
+    rows = [line.split() for line in out.splitlines() if "LISTEN" in line]
+    found = [int(row[row.index("LISTEN") + 1]) for row in rows if local in row]
+    return found[0] if len(found) == 1 else None
 
 
-def test_listen_queue_depth_is_the_kernels(start_master):
+def test_listen_queue_depth_is_the_kernels(start_master, tmp_path):
     require_tool("ss")
-    master = start_master(workers=1, metrics_bind="tcp://127.0.0.1:0")
+    path = tmp_path / "q.sock"
+    master = start_master(bind=["tcp://127.0.0.1:0", f"unix:{path}"], workers=1, metrics_bind="tcp://127.0.0.1:0")
     url, port = metrics_url(master), master.address()[1]
+    kernel = {master.info["listeners"][0]: lambda: ss_recv_q(["-lnt", f"sport = :{port}"], f"127.0.0.1:{port}"),
+              master.info["listeners"][1]: lambda: ss_recv_q(["-lxn"], str(path))}
     (worker,) = master.wait_workers(1)
-    depth = {frozenset({("listener", master.info["listeners"][0])})}
     clients = []
-    os.kill(worker, signal.SIGSTOP)  # nobody accepts: the connections stay in the backlog
+    os.kill(worker, signal.SIGSTOP)  # nobody accepts: the connections stay in the backlogs
     try:
-        for _ in range(5):
-            client = socket.create_connection(master.address(), timeout=SOCKET_TIMEOUT)
-            client.sendall(b"queued\n")  # data: a TCP_DEFER_ACCEPT listener queues it at once
-            clients.append(client)
-        wait_until(lambda: ss_recv_q(port) == 5, message=f"ss -lnt: {ss_recv_q(port)} queued")
-        gauge = samples_named(scrape(url), "prefork_listen_queue_depth")
-        wait_until(lambda: list(samples_named(scrape(url), "prefork_listen_queue_depth").values()) == [5],
-                   message=f"the gauge never showed the 5 connections ss shows: {gauge}")
-        assert set(samples_named(scrape(url), "prefork_listen_queue_depth")) == depth
-        assert status(master)["listeners"][0]["queue_depth"] == ss_recv_q(port) == 5
+        for family, address, count in ((socket.AF_INET, master.address(0), 5), (socket.AF_UNIX, str(path), 3)):
+            for _ in range(count):
+                client = socket.socket(family, socket.SOCK_STREAM)
+                clients.append(client)
+                client.settimeout(SOCKET_TIMEOUT)
+                client.connect(address)
+                client.sendall(b"queued\n")  # data: a TCP_DEFER_ACCEPT listener queues it at once
+        wait_until(lambda: [ss() for ss in kernel.values()] == [5, 3], message="ss never showed 5 and 3 queued")
+
+        def gauges() -> dict[str, float]:
+            found = samples_named(scrape(url), "prefork_listen_queue_depth")
+            return {dict(labels)["listener"]: value for labels, value in found.items()}
+        wait_until(lambda: gauges() == {name: ss() for name, ss in kernel.items()},
+                   message="the gauges never showed what ss shows: 5 and 3")
+        assert [row["queue_depth"] for row in status(master)["listeners"]] == [5, 3]
     finally:
         os.kill(worker, signal.SIGCONT)
         for client in clients:
             client.close()
-    wait_until(lambda: ss_recv_q(port) == 0 and status(master)["listeners"][0]["queue_depth"] == 0)
+    wait_until(lambda: [row["queue_depth"] for row in status(master)["listeners"]] == [0, 0])
 
 
 def test_status_and_metrics_agree_under_load(start_master, load):
