@@ -16,15 +16,15 @@ Rules:
    outgoing one and its successor can share a number; their values are then summed.
 3. Request counters live in the slots of live workers: a replaced worker's count leaves with
    it and its successor starts from 0, which Prometheus's ``rate()`` and ``increase()`` read
-   as a counter reset. A per-listener total that survives replacements cannot be built from
-   the scoreboard (nothing keeps retired workers' counts), so none is exported; the total is
-   the query ``sum by (listener) (rate(prefork_requests_total[5m]))``.
+   as a counter reset; the rate of all is the query
+   ``sum by (listener) (rate(prefork_requests_total[5m]))``.
    The latency histogram ``prefork_request_duration_seconds`` (labels service, listener) is
    different: it is cumulative over the workers, and the master adds a departed worker's
    buckets to the scoreboard's header as it releases the slot, so it never goes down while the
    master lives. Its buckets are prefork.latency's; a quantile is the query
    ``histogram_quantile(0.99, sum by (le, listener) (rate(prefork_request_duration_seconds_bucket[5m])))``,
-   the same definition as ``prefork status``'s p50 and p99.
+   the same definition as ``prefork status``'s p50 and p99. Its ``_count`` is the per-listener
+   request total that survives replacements.
 4. Every metric carries the ``service`` label.
 5. Signals are taken with ``sigwait`` in the main thread, with SIGTERM, SIGINT, SIGQUIT and
    SIGUSR1 blocked in every thread: no handler ever runs, so nothing logs in one. SIGUSR1

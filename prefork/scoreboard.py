@@ -6,7 +6,11 @@ Rules:
    map in the run directory lets ``prefork status`` read it without talking to the master.
 2. A slot is written by exactly one writer at a time: the master claims and clears it, the
    worker that owns it writes everything else. Writes are plain memory stores (ctypes fields
-   over the map): no system call per request.
+   over the map): no system call per request. As the master clears a departed worker's slot
+   it adds the slot's latency counts to the header's, between two increments of ``folds``, so
+   a reader that sees ``folds`` odd or changed reads again (``latency``, ``open``). In thread
+   mode a worker's request threads share its slot: two stores of one count at the same moment
+   can lose one (the GIL does not make ``+=`` atomic; a lock per request would cost more).
 3. Readers take a snapshot (``read``) and tolerate torn values: each field is read once and the
    master's decisions tolerate a value one request old.
 4. Times are ``time.monotonic()`` seconds; CLOCK_MONOTONIC is the same clock in every process.
