@@ -214,8 +214,12 @@ _DIAG_TIMEOUT = 0.1
 
 def unix_accept_queue_length(sock: socket.socket) -> int | None:
     """How many connections wait on the Unix stream listener *sock*; None where unknown."""
-    request = _UNIX_DIAG_REQ.pack(socket.AF_UNIX, 0, 0, 1 << _TCP_LISTEN, os.fstat(sock.fileno()).st_ino,
-                                  _UDIAG_SHOW_RQLEN, _NO_COOKIE, _NO_COOKIE)
+    try:
+        inode = os.fstat(sock.fileno()).st_ino
+    except OSError:
+        return None  # closed: the master is stopping, or the listener was removed
+    request = _UNIX_DIAG_REQ.pack(socket.AF_UNIX, 0, 0, 1 << _TCP_LISTEN, inode, _UDIAG_SHOW_RQLEN,
+                                  _NO_COOKIE, _NO_COOKIE)
     header = _NLMSG_HEADER.pack(_NLMSG_HEADER.size + len(request), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, 1, 0)
     try:
         with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as diag:

@@ -174,7 +174,6 @@ class SlotView:
     client: str
     listener: str
     by_listener: tuple[int, ...] = ()
-    latency: tuple[Histogram, ...] = ()  # per listener counter
 
     @property
     def state_name(self) -> str:
@@ -332,8 +331,14 @@ class Scoreboard:
             index, slot.pid, slot.generation, slot.number, slot.state, slot.requests, slot.active,
             _finite(slot.started), _finite(slot.request_started), _finite(slot.last_tick),
             slot.client.decode(errors="replace"), slot.listener.decode(errors="replace"),
-            tuple(slot.by_listener), tuple(_histograms(slot.latency, slot.latency_sum)),
+            tuple(slot.by_listener),
         )
+
+    def slot_latency(self, index: int) -> list[Histogram]:
+        """The latency histograms of one slot's worker, per listener counter (not in read(): the
+        master reads every slot on each turn and needs none of them)."""
+        slot = self._slots[index]
+        return _histograms(slot.latency, slot.latency_sum)
 
     def used(self) -> list[SlotView]:
         """Snapshots of every slot that holds a worker."""

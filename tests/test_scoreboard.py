@@ -52,10 +52,10 @@ def test_latency_counts_survive_the_release_of_a_slot(tmp_path: Path) -> None:
         board.writer(0).observe(0, 0.004)
         board.writer(1).observe(0, 0.0001)
         board.writer(1).observe(9, 1.0)  # past the last counter: counted under it
-        assert board.read(0).latency[0].count == 1
+        assert board.slot_latency(0)[0].count == 1
         board.release(0)
         board.claim(0, 1, 2)
-        assert board.read(0).latency[0].count == 0  # the successor starts from zero
+        assert board.slot_latency(0)[0].count == 0  # the successor starts from zero
         tcp, last = board.latency()[0], board.latency()[-1]
         assert tcp.count == 2 and tcp.total == pytest.approx(0.0041) and last.count == 1
     finally:
