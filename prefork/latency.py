@@ -15,7 +15,7 @@ Rules:
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Sequence
+from typing import Sequence
 
 __all__ = ["LATENCY_BOUNDS", "BUCKETS", "Histogram", "from_counts"]
 
@@ -39,13 +39,6 @@ class Histogram:
 
     def __add__(self, other: Histogram) -> Histogram:
         return Histogram(tuple(a + b for a, b in zip(self.counts, other.counts)), self.total + other.total)
-
-    @classmethod
-    def merged(cls, histograms: Iterable[Histogram]) -> Histogram:
-        result = cls()
-        for histogram in histograms:
-            result = result + histogram
-        return result
 
     def cumulative(self) -> list[tuple[str, int]]:
         """Prometheus's buckets: (le, requests at most that long), ending with ('+Inf', count)."""
