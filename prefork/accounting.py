@@ -6,12 +6,16 @@ written and the hooks keep their order:
 - ``process_request`` is framed by the scoreboard (busy/idle, client, listener, counts) and gives
   stream connections the ``read_timeout`` before the handler reads; ``handle_error`` then logs a
   connection dropped for it in one line, without a traceback;
+- ``finish_request`` is timed into the slot's latency histogram for the listener, in the thread
+  or child that serves the request (so thread and fork modes measure the handler, not the
+  hand-off); the time a connection waited in the listen queue is not in it;
 - with an access log, ``finish_request`` is timed and logged (in the thread or child that serves
   the request), and ``verify_request`` logs refusals.
 
 Byte counts: TCP from the kernel's TCP_INFO (one getsockopt per request, only with an access
 log), datagrams from the packet and the replies sent; Unix streams are not counted ("-"). This
-module is the one reader of TCP_INFO: also ``accept_queue_length``, for a stopping worker.
+module is the one reader of TCP_INFO: also ``accept_queue_length``, for a stopping worker and
+the master's queue-depth gauge, and its Unix twin ``unix_accept_queue_length`` (sock_diag).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any
 
 from prefork.scoreboard import SlotWriter
 
-__all__ = ["instrument", "client_text", "stricter_timeout", "accept_queue_length"]
+__all__ = ["instrument", "client_text", "stricter_timeout", "accept_queue_length", "unix_accept_queue_length"]
 
 log = logging.getLogger("prefork.worker")
 
@@ -50,6 +54,7 @@ def instrument(server: Any, slot: SlotWriter, listener: str, index: int, access:
                read_timeout: float = 0.0) -> None:
     """Wrap *server*'s hooks for the scoreboard and, if given, the access log."""
     _report_to_scoreboard(server, slot, listener.encode(), index, read_timeout)
+    _time_requests(server, slot, index)
     if read_timeout:
         _quiet_read_timeouts(server, read_timeout)
     if access is not None:
@@ -90,6 +95,20 @@ def _report_to_scoreboard(server: Any, slot: SlotWriter, listener: bytes, index:
             slot.end(index)
 
     server.process_request = process_request_reported
+
+
+def _time_requests(server: Any, slot: SlotWriter, index: int) -> None:
+    finish_request = server.finish_request
+    monotonic = time.monotonic
+
+    def finish_request_timed(request: Any, client_address: Any) -> None:
+        started = monotonic()
+        try:
+            finish_request(request, client_address)
+        finally:
+            slot.observe(index, monotonic() - started)
+
+    server.finish_request = finish_request_timed
 
 
 def _quiet_read_timeouts(server: Any, read_timeout: float) -> None:
@@ -173,6 +192,59 @@ def accept_queue_length(sock: socket.socket) -> int | None:
     if len(info) != _TCP_INFO_LISTEN_BYTES:
         return None
     return int(struct.unpack_from("=I", info, _TCPI_UNACKED)[0])
+
+
+# sock_diag (linux/sock_diag.h, linux/unix_diag.h): the one way the kernel tells how many
+# connections wait on a Unix listener (what `ss -lx` shows as Recv-Q). A request names the socket
+# by inode (any cookie: ~0) and asks for UDIAG_SHOW_RQLEN; the answer's UNIX_DIAG_RQLEN attribute
+# holds (rqueue, wqueue), on a listener the queue's length and its backlog.
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_REQUEST = 1
+_TCP_LISTEN = 10
+_UDIAG_SHOW_RQLEN = 0x10
+_UNIX_DIAG_RQLEN = 4
+_NO_COOKIE = 0xFFFFFFFF
+_NLMSG_HEADER = struct.Struct("=IHHII")
+_UNIX_DIAG_REQ = struct.Struct("=BBHIII2I")
+_UNIX_DIAG_MSG_BYTES = 16
+# The master asks on its loop: a kernel that does not answer at once is taken as "unknown".
+_DIAG_TIMEOUT = 0.1
+
+
+def unix_accept_queue_length(sock: socket.socket) -> int | None:
+    """How many connections wait on the Unix stream listener *sock*; None where unknown."""
+    try:
+        inode = os.fstat(sock.fileno()).st_ino
+    except OSError:
+        return None  # closed: the master is stopping, or the listener was removed
+    request = _UNIX_DIAG_REQ.pack(socket.AF_UNIX, 0, 0, 1 << _TCP_LISTEN, inode, _UDIAG_SHOW_RQLEN,
+                                  _NO_COOKIE, _NO_COOKIE)
+    header = _NLMSG_HEADER.pack(_NLMSG_HEADER.size + len(request), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, 1, 0)
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as diag:
+            diag.settimeout(_DIAG_TIMEOUT)
+            diag.sendto(header + request, (0, 0))
+            answer = diag.recv(8192)
+    except (OSError, AttributeError):
+        return None  # no sock_diag here (not Linux, a sandbox without it)
+    return _rqueue(answer)
+
+
+def _rqueue(answer: bytes) -> int | None:
+    """The rqueue of a sock_diag answer's UNIX_DIAG_RQLEN attribute; None for an error or none."""
+    if len(answer) < _NLMSG_HEADER.size:
+        return None
+    length, kind = _NLMSG_HEADER.unpack_from(answer)[:2]
+    if kind != _SOCK_DIAG_BY_FAMILY:
+        return None  # NLMSG_ERROR: the socket is gone, or the kernel refuses
+    offset = _NLMSG_HEADER.size + _UNIX_DIAG_MSG_BYTES
+    while offset + 4 <= min(length, len(answer)):
+        size, attribute = struct.unpack_from("=HH", answer, offset)
+        if attribute == _UNIX_DIAG_RQLEN and size >= 12:
+            return int(struct.unpack_from("=I", answer, offset + 4)[0])
+        offset += max(4, (size + 3) & ~3)
+    return None
 
 
 class _CountingSocket:

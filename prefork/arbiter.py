@@ -23,12 +23,14 @@ import gc
 import logging
 import os
 import signal
+import socket
 import sys
 import tempfile
 import time
 from typing import Any, Callable, Protocol, Sequence
 
 from prefork import notify, pool as policy
+from prefork.accounting import accept_queue_length, unix_accept_queue_length
 from prefork.children import Child, reap_exited, read_start_report, send_signal, send_start_report, stop_all
 from prefork.errors import EXIT_APP_LOAD, EXIT_FAILURE, EXIT_OK, ConfigError, ListenerError, PidfileError, PreforkError
 from prefork.handover import UPGRADE_PARENT_ENV, upgrade_parent  # the variable: set by USR2, names the old master
@@ -37,7 +39,7 @@ from prefork.pidfile import Pidfile
 from prefork.procstats import rss
 from prefork.proctitle import set_title
 from prefork.reloads import CANCELLED, RELOADED, REFUSED, STARTED, ReloadReport, report_path, write_report
-from prefork.scoreboard import Scoreboard
+from prefork.scoreboard import NO_DEPTH, Scoreboard
 from prefork.signals import MASTER_SIGNALS, SignalQueue, reset_to_defaults, signal_name
 from prefork.servers import Poller
 from prefork.worker import WorkerIdentity, WorkerSpec, flush_std_streams, run_worker
@@ -219,6 +221,9 @@ class Arbiter:
         self.scoreboard.publish(pool.generation, pool.target, pool.restarts, self.reloads_refused,
                                 pool.reload_failures)
         self.scoreboard.publish_health(pool.health(time.monotonic()))
+        by_name = {listener.name: listener for listener in self._sockets.values()}
+        self.scoreboard.publish_listeners(self.counter_names, [queue_depth(by_name.get(name))
+                                                               for name in self.counter_names])
 
     def _memory(self, now: float) -> dict[int, int] | None:
         if not self.settings.max_worker_memory or now < self._next_memory_check:
@@ -685,6 +690,19 @@ class Arbiter:
             hook(*args)
         except Exception:
             log.exception("hook %s failed", name)
+
+
+def queue_depth(listener: Listener | None) -> int:
+    """Connections waiting in *listener*'s accept queue, as ``ss -lnt`` / ``ss -lx`` show it
+    (Recv-Q); NO_DEPTH for a listener gone, a datagram one, a reuse_port one (each worker has
+    its own queue), or where the kernel does not tell."""
+    if listener is None or not listener.is_stream or listener.reuses_port:
+        return NO_DEPTH
+    if listener.sock.family == socket.AF_UNIX:
+        depth = unix_accept_queue_length(listener.sock)
+    else:
+        depth = accept_queue_length(listener.sock)
+    return NO_DEPTH if depth is None else depth
 
 
 def _metrics_ready(report_fd: int, address: tuple[str, int]) -> None:

@@ -24,7 +24,7 @@ import re
 import sys
 from typing import Any, Callable, Sequence
 
-from prefork import __version__, config, control, runpaths, settings_docs
+from prefork import __version__, config, control, runpaths, settings_docs, top
 from prefork import log as log_files
 from prefork.master import serve
 from prefork.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, AppLoadError, ConfigError, PreforkError
@@ -44,7 +44,7 @@ WSGI_BRIDGE = "workers.wsgi"
 # "--group", which difflib's default cutoff of 0.6 would take for a typo).
 TYPO_CUTOFF = 0.8
 
-_COMMANDS = ("run", "status", "reload", "stop", "upgrade", "scale", "reopen-logs", "check-config",
+_COMMANDS = ("run", "status", "top", "reload", "stop", "upgrade", "scale", "reopen-logs", "check-config",
              "print-config")
 _DEVELOPER_COMMANDS = ("generate",)  # not listed in --help
 _APP_TEXT = re.compile(r"[A-Za-z_][\w.]*(:[A-Za-z_][\w.]*)?")
@@ -392,6 +392,8 @@ def _control_commands(commands: Any) -> None:
     specs: list[tuple[str, str, Callable[[argparse.Namespace], int], argparse.ArgumentParser]] = [
         ("status", "the master, its health and one row per worker; exit 5 when the pool is unhealthy",
          control.cmd_status, common),
+        ("top", "a live view of the master and its workers, refreshed every second (q quits; on a pipe, "
+                "plain text per second)", top.cmd_top, common),
         ("reload", "HUP: reload the configuration and code; waits until every worker is of the new "
                    "generation, prints what changed; exit 6 if a setting needs a new master",
          control.cmd_reload, waiting),
@@ -410,6 +412,12 @@ def _control_commands(commands: Any) -> None:
             sub.add_argument("--grace", type=float, default=control.DEFAULT_GRACE, metavar="SECONDS",
                              help="how long the pool may have fewer serving workers than its target "
                                   f"before it is unhealthy (default: {control.DEFAULT_GRACE:g})")
+        elif name == "top":
+            sub.add_argument("-i", "--iterations", type=int, default=0, metavar="N",
+                             help="print N frames as plain text, one a second, then exit (default: run "
+                                  "until q, or until interrupted when stdout is not a terminal)")
+            sub.add_argument("--sort", choices=sorted(top.SORT_KEYS), default="n",
+                             help="the first sort key: n number, r requests/s, a request age, c CPU, m RSS")
         elif name == "stop":
             sub.add_argument("--fast", action="store_true", help="fast stop (QUIT): in-flight requests are cut")
         elif name == "scale":

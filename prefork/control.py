@@ -24,10 +24,12 @@ from prefork.errors import EXIT_FAILURE, EXIT_NOT_APPLIED, EXIT_OK, EXIT_UNHEALT
 from prefork.pidfile import is_running, read_pid
 from prefork.procstats import CpuSampler, ProcStats, stats
 from prefork.reloads import CANCELLED, REFUSED, RELOADED, ReloadReport, read_report, report_path
-from prefork.scoreboard import BUSY, IDLE, MasterView, Scoreboard, SlotView
+from prefork.latency import Histogram
+from prefork.scoreboard import BUSY, IDLE, NO_DEPTH, MasterView, Scoreboard, SlotView
 
-__all__ = ["cmd_status", "cmd_reload", "cmd_stop", "cmd_upgrade", "cmd_scale", "cmd_reopen_logs",
-           "DEFAULT_WAIT", "columns"]
+__all__ = ["Master", "cmd_status", "cmd_reload", "cmd_stop", "cmd_upgrade", "cmd_scale", "cmd_reopen_logs",
+           "DEFAULT_WAIT", "columns", "listener_rows",
+           "size_text", "percent_text", "duration_text", "millis_text"]
 
 # How long a control command waits for its effect unless --timeout says otherwise: more than
 # the default graceful_timeout (30 s), so that `prefork stop` sees a graceful stop through.
@@ -60,14 +62,14 @@ _SCALE_TEXT = re.compile(r"([+-]?)([0-9]{1,6})")
 
 
 @dataclasses.dataclass
-class _Master:
+class Master:
     """The running master named by a pidfile."""
 
     pidfile: str
     pid: int
 
     @classmethod
-    def find(cls, args: argparse.Namespace) -> _Master:
+    def find(cls, args: argparse.Namespace) -> Master:
         pidfile = os.path.abspath(_pidfile(args))
         return cls(pidfile, read_pid(pidfile))
 
@@ -87,6 +89,11 @@ class _Master:
 
     def snapshot(self, doing: str = "") -> tuple[MasterView, list[SlotView]]:
         """The scoreboard's header and used slots; PreforkError if the master has gone."""
+        view, slots, _ = self.reading(doing)
+        return view, slots
+
+    def reading(self, doing: str = "") -> tuple[MasterView, list[SlotView], list[Histogram]]:
+        """The snapshot and the latency histogram of each listener counter."""
         if doing and not is_running(self.pid):
             raise PreforkError(f"master {self.pid} exited while {doing}; see its error log")
         try:
@@ -101,11 +108,11 @@ class _Master:
                                f"(run as the master's user, or give the master a umask that lets "
                                f"this user read it)") from exc
         try:
-            return board.master(), board.used()
+            return board.master(), board.used(), board.latency()
         finally:
             board.close()
 
-    def published(self, timeout: float = PUBLISH_WAIT) -> tuple[MasterView, list[SlotView]]:
+    def published(self, timeout: float = PUBLISH_WAIT) -> tuple[MasterView, list[SlotView], list[Histogram]]:
         """A snapshot once the master has published its pool's figures (generation 1 or more).
 
         The header is written on each turn of the master's loop, so for a moment after the
@@ -113,7 +120,7 @@ class _Master:
         """
         _wait(f"master {self.pid} publishing its pool in {self.scoreboard}",
               lambda: self.snapshot("starting")[0].generation > 0, timeout)
-        return self.snapshot()
+        return self.reading()
 
 
 def _pidfile(args: argparse.Namespace) -> str:
@@ -146,7 +153,7 @@ def _wait(what: str, done: Callable[[], bool], timeout: float, hint: str = "") -
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    master = _Master.find(args)
+    master = Master.find(args)
     master.published()
     watch = _ReloadWatch(master, report_path(master.pidfile))
     master.signal(signal.SIGHUP)
@@ -173,7 +180,7 @@ class _ReloadWatch:
     generation and accepts.
     """
 
-    def __init__(self, master: _Master, path: str) -> None:
+    def __init__(self, master: Master, path: str) -> None:
         self.master = master
         self.path = path
         before = read_report(path)
@@ -197,7 +204,7 @@ class _ReloadWatch:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    master = _Master.find(args)
+    master = Master.find(args)
     master.signal(signal.SIGQUIT if args.fast else signal.SIGTERM)
     _wait(f"{'fast' if args.fast else 'graceful'} stop of master {master.pid}",
           lambda: not is_running(master.pid), args.timeout)
@@ -206,7 +213,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_upgrade(args: argparse.Namespace) -> int:
-    master = _Master.find(args)
+    master = Master.find(args)
     watch = _UpgradeWatch(master)
     master.signal(signal.SIGUSR2)
     _wait(f"upgrade of master {master.pid}", watch.done, args.timeout,
@@ -219,7 +226,7 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
 class _UpgradeWatch:
     """Follows an upgrade: the pidfile moves to PIDFILE.oldbin, then names the new master."""
 
-    def __init__(self, old: _Master) -> None:
+    def __init__(self, old: Master) -> None:
         self.old = old
         self.oldbin = f"{old.pidfile}.oldbin"
         self.handed_over = False  # the old master has moved its pidfile aside
@@ -233,7 +240,7 @@ class _UpgradeWatch:
         if pid is None or pid == self.old.pid:
             self._check_failed(pid)
             return False
-        return self._new_master_ready(_Master(self.old.pidfile, pid))
+        return self._new_master_ready(Master(self.old.pidfile, pid))
 
     def _check_failed(self, pid: int | None) -> None:
         if self.handed_over and pid == self.old.pid and not os.path.exists(self.oldbin):
@@ -243,7 +250,7 @@ class _UpgradeWatch:
             raise PreforkError(f"upgrade failed: master {self.old.pid} exited and no new master wrote "
                                f"{self.old.pidfile}; see the error log")
 
-    def _new_master_ready(self, new: _Master) -> bool:
+    def _new_master_ready(self, new: Master) -> bool:
         try:
             view, slots = new.snapshot()
         except PreforkError:
@@ -263,7 +270,7 @@ def _live_pid(pidfile: str) -> int | None:
 
 def cmd_scale(args: argparse.Namespace) -> int:
     change = _parse_scale(args.count)
-    master = _Master.find(args)
+    master = Master.find(args)
     current = master.published()[0].target
     desired = _scale_target(args.count, change, current)
     deadline = time.monotonic() + args.timeout
@@ -302,7 +309,7 @@ def _workers(count: int) -> str:
 
 
 def cmd_reopen_logs(args: argparse.Namespace) -> int:
-    master = _Master.find(args)
+    master = Master.find(args)
     master.signal(signal.SIGUSR1)
     # Nothing a reader can see records that files were reopened, so there is nothing to wait
     # for: the master reopens its own and passes USR1 on to every worker in its next turn.
@@ -315,7 +322,7 @@ def cmd_reopen_logs(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """0 when the pool is healthy, EXIT_UNHEALTHY (with the reasons) when it is not."""
-    master = _Master.find(args)
+    master = Master.find(args)
     report = _status_report(master, args.grace)
     print(json.dumps(report, indent=2) if args.json else _format_status(report))
     return EXIT_OK if report["health"]["healthy"] else EXIT_UNHEALTHY
@@ -342,8 +349,8 @@ def _problems(view: MasterView, slots: list[SlotView], now: float, grace: float)
     return problems
 
 
-def _status_report(master: _Master, grace: float = DEFAULT_GRACE) -> dict[str, Any]:
-    view, slots = master.published()
+def _status_report(master: Master, grace: float = DEFAULT_GRACE) -> dict[str, Any]:
+    view, slots, latency = master.published()
     readings = _sample([master.pid, *(slot.pid for slot in slots if slot.pid)])
     now = time.monotonic()
     problems = _problems(view, slots, now, grace)
@@ -354,8 +361,18 @@ def _status_report(master: _Master, grace: float = DEFAULT_GRACE) -> dict[str, A
         "master": {"pid": master.pid, "title": _title(master.pid), "generation": view.generation,
                    "target": view.target, "workers": len(slots), "uptime": round(now - view.started, 3),
                    "restarts": view.restarts, **_usage(readings.get(master.pid))},
+        "listeners": listener_rows(view, slots, latency),
         "workers": [_worker_row(slot, readings.get(slot.pid), now) for slot in slots],
     }
+
+
+def listener_rows(view: MasterView, slots: list[SlotView], latency: list[Histogram]) -> list[dict[str, Any]]:
+    """Each listener: its accept-queue depth (None where unknown), requests its live workers have
+    served, and its latency (count, sum, p50, p99 in seconds) since the master started."""
+    return [{"name": name, "queue_depth": None if depth == NO_DEPTH else depth,
+             "requests": sum(slot.by_listener[i] for slot in slots if i < len(slot.by_listener)),
+             "latency": latency[i].summary() if i < len(latency) else Histogram().summary()}
+            for i, (name, depth) in enumerate(zip(view.listeners, view.queue_depth))]
 
 
 def _sample(pids: list[int]) -> dict[int, ProcStats | None]:
@@ -395,15 +412,25 @@ def _format_status(report: dict[str, Any]) -> str:
     verdict = "healthy" if health["healthy"] else "UNHEALTHY: " + "; ".join(health["problems"])
     head = (f"master {m['pid']}  {m['title']}\n"
             f"  {verdict}: {health['serving']} of {m['target']} workers serving\n"
-            f"  generation {m['generation']}, {m['workers']} of {m['target']} workers, up {_duration(m['uptime'])}, "
-            f"RSS {_size(m['rss'])}, USS {_size(m['uss'])}, CPU {_percent(m['cpu_percent'])}\n"
-            f"  restarts: {restarts}\n")
+            f"  generation {m['generation']}, {m['workers']} of {m['target']} workers, up {duration_text(m['uptime'])}, "
+            f"RSS {size_text(m['rss'])}, USS {size_text(m['uss'])}, CPU {percent_text(m['cpu_percent'])}\n"
+            f"  restarts: {restarts}\n" + "".join(f"  {_listener_line(row)}\n" for row in report["listeners"]))
     rows = [("PID", "#", "GEN", "STATE", "REQUESTS", "REQ AGE", "RSS", "USS", "CPU", "UP")]
     for w in report["workers"]:
-        age = _duration(w["request_age"]) if w["state"] == "busy" else "-"
+        age = duration_text(w["request_age"]) if w["state"] == "busy" else "-"
         rows.append((str(w["pid"]), str(w["number"]), str(w["generation"]), w["state"], str(w["requests"]),
-                     age, _size(w["rss"]), _size(w["uss"]), _percent(w["cpu_percent"]), _duration(w["uptime"])))
+                     age, size_text(w["rss"]), size_text(w["uss"]), percent_text(w["cpu_percent"]), duration_text(w["uptime"])))
     return head + "\n" + columns(rows)
+
+
+def _listener_line(row: dict[str, Any]) -> str:
+    latency, depth = row["latency"], row["queue_depth"]
+    return (f"{row['name']}: queue {'-' if depth is None else depth}, {latency['count']} requests, "
+            f"p50 {millis_text(latency['p50'])}, p99 {millis_text(latency['p99'])}")
+
+
+def millis_text(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.2f} ms"
 
 
 def columns(rows: Sequence[Sequence[str]]) -> str:
@@ -411,7 +438,7 @@ def columns(rows: Sequence[Sequence[str]]) -> str:
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
 
 
-def _size(value: int | None) -> str:
+def size_text(value: int | None) -> str:
     if value is None:
         return "-"
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -421,11 +448,11 @@ def _size(value: int | None) -> str:
     return "-"
 
 
-def _percent(value: float | None) -> str:
+def percent_text(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}%"
 
 
-def _duration(seconds: float) -> str:
+def duration_text(seconds: float) -> str:
     if seconds < 60:
         return f"{seconds:.1f}s"
     minutes, secs = divmod(int(seconds), 60)

@@ -16,9 +16,15 @@ Rules:
    outgoing one and its successor can share a number; their values are then summed.
 3. Request counters live in the slots of live workers: a replaced worker's count leaves with
    it and its successor starts from 0, which Prometheus's ``rate()`` and ``increase()`` read
-   as a counter reset. A per-listener total that survives replacements cannot be built from
-   the scoreboard (nothing keeps retired workers' counts), so none is exported; the total is
-   the query ``sum by (listener) (rate(prefork_requests_total[5m]))``.
+   as a counter reset; the rate of all is the query
+   ``sum by (listener) (rate(prefork_requests_total[5m]))``.
+   The latency histogram ``prefork_request_duration_seconds`` (labels service, listener) is
+   different: it is cumulative over the workers, and the master adds a departed worker's
+   buckets to the scoreboard's header as it releases the slot, so it never goes down while the
+   master lives. Its buckets are prefork.latency's; a quantile is the query
+   ``histogram_quantile(0.99, sum by (le, listener) (rate(prefork_request_duration_seconds_bucket[5m])))``,
+   the same definition as ``prefork status``'s p50 and p99. Its ``_count`` is the per-listener
+   request total that survives replacements.
 4. Every metric carries the ``service`` label.
 5. Signals are taken with ``sigwait`` in the main thread, with SIGTERM, SIGINT, SIGQUIT and
    SIGUSR1 blocked in every thread: no handler ever runs, so nothing logs in one. SIGUSR1
@@ -41,7 +47,7 @@ import os
 import signal
 from typing import Callable, Iterable, Iterator, Sequence
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import CollectorRegistry
 
@@ -49,7 +55,8 @@ from prefork import log as prefork_log
 from prefork.errors import ConfigError, ListenerError
 from prefork.listeners import parse_bind
 from prefork.procstats import ProcStats, stats
-from prefork.scoreboard import BUSY, MAX_LISTENERS, RESTART_CAUSES, STATE_NAMES, MasterView, Scoreboard, SlotView
+from prefork.latency import Histogram
+from prefork.scoreboard import BUSY, MAX_LISTENERS, NO_DEPTH, RESTART_CAUSES, STATE_NAMES, MasterView, Scoreboard, SlotView
 
 __all__ = ["ScoreboardCollector", "run"]
 
@@ -168,20 +175,20 @@ class ScoreboardCollector:
         yield GaugeMetricFamily("prefork_up", "")
         yield from _Families().all()
 
-    def _read(self) -> tuple[MasterView, list[SlotView]] | None:
+    def _read(self) -> tuple[MasterView, list[SlotView], list[Histogram]] | None:
         if self._board is not None:
-            return self._board.master(), self._board.used()
+            return self._board.master(), self._board.used(), self._board.latency()
         try:
             board = Scoreboard.open(self.path)
         except (OSError, ValueError) as exc:  # no master yet, or between an upgrade's two files
             log.warning("metrics: cannot read the scoreboard %s: %s", self.path, exc)
             return None
         try:
-            return board.master(), board.used()
+            return board.master(), board.used(), board.latency()
         finally:
             board.close()
 
-    def _families(self, master: MasterView, slots: list[SlotView]) -> list[Metric]:
+    def _families(self, master: MasterView, slots: list[SlotView], latency: list[Histogram]) -> list[Metric]:
         families, service = _Families(), self.service
         for (number, listener), count in sorted(_requests_by_worker(slots, self._listeners).items()):
             families.requests.add_metric([service, str(number), listener], count)
@@ -197,6 +204,11 @@ class ScoreboardCollector:
             families.restarts.add_metric([service, cause], master.restarts.get(cause, 0))
         families.target.add_metric([service], master.target)
         families.generation.add_metric([service], master.generation)
+        for listener, histogram in zip(self._listeners, latency):
+            families.latency.add_metric([service, listener], histogram.cumulative(), histogram.total)
+        for listener, depth in zip(master.listeners, master.queue_depth):
+            if depth != NO_DEPTH:
+                families.queue.add_metric([service, listener], depth)
         return families.all()
 
     def _process_totals(self, slots: Iterable[SlotView]) -> dict[tuple[int, str], float]:
@@ -233,10 +245,16 @@ class _Families:
                                         labels=["service"])
         self.generation = GaugeMetricFamily("prefork_generation", "configuration generation (each reload "
                                             "adds one)", labels=["service"])
+        self.latency = HistogramMetricFamily(
+            "prefork_request_duration_seconds", "time from a handler's start to its end, by listener, over "
+            "every worker since the master started", labels=["service", "listener"])
+        self.queue = GaugeMetricFamily("prefork_listen_queue_depth", "connections waiting in a stream "
+                                       "listener's accept queue (the kernel's figure; Recv-Q in ss -lnt)",
+                                       labels=["service", "listener"])
 
     def all(self) -> list[Metric]:
         return [self.requests, self.workers, self.busy, self.memory, self.cpu, self.restarts, self.target,
-                self.generation]
+                self.generation, self.latency, self.queue]
 
 
 def _listener_labels(names: Sequence[str]) -> list[str]:

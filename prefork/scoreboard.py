@@ -6,7 +6,11 @@ Rules:
    map in the run directory lets ``prefork status`` read it without talking to the master.
 2. A slot is written by exactly one writer at a time: the master claims and clears it, the
    worker that owns it writes everything else. Writes are plain memory stores (ctypes fields
-   over the map): no system call per request.
+   over the map): no system call per request. As the master clears a departed worker's slot
+   it adds the slot's latency counts to the header's, between two increments of ``folds``, so
+   a reader that sees ``folds`` odd or changed reads again (``latency``, ``open``). In thread
+   mode a worker's request threads share its slot: two stores of one count at the same moment
+   can lose one (the GIL does not make ``+=`` atomic; a lock per request would cost more).
 3. Readers take a snapshot (``read``) and tolerate torn values: each field is read once and the
    master's decisions tolerate a value one request old.
 4. Times are ``time.monotonic()`` seconds; CLOCK_MONOTONIC is the same clock in every process.
@@ -23,10 +27,15 @@ import dataclasses
 import math
 import mmap
 import os
+import struct
 import time
+from bisect import bisect_left
 from typing import Any, Callable
 
-__all__ = ["Scoreboard", "SlotView", "MasterView", "Health", "RESTART_CAUSES", "MAX_LISTENERS", "BOOTING", "IDLE", "BUSY", "EXITING", "FREE", "STATE_NAMES"]
+from prefork.latency import BUCKETS, LATENCY_BOUNDS, Histogram, from_counts
+
+__all__ = ["Scoreboard", "SlotView", "MasterView", "Health", "RESTART_CAUSES", "MAX_LISTENERS", "BOOTING", "IDLE", "BUSY",
+           "EXITING", "FREE", "STATE_NAMES", "NO_DEPTH"]
 
 # Slot states.
 FREE, BOOTING, IDLE, BUSY, EXITING = 0, 1, 2, 3, 4
@@ -47,8 +56,15 @@ _CAUSE_BYTES = 240
 MAX_LISTENERS = 8
 
 # The file starts with a magic word and the layout version, so a reader never misreads a map
-# written by another version of prefork.
-_MAGIC = b"PFSB0002"
+# written by another version of prefork. 0003: latency histograms, listener names, queue depths.
+_MAGIC_PREFIX = b"PFSB"
+_MAGIC = b"PFSB0003"
+# Latency counts per slot (and per header, for departed workers): BUCKETS per listener counter.
+_LATENCY_COUNTS = MAX_LISTENERS * BUCKETS
+# A listen-queue depth the master could not read (a datagram or reuse_port listener, no TCP_INFO).
+NO_DEPTH = -1
+# How often a reader takes its copy again when the master folded a slot in the meantime.
+_FOLD_RETRIES = 20
 # rw-r--r-- less the umask: `prefork status` and the metrics process read it; only the master
 # writes the file (workers write through the map they inherit).
 _FILE_MODE = 0o644
@@ -75,6 +91,9 @@ class _Slot(ctypes.Structure):
         ("by_listener", ctypes.c_int64 * MAX_LISTENERS),
         ("client", ctypes.c_char * _CLIENT_BYTES),
         ("listener", ctypes.c_char * _LISTENER_BYTES),
+        # Request latency, per listener counter: BUCKETS counts each (see prefork.latency), sums.
+        ("latency", ctypes.c_int64 * _LATENCY_COUNTS),
+        ("latency_sum", ctypes.c_double * MAX_LISTENERS),
     ]
 
 
@@ -99,6 +118,15 @@ class _Header(ctypes.Structure):
         ("crash_streak", ctypes.c_int64),
         ("stopping", ctypes.c_int64),
         ("last_crash", ctypes.c_char * _CAUSE_BYTES),
+        # The listeners in the order of the per-listener counters, and their accept-queue depth
+        # (NO_DEPTH where unknown), published by the master on every turn of its loop.
+        ("listener_names", (ctypes.c_char * _LISTENER_BYTES) * MAX_LISTENERS),
+        ("queue_depth", ctypes.c_int64 * MAX_LISTENERS),
+        # The latency histograms of departed workers, folded in by release(): the exported
+        # histogram never goes down when a worker leaves. Odd `folds`: a fold is under way.
+        ("folds", ctypes.c_int64),
+        ("retired_latency", ctypes.c_int64 * _LATENCY_COUNTS),
+        ("retired_latency_sum", ctypes.c_double * MAX_LISTENERS),
     ]
 
 
@@ -114,6 +142,8 @@ class MasterView:
     reloads_refused: int = 0
     reloads_failed: int = 0
     health: Health | None = None
+    listeners: tuple[str, ...] = ()  # in the order of the per-listener counters
+    queue_depth: tuple[int, ...] = ()  # accept-queue length of each; NO_DEPTH where unknown
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,7 +220,7 @@ class Scoreboard:
                 raise ValueError(f"{path} is empty, not a prefork scoreboard") from None
         try:
             # ctypes needs a writable buffer: take a private copy of the read-only map.
-            data = bytearray(buffer)
+            data = _copy(buffer)
         finally:
             buffer.close()
         _check_layout(path, data)
@@ -224,9 +254,36 @@ class Scoreboard:
         restarts = {cause: int(header.restarts[i]) for i, cause in enumerate(RESTART_CAUSES)}
         health = Health(_finite(header.tick), _finite(header.short_since), int(header.crash_streak),
                         bool(header.stopping), header.last_crash.decode(errors="replace"))
+        names = tuple(name.value.decode(errors="replace") for name in header.listener_names)
+        count = next((i for i, name in enumerate(names) if not name), len(names))
         return MasterView(int(header.master_pid), _finite(header.master_started), int(header.generation),
                           int(header.target), restarts, int(header.reloads_refused), int(header.reloads_failed),
-                          health)
+                          health, names[:count], tuple(header.queue_depth)[:count])
+
+    def publish_listeners(self, names: list[str], depths: list[int]) -> None:
+        """Master: the listener of each per-listener counter and its accept-queue depth."""
+        header = self._header
+        for i, name in enumerate(names[:MAX_LISTENERS]):
+            header.listener_names[i].value = name.encode(errors="replace")[:_LISTENER_BYTES - 1]
+            header.queue_depth[i] = depths[i] if i < len(depths) else NO_DEPTH
+
+    def latency(self) -> list[Histogram]:
+        """Per listener counter: the latency histogram of every worker so far, departed ones included.
+
+        Taken again while the master is folding a departed worker's slot into the header, so a
+        request is never counted twice or lost between the slot and the header.
+        """
+        header = self._header
+        for _ in range(_FOLD_RETRIES):
+            folds = int(header.folds)
+            histograms = _histograms(header.retired_latency, header.retired_latency_sum)
+            for i in range(self.capacity):
+                if self._slots[i].state != FREE:
+                    slot = self._slots[i]
+                    histograms = [a + b for a, b in zip(histograms, _histograms(slot.latency, slot.latency_sum))]
+            if folds % 2 == 0 and int(header.folds) == folds:
+                break
+        return histograms
 
     def writer(self, index: int) -> SlotWriter:
         return SlotWriter(self._slots[index])
@@ -257,9 +314,15 @@ class Scoreboard:
         return int(self._slots[index].stop_mode)
 
     def release(self, index: int) -> None:
-        """Master: the slot's worker is gone; the slot can be reused."""
-        slot = self._slots[index]
+        """Master: the slot's worker is gone; its latency counts join the header's, the slot is reusable."""
+        slot, header = self._slots[index], self._header
+        header.folds += 1
+        for i in range(_LATENCY_COUNTS):
+            header.retired_latency[i] += slot.latency[i]
+        for i in range(MAX_LISTENERS):
+            header.retired_latency_sum[i] += slot.latency_sum[i]
         ctypes.memset(ctypes.addressof(slot), 0, ctypes.sizeof(_Slot))
+        header.folds += 1
 
     def read(self, index: int) -> SlotView:
         slot = self._slots[index]
@@ -270,6 +333,12 @@ class Scoreboard:
             slot.client.decode(errors="replace"), slot.listener.decode(errors="replace"),
             tuple(slot.by_listener),
         )
+
+    def slot_latency(self, index: int) -> list[Histogram]:
+        """The latency histograms of one slot's worker, per listener counter (not in read(): the
+        master reads every slot on each turn and needs none of them)."""
+        slot = self._slots[index]
+        return _histograms(slot.latency, slot.latency_sum)
 
     def used(self) -> list[SlotView]:
         """Snapshots of every slot that holds a worker."""
@@ -287,12 +356,15 @@ class Scoreboard:
 class SlotWriter:
     """The worker's handle on its own slot. Every method is a few memory stores."""
 
-    __slots__ = ("_slot", "_by_listener", "_listener")
+    __slots__ = ("_slot", "_by_listener", "_listener", "_counts", "_sums")
 
     def __init__(self, slot: _Slot) -> None:
         self._slot = slot
         # Made once: each read of slot.by_listener builds a new ctypes array object.
         self._by_listener = slot.by_listener
+        # Views over the latency fields: a memoryview's item store is cheaper than a ctypes array's.
+        self._counts = memoryview(slot.latency).cast("B").cast("q")
+        self._sums = memoryview(slot.latency_sum).cast("B").cast("d")
         # The listener last written: most workers serve one, so it is written once.
         self._listener = b""
 
@@ -317,6 +389,16 @@ class SlotWriter:
         slot.requests += 1
         self._by_listener[min(listener_index, MAX_LISTENERS - 1)] += 1
         slot.state = IDLE
+
+    def observe(self, listener_index: int, seconds: float) -> None:
+        """Count one request that took *seconds* in the listener's latency histogram.
+
+        Two stores into the map, no allocation beyond the float: measured in
+        tests/test_scoreboard.py (well under a microsecond on an idle machine).
+        """
+        index = listener_index if listener_index < MAX_LISTENERS else MAX_LISTENERS - 1
+        self._counts[index * BUCKETS + bisect_left(LATENCY_BOUNDS, seconds)] += 1
+        self._sums[index] += seconds
 
     def add_active(self, delta: int) -> None:
         self._slot.active += delta
@@ -349,10 +431,32 @@ def _finite(value: float) -> float:
     return value if math.isfinite(value) else 0.0
 
 
+def _histograms(counts: Any, sums: Any) -> list[Histogram]:
+    flat = counts[:]
+    return [from_counts(flat[i * BUCKETS:(i + 1) * BUCKETS], _finite(sums[i])) for i in range(MAX_LISTENERS)]
+
+
+def _copy(buffer: mmap.mmap) -> bytearray:
+    """A private copy of the map, taken again if the master folded a slot meanwhile (see latency)."""
+    offset = _Header.folds.offset
+    if len(buffer) < ctypes.sizeof(_Header):
+        return bytearray(buffer)  # too short to be a scoreboard: _check_layout says so
+    for _ in range(_FOLD_RETRIES):
+        folds = struct.unpack_from("=q", buffer, offset)[0]
+        data = bytearray(buffer)
+        if folds % 2 == 0 and struct.unpack_from("=q", buffer, offset)[0] == folds:
+            break
+    return data
+
+
 def _check_layout(path: str, data: bytearray) -> None:
     """ValueError unless *data* is a whole scoreboard of this version (the file is outside input)."""
     header_size = ctypes.sizeof(_Header)
-    if len(data) < header_size or bytes(data[: len(_MAGIC)]) != _MAGIC:
+    magic = bytes(data[: len(_MAGIC)])
+    if magic.startswith(_MAGIC_PREFIX) and magic != _MAGIC:
+        raise ValueError(f"{path} was written by another version of prefork (layout {magic.decode(errors='replace')}"
+                         f", this prefork reads {_MAGIC.decode()}): use the prefork that started the master")
+    if len(data) < header_size or magic != _MAGIC:
         raise ValueError(f"{path} is not a prefork scoreboard")
     capacity = _Header.from_buffer_copy(data[:header_size]).capacity
     if not 0 <= capacity <= _MAX_CAPACITY or len(data) != header_size + capacity * ctypes.sizeof(_Slot):

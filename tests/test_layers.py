@@ -56,8 +56,8 @@ LAYERS = {
     SUPPORT: ("errors", "privileges", "log", "loader"),
     BIND: ("bindspec", "listeners", "handover"),
     MASTER: ("arbiter", "pool", "worker", "signals", "scoreboard", "pidfile", "procstats", "notify",
-             "proctitle", "reloads", "accounting", "allowlist", "parking", "modes", "metrics", "children"),
-    FACE: ("master", "config", "setting_types", "settings_docs", "cli", "control", "runpaths", "__init__",
+             "proctitle", "reloads", "accounting", "allowlist", "parking", "modes", "metrics", "children", "latency"),
+    FACE: ("master", "config", "setting_types", "settings_docs", "cli", "control", "top", "runpaths", "__init__",
            "__main__"),
 }
 

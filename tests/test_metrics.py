@@ -385,4 +385,31 @@ def test_describe_names_every_family(tmp_path: Path) -> None:
     described = {family.name for family in collector.describe()}
     assert described == {"prefork_up", "prefork_requests", "prefork_workers", "prefork_busy_workers",
                          "prefork_worker_memory_bytes", "prefork_worker_cpu_seconds", "prefork_worker_restarts",
-                         "prefork_pool_target_workers", "prefork_generation"}
+                         "prefork_pool_target_workers", "prefork_generation", "prefork_request_duration_seconds",
+                         "prefork_listen_queue_depth"}
+
+
+def test_latency_histogram_is_cumulative_and_outlives_workers(tmp_path: Path) -> None:
+    path = str(tmp_path / "scoreboard")
+    board = Scoreboard.create(2, path)
+    try:
+        board.claim(0, 1, 1)
+        board.claim(1, 2, 1)
+        for index, seconds in ((0, 0.0002), (0, 0.003), (1, 0.003), (1, 20.0)):
+            board.writer(index).observe(0, seconds)
+        board.writer(1).observe(1, 0.02)
+        board.release(0)  # worker 1 leaves: its request stays counted
+        board.publish_listeners(LISTENERS, [4, -1])
+        samples = collect(metrics.ScoreboardCollector(path, LISTENERS, SERVICE, stats_of=fake_stats({})))
+    finally:
+        board.close()
+    tcp = {"listener": LISTENERS[0]}
+    assert value(samples, "prefork_request_duration_seconds_bucket", le="0.0005", **tcp) == 1
+    assert value(samples, "prefork_request_duration_seconds_bucket", le="0.005", **tcp) == 3
+    assert value(samples, "prefork_request_duration_seconds_bucket", le="10.0", **tcp) == 3
+    assert value(samples, "prefork_request_duration_seconds_bucket", le="+Inf", **tcp) == 4
+    assert value(samples, "prefork_request_duration_seconds_count", **tcp) == 4
+    assert value(samples, "prefork_request_duration_seconds_sum", **tcp) == pytest.approx(20.0062)
+    assert value(samples, "prefork_request_duration_seconds_count", listener=LISTENERS[1]) == 1
+    assert value(samples, "prefork_listen_queue_depth", listener=LISTENERS[0]) == 4
+    assert ("prefork_listen_queue_depth", frozenset({("listener", LISTENERS[1])})) not in samples  # unknown

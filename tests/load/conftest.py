@@ -55,10 +55,10 @@ def _env() -> dict[str, str]:
 class Group:
     """A subprocess in a session of its own, stopped by its process group."""
 
-    def __init__(self, argv: list[str], cwd: Path, log_path: Path) -> None:
+    def __init__(self, argv: list[str], cwd: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
         self.log_path = log_path
         self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(argv, cwd=cwd, env=_env(), stdin=subprocess.DEVNULL, stdout=self._log,
+        self.proc = subprocess.Popen(argv, cwd=cwd, env={**_env(), **(env or {})}, stdin=subprocess.DEVNULL, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
 
     def log(self) -> str:

@@ -182,7 +182,9 @@ def hold_every_worker(master: Any, count: int) -> tuple[list[socket.socket], lis
 def wait_replaced(master: Any, size: int, gone: int) -> set[int]:
     """Wait until the pool has *size* ready workers again and *gone* is no longer among them."""
     def back() -> set[int] | None:
-        ready, pids = master.ready_pids(), master.worker_pids()
+        workers = master.workers()  # one reading: the master may replace a worker between two
+        pids = {view.pid for view in workers}
+        ready = {view.pid for view in workers if view.state_name in ("idle", "busy")}
         return ready if gone not in pids and len(ready) == len(pids) == size else None
     return wait_for(back, RECOVERY_TIMEOUT,
                     lambda: f"pool not back to {size} workers without {gone}: {master.workers()}")

@@ -391,7 +391,7 @@ def test_status_names_an_unreadable_scoreboard_instead_of_a_traceback(tmp_path: 
     """A user the master's umask keeps out of the scoreboard gets an error naming the file."""
     board = tmp_path / "master.pid.scoreboard"
     board.write_bytes(b"")
-    master = control._Master(str(tmp_path / "master.pid"), os.getpid())
+    master = control.Master(str(tmp_path / "master.pid"), os.getpid())
     denied = PermissionError(13, "Permission denied", str(board))
     with mock.patch.object(Scoreboard, "open", side_effect=denied):
         with pytest.raises(PreforkError, match=r"cannot read the scoreboard .*: permission denied"):
