@@ -393,8 +393,8 @@ class SlotWriter:
     def observe(self, listener_index: int, seconds: float) -> None:
         """Count one request that took *seconds* in the listener's latency histogram.
 
-        Two stores into the map, no allocation beyond the float: measured in
-        tests/test_scoreboard.py (well under a microsecond on an idle machine).
+        Two stores into the map, nothing allocated that outlives the call (tests/test_scoreboard.py);
+        its time per request is measured by the master benchmark (`python -m loadtests.bench master`).
         """
         index = listener_index if listener_index < MAX_LISTENERS else MAX_LISTENERS - 1
         self._counts[index * BUCKETS + bisect_left(LATENCY_BOUNDS, seconds)] += 1

@@ -49,6 +49,7 @@ import signal
 import statistics
 import tempfile
 import time
+import timeit
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,7 @@ from loadtests.harness import (ROOT, START_TIMEOUT, Server, percentile, positive
                                report_head, serving, wait_for, write_report)
 from loadtests.load import EchoLoad, holding, request
 from prefork.pool import YOUNG_AGE
-from prefork.scoreboard import IDLE, SlotView
+from prefork.scoreboard import IDLE, Scoreboard, SlotView
 
 OUTPUT = ROOT / "docs" / "benchmarks-master.md"
 
@@ -490,12 +491,40 @@ READING = [
 ]
 
 
+# -- 5. the cost of a request's latency record ------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RecordCost:
+    observe: float  # seconds per SlotWriter.observe call
+    call: float  # seconds per call of an empty function of the same arguments
+
+
+def bench_record_cost(calls: int) -> RecordCost:
+    """What a worker adds per request for the latency histogram: min over 5 repeats of *calls* calls."""
+    board = Scoreboard.create(1)
+    try:
+        board.claim(0, 1, 1)
+        writer = board.writer(0)
+
+        def empty(index: int, seconds: float) -> None:
+            pass
+
+        cost = RecordCost(min(timeit.repeat(lambda: writer.observe(1, 0.003), number=calls, repeat=5)) / calls,
+                          min(timeit.repeat(lambda: empty(1, 0.003), number=calls, repeat=5)) / calls)
+        del writer  # the map cannot close while a view of it lives
+    finally:
+        board.close()
+    return cost
+
+
 @dataclasses.dataclass
 class Results:
     wakeups: list[WakeupRun]
     master_cpu: MasterCpu
     respawn: list[Respawn]
     memory: list[MemoryCase]
+    record: RecordCost
 
 
 def summary_lines(r: Results) -> list[str]:
@@ -514,6 +543,8 @@ def summary_lines(r: Results) -> list[str]:
          f"{unfrozen.mean('uss') / MiB:.1f} / {separate.mean('uss') / MiB:.1f} MiB |"),
         (f"| total PSS, master + {MEMORY_WORKERS} workers: preload (frozen) / preload unfrozen / no preload | "
          f"{frozen.total('pss') / MiB:.0f} / {unfrozen.total('pss') / MiB:.0f} / {separate.total('pss') / MiB:.0f} MiB |"),
+        (f"| a request's latency record (target at most 1 µs): SlotWriter.observe / an empty call | "
+         f"{r.record.observe * 1e9:.0f} / {r.record.call * 1e9:.0f} ns |"),
     ]
 
 
@@ -540,6 +571,7 @@ def add_arguments(parser: argparse.ArgumentParser, quick: bool) -> None:
     add("--gap-ms", type=float, default=DEFAULT_GAP * 1000, help="pause after each wake-up connection")
     add("--load-seconds", type=float, default=1.0 if quick else 10.0, help="duration of the master-CPU load")
     add("--samples", type=positive, default=2 if quick else 20, help="worker kills for the respawn time")
+    add("--record-calls", type=positive, default=10_000 if quick else 200_000, help="calls per repeat of the latency record")
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> None:
@@ -550,5 +582,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
             master_cpu=bench_master_cpu(servers, args.load_seconds),
             respawn=bench_respawn(servers, args.samples),
             memory=bench_memory(servers),
+            record=bench_record_cost(args.record_calls),
         )
     write_report(render_report(results, argv), args.output)
