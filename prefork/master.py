@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import threading
 import types
 from typing import Any, Callable, Protocol, Sequence, cast
@@ -31,12 +32,14 @@ from prefork.config import Settings, format_value, held_on_reload, make_settings
 from prefork.errors import AppLoadError, ConfigError
 from prefork.handlers import DatagramRequestHandler, StreamRequestHandler
 from prefork.handover import FDS_ENV
+from prefork.bindspec import parse_networks
 from prefork.listeners import (Listener, bind_all, inherited_listeners, listener_for_socket, parse_bind,
                                rebind_reuse_port, reconfigure)
 from prefork.loader import load_object
 from prefork.modes import server_class_for
 from prefork.runpaths import service_name
 from prefork.servers import BaseServer, LoopServer, TCPServer, UDPServer
+from prefork.tls import build_context, key_password
 from prefork.worker import WorkerSpec
 
 __all__ = [
@@ -422,7 +425,33 @@ def _worker_spec(settings: Settings, listeners: Sequence[Listener], build: _Buil
         set_title=lambda number, generation: set_title("worker", name, number, generation),
         access_log=access_log,
         read_timeout=settings.read_timeout,
+        tls_context=_tls_context(settings, listeners),
+        proxy_allow=() if settings.proxy_allow_ips == ["*"] else parse_networks(settings.proxy_allow_ips, "proxy_allow_ips"),
+        handshake_timeout=settings.handshake_timeout,
     )
+
+
+def _tls_context(settings: Settings, listeners: Sequence[Listener]) -> ssl.SSLContext | None:
+    """The context of the ?tls listeners, built from the files now (prefork.tls rule 1); None without any.
+
+    ConfigError (exit 2, or a refused reload) names the file or the listener at fault.
+    """
+    for listener in listeners:
+        if (listener.spec.tls or listener.spec.proxy) and not listener.is_stream:
+            raise ConfigError(f"setting 'bind': {listener.spec.text}: ?tls and ?proxy apply to stream "
+                              f"sockets, and {listener.name} is a datagram socket")
+    tls = [listener.name for listener in listeners if listener.spec.tls]
+    if not tls:
+        if settings.certfile:
+            log.warning("certfile is set but no listener has ?tls: nothing is served over TLS")
+        return None
+    if not settings.certfile:
+        raise ConfigError(f"setting 'certfile': {tls[0]} has ?tls, so set certfile (and keyfile) to its "
+                          "certificate and key")
+    password = key_password(settings.key_password_file, settings.key_password_env)
+    return build_context(settings.certfile, settings.keyfile, password, ca_certs=settings.ca_certs,
+                         cert_reqs=settings.cert_reqs, min_version=settings.tls_min_version,
+                         ciphers=settings.ciphers, alpn_protocols=settings.alpn_protocols)
 
 
 def _hooks(settings: Settings) -> Hooks:

@@ -14,7 +14,7 @@ import os
 import re
 from typing import Any, Callable
 
-from prefork.bindspec import parse_bind, split_bind_list
+from prefork.bindspec import parse_bind, parse_networks, split_bind_list
 from prefork.errors import ConfigError
 
 _Validator = Callable[[str, Any], Any]
@@ -126,6 +126,25 @@ def check_bind_list(name: str, value: Any) -> Any:
         raise _not_allowed(name, value, "a list of bind specs")
     for spec in value:
         parse_bind(spec)  # BindSpecError names the spec and the accepted forms
+    return list(value)
+
+
+def check_networks(name: str, value: Any) -> Any:
+    """A list of networks in CIDR form, as ``?allow=`` takes them; ``*`` alone: any address."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise _not_allowed(name, value, "a list of networks such as 10.0.0.0/8, or *")
+    if list(value) == ["*"]:
+        return ["*"]
+    return [str(network) for network in parse_networks(value, f"setting {name!r}")]
+
+
+def check_text_list(name: str, value: Any) -> Any:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise _not_allowed(name, value, "a list of names")
     return list(value)
 
 

@@ -56,7 +56,7 @@ LAYERS = {
     SUPPORT: ("errors", "privileges", "log", "loader"),
     BIND: ("bindspec", "listeners", "handover"),
     MASTER: ("arbiter", "pool", "worker", "signals", "scoreboard", "pidfile", "procstats", "notify",
-             "proctitle", "reloads", "accounting", "allowlist", "parking", "modes", "metrics", "children"),
+             "proctitle", "reloads", "accounting", "allowlist", "parking", "modes", "metrics", "children", "proxy", "tls"),
     FACE: ("master", "config", "setting_types", "settings_docs", "cli", "control", "runpaths", "__init__",
            "__main__"),
 }
