@@ -115,6 +115,7 @@ class Connection(Protocol):
 
     sock: socket.socket
     address: Any
+    hung_up: bool  # the client shut down its sending side: what is buffered is all that will come
 
 
 class Stage(Protocol):
@@ -167,6 +168,7 @@ class _Parked:
     peeked: int = 0
     stage: int = 0  # the index of the stage it is in; len(rule.stages) once past them
     begun: bool = False  # the current stage's begin() has run
+    hung_up: bool = False
     mask: int = _WATCH
 
 
@@ -264,6 +266,7 @@ class ParkingLot:
     def _advance(self, parked: _Parked, events: int) -> str:
         """Take *parked* through what is left of its stages (rule 6), then look at its buffer (rule 1)."""
         stages = parked.rule.stages
+        parked.hung_up = parked.hung_up or bool(events & (select.EPOLLRDHUP | select.EPOLLHUP))
         while parked.stage < len(stages):
             stage = stages[parked.stage]
             try:

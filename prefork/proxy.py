@@ -166,6 +166,8 @@ class ProxyStage:
         except ProxyError as exc:
             raise StageFailed(exc.kind, str(exc)) from None
         if header is None:
+            if conn.hung_up:
+                raise StageFailed("truncated", f"the peer stopped sending after {len(data)} bytes of a header")
             return Waiting.READ
         sock.recv(header.length, socket.MSG_DONTWAIT)  # the same bytes the peek saw: all buffered
         if header.source is not None:

@@ -133,7 +133,7 @@ class HandshakeStage:
         except ssl.SSLWantWriteError:
             return Waiting.WRITE
         except ssl.SSLCertVerificationError as exc:
-            raise StageFailed("client certificate refused", str(exc.verify_message)) from None
+            raise StageFailed(f"client certificate refused: {exc.verify_message}") from None
         except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
             raise StageFailed("closed by the client", "before the handshake ended") from None
         except ssl.SSLError as exc:
