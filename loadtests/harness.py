@@ -111,7 +111,7 @@ def stop_process_group(pgid: int, grace: float = STOP_GRACE) -> None:
 # What prefork's and gunicorn's own command lines log once they serve (read back from the log).
 _PREFORK_SERVING = re.compile(r"serving (?:tcp://127\.0\.0\.1:(\d+))?(?:, )?(?:udp://127\.0\.0\.1:(\d+))?")
 _PREFORK_READY = re.compile(r"ready: (\d+) workers ready")
-_GUNICORN_PORT = re.compile(r"Listening at: http://127\.0\.0\.1:(\d+)")
+_GUNICORN_PORT = re.compile(r"Listening at: https?://127\.0\.0\.1:(\d+)")
 _GUNICORN_WORKER = re.compile(r"Booting worker with pid")
 
 

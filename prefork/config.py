@@ -50,6 +50,7 @@ from prefork.setting_types import (  # the checks and parsers the declarations b
     check_name_or_id,
     check_networks,
     check_one_of,
+    check_one_of_any_case,
     check_optional,
     check_path,
     check_path_or_dash,
@@ -160,8 +161,8 @@ class Settings:
                                           check_networks, factory=True, section="listeners",
                                           default_text="127.0.0.1/32, ::1/128 (loopback)")
     handshake_timeout: float = _setting(5.0, "seconds a connection to a ?proxy or ?tls listener has for its "
-                                        "PROXY header and TLS handshake (in the worker, without blocking it)",
-                                        check_at_least(0.001, MAX_SECONDS), section="listeners")
+                                        "PROXY header and TLS handshake (in the worker, without blocking it); "
+                                        "0 means no limit", check_at_least(0, MAX_SECONDS), section="listeners")
     # -- tls
     certfile: str | None = _setting(None, "PEM certificate (chain) of ?tls listeners; read by the master at "
                                     "start and on reload (HUP), which rotates it", check_optional(check_path),
@@ -180,8 +181,8 @@ class Settings:
     cert_reqs: str = _setting("none", "client certificates: none (not asked for), optional (checked if "
                               "sent), required (mutual TLS)", check_one_of("none", "optional", "required"),
                               section="tls", kind=WORD)
-    tls_min_version: str = _setting("TLSv1.2", "least TLS version accepted: TLSv1.2 or TLSv1.3",
-                                    check_one_of("TLSv1.2", "TLSv1.3"), section="tls")
+    tls_min_version: str = _setting("tlsv1.2", "least TLS version accepted: TLSv1.2 or TLSv1.3 (any case)",
+                                    check_one_of_any_case("tlsv1.2", "tlsv1.3"), section="tls", kind=WORD)
     ciphers: str | None = _setting(None, "OpenSSL cipher list for TLS 1.2 (TLS 1.3 suites are OpenSSL's); "
                                    "unset: Python's defaults", check_optional(check_text), section="tls",
                                    sample="ECDHE+AESGCM:ECDHE+CHACHA20")

@@ -63,6 +63,15 @@ def check_one_of(*choices: str) -> _Validator:
     return check
 
 
+def check_one_of_any_case(*choices: str) -> _Validator:
+    """check_one_of for names written in any case (TLSv1.2, tlsv1.2); the value kept in lower case."""
+    check = check_one_of(*choices)
+
+    def lowered(name: str, value: Any) -> Any:
+        return check(name, value.lower() if isinstance(value, str) else value)
+    return lowered
+
+
 def check_boolean(name: str, value: Any) -> Any:
     if not isinstance(value, bool):
         raise _not_allowed(name, value, "true or false")

@@ -228,7 +228,8 @@ class _Loop:
             counter = spec.counter_indexes[index] if spec.counter_indexes else index
             instrument(server, self.slot, listener.name, counter, spec.access_log, spec.read_timeout)
             self.by_fd[server.fileno()] = server
-            rule = _first_message(server, listener, spec.read_timeout, _stages(spec, listener), spec.handshake_timeout)
+            rule = _first_message(server, listener, spec.read_timeout, _stages(spec, listener),
+                                  spec.handshake_timeout or None)
             if rule is not None:
                 self.rules[server] = rule
         self.lot = ParkingLot(parking_limit()) if self.rules else None
@@ -360,7 +361,7 @@ class _Loop:
 
 
 def _first_message(server: LoopServer, listener: Listener, read_timeout: float, stages: tuple[Stage, ...],
-                   stage_timeout: float) -> FirstMessage | None:
+                   stage_timeout: float | None) -> FirstMessage | None:
     """What *server*'s connections wait for before their handler; None if they do not wait."""
     if not listener.is_stream or not isinstance(server, TCPServer):
         if stages:
