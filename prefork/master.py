@@ -39,7 +39,7 @@ from prefork.loader import load_object
 from prefork.modes import server_class_for
 from prefork.runpaths import service_name
 from prefork.servers import BaseServer, LoopServer, TCPServer, UDPServer
-from prefork.tls import build_context, key_password
+from prefork.tls import build_context, files_digest, key_password
 from prefork.worker import WorkerSpec
 
 __all__ = [
@@ -179,6 +179,7 @@ class _Service:
         self.build = build
         self.default_name = default_name
         self.reload_settings = reload_settings
+        self.tls_digest = ""  # of the certificate and key files the last plan was made from
 
     def plan(self, settings: Settings, listeners: list[Listener], current: Plan | None = None) -> Plan:
         """Everything a generation is built from (hooks resolved, access log opened)."""
@@ -190,6 +191,7 @@ class _Service:
         spec = _worker_spec(settings, listeners, builder, name, hooks, access_log)
         if isinstance(builder, _ServerBuilder) and isinstance(builder.app, str):
             spec.app_target = builder.app  # the worker finds its file while still root (prefork.loader.locate)
+        self.tls_digest = files_digest(settings.certfile, settings.keyfile, settings.ca_certs) if spec.tls_context else ""
         return Plan(settings, listeners, spec, hooks, enter=lambda: _enter(settings, name))
 
     def replan(self, current: Plan) -> Plan:
@@ -202,13 +204,14 @@ class _Service:
         old = _settings_of(current)
         fresh, held = _hold(old, self.reload_settings())
         listeners, added = _relisten(current, fresh)
+        digest = self.tls_digest
         try:
             plan = self.plan(fresh, listeners, current)
         except BaseException:
             for listener in added:
                 listener.close()
             raise
-        plan.changes = tuple(_changes(current, plan))
+        plan.changes = tuple(_changes(current, plan) + _tls_files_changed(old, fresh, digest, self.tls_digest))
         plan.held = tuple(held)
         return plan
 
@@ -265,6 +268,14 @@ def _changes(current: Plan, new: Plan) -> list[str]:
         elif before != after:
             lines.append(f"{name}: {_text(name, before)} -> {_text(name, after)}")
     return lines
+
+
+def _tls_files_changed(old: Settings, new: Settings, before: str, after: str) -> list[str]:
+    """A line when the TLS files changed in place (same paths, new contents): a rotation."""
+    paths = ("certfile", "keyfile", "ca_certs")
+    if not before or not after or before == after or any(getattr(old, p) != getattr(new, p) for p in paths):
+        return []
+    return ["certfile, keyfile, ca_certs: new contents, served by the new workers"]
 
 
 def _settings_of(plan: Plan) -> Settings:

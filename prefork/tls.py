@@ -22,6 +22,7 @@ Rules:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import ssl
@@ -30,7 +31,7 @@ from typing import Mapping, Sequence
 from prefork.errors import ConfigError
 from prefork.parking import Connection, StageFailed, Waiting
 
-__all__ = ["HandshakeStage", "build_context", "key_password", "CERT_REQS", "MIN_VERSIONS"]
+__all__ = ["HandshakeStage", "build_context", "key_password", "files_digest", "CERT_REQS", "MIN_VERSIONS"]
 
 CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
 # TLS 1.0 and 1.1 are deprecated (RFC 8996) and refused by OpenSSL 3's default security level.
@@ -75,6 +76,20 @@ def build_context(certfile: str, keyfile: str | None = None, password: str | Non
     if alpn_protocols:
         context.set_alpn_protocols(list(alpn_protocols))
     return context
+
+
+def files_digest(*paths: str | None) -> str:
+    """A digest of the files' contents (unreadable ones count as empty): a reload compares it to
+    say that the certificate or key changed although their paths did not."""
+    digest = hashlib.sha256()
+    for path in filter(None, paths):
+        try:
+            with open(path, "rb") as file:
+                digest.update(file.read())
+        except OSError:
+            pass  # build_context has refused it already, naming the file
+        digest.update(b"\0")
+    return digest.hexdigest()
 
 
 def _load_chain(context: ssl.SSLContext, certfile: str, keyfile: str | None, password: str | None) -> None:

@@ -276,6 +276,7 @@ def test_a_reload_rotates_the_certificate_under_load_without_a_failed_handshake(
             replace(key, pair[1].read_bytes())
             code, out, err = prefork(capsys, "reload", "-p", str(master.pidfile), "--timeout", "30")
             assert code == EXIT_OK, err
+            assert "certfile, keyfile, ca_certs: new contents, served by the new workers" in out.splitlines(), out
             rotated = _der(pair[0])
             wait_until(lambda: rotated in served, 15, message=f"the {name} certificate is never served")
             load.wait_requests(50)
