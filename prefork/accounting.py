@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import ssl
 import struct
 import sys
 import time
@@ -30,7 +31,8 @@ from typing import Any
 
 from prefork.scoreboard import SlotWriter
 
-__all__ = ["instrument", "client_text", "stricter_timeout", "accept_queue_length", "unix_accept_queue_length"]
+__all__ = ["instrument", "client_text", "stricter_timeout", "accept_queue_length", "unix_accept_queue_length",
+           "tls_text"]
 
 log = logging.getLogger("prefork.worker")
 
@@ -67,6 +69,14 @@ def client_text(address: Any) -> str:
         host, port = address[0], address[1]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return str(address or "unix")
+
+
+def tls_text(request: Any) -> str | None:
+    """'TLSv1.3/TLS_AES_256_GCM_SHA384' for a TLS connection (the access log's tls field); else None."""
+    if not isinstance(request, ssl.SSLSocket):
+        return None
+    cipher = request.cipher()
+    return f"{request.version()}/{cipher[0]}" if cipher else None
 
 
 def stricter_timeout(connection: socket.socket, own: float | None) -> float | None:
@@ -136,6 +146,7 @@ def _log_requests(server: Any, access: Any, listener: str) -> None:
 
     def finish_request_logged(request: Any, client_address: Any) -> None:
         started, outcome = time.monotonic(), "error"
+        tls = tls_text(request)
         counted = _CountingSocket.wrap(request)
         try:
             finish_request(counted, client_address)
@@ -143,7 +154,7 @@ def _log_requests(server: Any, access: Any, listener: str) -> None:
         finally:
             bytes_in, bytes_out = _byte_counts(request, counted)
             access.record(client_text(client_address), listener, os.getpid(), time.monotonic() - started,
-                          bytes_in, bytes_out, outcome)
+                          bytes_in, bytes_out, outcome, tls)
             if os.getpid() != worker_pid:
                 access.flush()  # a forked per-request child leaves by os._exit: write it now
 

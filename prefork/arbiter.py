@@ -471,8 +471,8 @@ class Arbiter:
         for key, listener in list(self._sockets.items()):
             if key not in held:
                 del self._sockets[key]
-                log.info("closing listener %s: the configuration no longer has it", listener.name)
                 listener.close(unlink=not self.handed_over)
+                log.info("closed listener %s: the configuration no longer has it", listener.name)
         logs = {id(plan.spec.access_log) for plan in kept}
         for plan in before:
             if plan.spec.access_log is not None and id(plan.spec.access_log) not in logs:

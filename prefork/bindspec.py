@@ -13,7 +13,12 @@ cannot contain ``?allow=`` for that reason; any other ``?`` in a path is part of
 Any stream spec may say ``?first=server``: its protocol has the server speak first (SMTP, FTP,
 a banner), so a worker hands each connection to the handler at once instead of waiting for the
 client's first message (prefork.parking). ``first=client``, the default, is left out of the
-canonical text. With both options, ``first`` comes first: ``tcp://0.0.0.0:25?first=server&allow=10.0.0.0/8``.
+canonical text.
+
+Any stream spec may also say ``?proxy`` (a PROXY protocol header, v1 or v2, comes first on every
+connection; ``?proxy=v1`` or ``?proxy=v2`` accepts only that version: prefork.proxy) and
+``?tls`` (the connection is TLS: prefork.tls). Options are joined by '&' and canonically come
+in the order first, proxy, tls, allow: ``tcp://0.0.0.0:443?proxy=v2&tls&allow=10.0.0.0/8``.
 """
 
 from __future__ import annotations
@@ -24,12 +29,12 @@ import ipaddress
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Sequence, Union
 
-from prefork.errors import BindSpecError
+from prefork.errors import BindSpecError, ConfigError
 
 __all__ = ["BindSpec", "Network", "parse_bind", "split_bind_list", "failure_reason", "host_text", "unix_text",
-           "DIGITS", "MAX_FD", "INET_SCHEMES", "UNIX_SCHEMES"]
+           "parse_networks", "DIGITS", "MAX_FD", "INET_SCHEMES", "UNIX_SCHEMES"]
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
@@ -37,7 +42,9 @@ _FORMS = ("tcp://HOST:PORT, udp://HOST:PORT, HOST:PORT (tcp), unix:PATH, unix-dg
           "systemd, systemd:NAME; IPv6 addresses go in brackets, as in tcp://[::1]:8000; all but "
           "the unix forms may end in ?allow=NETWORK[,NETWORK...], as in "
           "tcp://0.0.0.0:8000?allow=10.0.0.0/8,127.0.0.1/32; a stream listener whose protocol has "
-          "the server speak first takes ?first=server (before allow=, joined by &)")
+          "the server speak first takes ?first=server; a stream listener takes ?proxy (PROXY protocol "
+          "v1 or v2; ?proxy=v1, ?proxy=v2 for one version) and ?tls; options are joined by &, "
+          "allow= last")
 INET_SCHEMES = ("tcp", "udp")
 UNIX_SCHEMES = ("unix", "unix-dgram")
 _STREAM_SCHEMES = ("tcp", "unix")
@@ -58,8 +65,11 @@ _FDNAME = re.compile(r"[\x20-\x39\x3b-\x7e]{1,255}")
 _ALLOW = "?allow="
 # Where a spec's options start: '?' and the first option's name (every other '?' belongs to the
 # address: a Unix path, a systemd name); options are joined by '&'.
-_OPTIONS = re.compile(r"\?(?=(?:allow|first)=)")
+_OPTIONS = re.compile(r"\?(?=(?:allow=|first=|proxy(?:=|&|$)|tls(?:&|$)))")
 _FIRST_VALUES = ("client", "server")
+# ?proxy: the PROXY protocol versions a listener accepts, by the option's value.
+_PROXY_VALUES = {"": (1, 2), "v1": (1,), "v2": (2,)}
+_OPTION_NAMES = "first=server, proxy[=v1|v2], tls and allow=NETWORK[,NETWORK...]"
 # The characters of a network in CIDR form (ASCII: ipaddress would refuse the rest anyway, with
 # a less helpful message), and the longest one: a full IPv6 address and a 3-digit prefix.
 _NETWORK = re.compile(r"[0-9A-Fa-f.:/]{1,43}")
@@ -96,6 +106,10 @@ class BindSpec:
     allow: tuple[Network, ...] = ()
     # ``?first=server``: the protocol has the server speak first, so no worker waits for the client.
     server_first: bool = False
+    # ``?proxy``: the PROXY protocol versions accepted (a header must come first); empty: none.
+    proxy: tuple[int, ...] = ()
+    # ``?tls``: connections are TLS, the handshake done by the worker before the handler.
+    tls: bool = False
 
     @property
     def address_text(self) -> str:
@@ -127,9 +141,12 @@ def parse_bind(text: str) -> BindSpec:
     options = _parse_options(text, query[0]) if query else {}
     spec = _parse_address(text, base, "allow" in options)
     server_first = _parse_first(text, spec, options.get("first", "client"))
+    proxy = _parse_stream_option(text, spec, "proxy", options)
+    tls = _parse_stream_option(text, spec, "tls", options)
     allow = _parse_allow(text, options["allow"]) if "allow" in options else ()
-    shown = ["first=server"] * server_first + [f"allow={','.join(map(str, allow))}"] * bool(allow)
-    return dataclasses.replace(spec, allow=allow, server_first=server_first,
+    shown = (["first=server"] * server_first + ([_proxy_text(proxy)] if proxy else []) + ["tls"] * bool(tls)
+             + [f"allow={','.join(map(str, allow))}"] * bool(allow))
+    return dataclasses.replace(spec, allow=allow, server_first=server_first, proxy=proxy, tls=bool(tls),
                                text=spec.text + ("?" + "&".join(shown) if shown else ""))
 
 
@@ -138,9 +155,12 @@ def _parse_options(text: str, query: str) -> dict[str, str]:
     options: dict[str, str] = {}
     for item in query.split("&"):
         name, equals, value = item.partition("=")
-        if name not in ("allow", "first") or not equals:
-            raise _bad(text, f"unknown option {name!r} after '?'; the options are "
-                             "first=server and allow=NETWORK[,NETWORK...]")
+        if name not in ("allow", "first", "proxy", "tls") or (name in ("allow", "first") and not equals):
+            raise _bad(text, f"unknown option {item!r} after '?'; the options are {_OPTION_NAMES}")
+        if name == "tls" and equals:
+            raise _bad(text, "tls takes no value: the certificate and key are settings (certfile, keyfile)")
+        if name == "proxy" and value not in _PROXY_VALUES:
+            raise _bad(text, f"proxy={value!r}: the PROXY protocol version is v1 or v2 (plain ?proxy accepts both)")
         if name in options:
             raise _bad(text, f"option {name}= is given twice")
         options[name] = value
@@ -153,6 +173,28 @@ def _parse_first(text: str, spec: BindSpec, value: str) -> bool:
     if value == "server" and spec.scheme in INET_SCHEMES + UNIX_SCHEMES and not spec.is_stream:
         raise _bad(text, "first= applies to stream listeners (tcp, unix), not to datagrams")
     return value == "server"
+
+
+def _parse_stream_option(text: str, spec: BindSpec, name: str, options: dict[str, str]) -> tuple[int, ...]:
+    """?proxy's versions, or (1,) for ?tls; () without the option. Refused on datagram schemes."""
+    if name not in options:
+        return ()
+    if spec.scheme in INET_SCHEMES + UNIX_SCHEMES and not spec.is_stream:
+        raise _bad(text, f"{name} applies to stream listeners (tcp, unix, fd, systemd), not to datagrams")
+    return _PROXY_VALUES[options[name]] if name == "proxy" else (1,)
+
+
+def _proxy_text(versions: tuple[int, ...]) -> str:
+    return "proxy" if len(versions) > 1 else f"proxy=v{versions[0]}"
+
+
+def parse_networks(items: Sequence[str], what: str) -> tuple[Network, ...]:
+    """Networks in CIDR form as ``?allow=`` takes them (sorted, each once); ConfigError naming *what*."""
+    try:
+        return _parse_allow(what, ",".join(items))
+    except BindSpecError as exc:
+        detail = str(exc).partition(": ")[2].partition("; accepted forms")[0].replace("allow= ", "")
+        raise ConfigError(f"{what}: {detail}") from None
 
 
 def split_bind_list(text: str) -> list[str]:
@@ -193,7 +235,7 @@ def _parse_address(text: str, base: str, allow: bool) -> BindSpec:
         return _parse_systemd(text, rest, sep)  # '?' is allowed in a socket name
     if "?" in base:
         raise _bad(text, f"unknown option {base.partition('?')[2].partition('=')[0]!r} after '?'; "
-                         "the options are first=server and allow=NETWORK[,NETWORK...]")
+                         f"the options are {_OPTION_NAMES}")
     if sep and rest.startswith("//"):
         return _parse_url(text, scheme, head, rest[2:])
     if scheme in INET_SCHEMES + ("fd",):

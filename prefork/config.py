@@ -48,11 +48,14 @@ from prefork.setting_types import (  # the checks and parsers the declarations b
     check_metrics_address,
     check_mode,
     check_name_or_id,
+    check_networks,
     check_one_of,
+    check_one_of_any_case,
     check_optional,
     check_path,
     check_path_or_dash,
     check_text,
+    check_text_list,
     toml_plain,
 )
 
@@ -152,6 +155,39 @@ class Settings:
                                             section="listeners", sample="www-data")
     unix_group: str | int | None = _setting(None, "group of Unix socket files", check_name_or_id,
                                             section="listeners", sample="www-data")
+    proxy_allow_ips: list[str] = _setting(lambda: ["127.0.0.1/32", "::1/128"],
+                                          "networks whose peers may send a PROXY protocol header on "
+                                          "?proxy listeners (your balancers); * alone: any peer",
+                                          check_networks, factory=True, section="listeners",
+                                          default_text="127.0.0.1/32, ::1/128 (loopback)")
+    handshake_timeout: float = _setting(5.0, "seconds a connection to a ?proxy or ?tls listener has for its "
+                                        "PROXY header and TLS handshake (in the worker, without blocking it); "
+                                        "0 means no limit", check_at_least(0, MAX_SECONDS), section="listeners")
+    # -- tls
+    certfile: str | None = _setting(None, "PEM certificate (chain) of ?tls listeners; read by the master at "
+                                    "start and on reload (HUP), which rotates it", check_optional(check_path),
+                                    section="tls", sample="/etc/prefork/tls/cert.pem")
+    keyfile: str | None = _setting(None, "PEM private key of certfile; unset: the key is in certfile",
+                                   check_optional(check_path), section="tls", sample="/etc/prefork/tls/key.pem")
+    key_password_file: str | None = _setting(None, "file whose first line is keyfile's password (never give "
+                                             "the password itself on the command line)",
+                                             check_optional(check_path), section="tls",
+                                             sample="/etc/prefork/tls/key.pass")
+    key_password_env: str | None = _setting(None, "name of an environment variable with keyfile's password",
+                                            check_optional(check_text), section="tls", sample="TLS_KEY_PASSWORD")
+    ca_certs: str | None = _setting(None, "PEM CA certificates to check client certificates against "
+                                    "(mutual TLS, see cert_reqs)", check_optional(check_path), section="tls",
+                                    sample="/etc/prefork/tls/clients-ca.pem")
+    cert_reqs: str = _setting("none", "client certificates: none (not asked for), optional (checked if "
+                              "sent), required (mutual TLS)", check_one_of("none", "optional", "required"),
+                              section="tls", kind=WORD)
+    tls_min_version: str = _setting("tlsv1.2", "least TLS version accepted: TLSv1.2 or TLSv1.3 (any case)",
+                                    check_one_of_any_case("tlsv1.2", "tlsv1.3"), section="tls", kind=WORD)
+    ciphers: str | None = _setting(None, "OpenSSL cipher list for TLS 1.2 (TLS 1.3 suites are OpenSSL's); "
+                                   "unset: Python's defaults", check_optional(check_text), section="tls",
+                                   sample="ECDHE+AESGCM:ECDHE+CHACHA20")
+    alpn_protocols: list[str] = _setting(list, "ALPN protocols offered, in order of preference, e.g. http/1.1",
+                                         check_text_list, factory=True, section="tls", sample=["http/1.1"])
     # -- workers
     workers: int = _setting(_cpu_count, "number of worker processes", check_integer(0, MAX_WORKERS),
                             factory=True, short="-w", default_text="the number of usable CPUs")

@@ -324,9 +324,12 @@ class AccessLog:
         return cls(_open_binary(target), json_format)
 
     def record(self, client: str, listener: str, pid: int, duration: float, bytes_in: int | None,
-               bytes_out: int | None, outcome: str) -> None:
-        """Log one request: *duration* in seconds, None for bytes not known, *outcome* in OUTCOMES."""
+               bytes_out: int | None, outcome: str, tls: str | None = None) -> None:
+        """Log one request: *duration* in seconds, None for bytes not known, *outcome* in OUTCOMES,
+        *tls* the version and cipher of a TLS connection ('TLSv1.3/TLS_AES_128_GCM_SHA256')."""
         line = self._line(time.time(), client, listener, pid, duration, bytes_in, bytes_out, outcome)
+        if tls is not None:
+            line = line[:-2] + f', "tls": {json.dumps(tls)}}}\n' if self._json else line[:-1] + f" tls={tls}\n"
         try:
             self._file.write(line.encode("utf-8", "backslashreplace"))
         except OSError as exc:

@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import threading
 import types
 from typing import Any, Callable, Protocol, Sequence, cast
@@ -31,12 +32,14 @@ from prefork.config import Settings, format_value, held_on_reload, make_settings
 from prefork.errors import AppLoadError, ConfigError
 from prefork.handlers import DatagramRequestHandler, StreamRequestHandler
 from prefork.handover import FDS_ENV
+from prefork.bindspec import parse_networks
 from prefork.listeners import (Listener, bind_all, inherited_listeners, listener_for_socket, parse_bind,
                                rebind_reuse_port, reconfigure)
 from prefork.loader import load_object
 from prefork.modes import server_class_for
 from prefork.runpaths import service_name
 from prefork.servers import BaseServer, LoopServer, TCPServer, UDPServer
+from prefork.tls import build_context, files_digest, key_password
 from prefork.worker import WorkerSpec
 
 __all__ = [
@@ -176,6 +179,7 @@ class _Service:
         self.build = build
         self.default_name = default_name
         self.reload_settings = reload_settings
+        self.tls_digest = ""  # of the certificate and key files the last plan was made from
 
     def plan(self, settings: Settings, listeners: list[Listener], current: Plan | None = None) -> Plan:
         """Everything a generation is built from (hooks resolved, access log opened)."""
@@ -187,6 +191,7 @@ class _Service:
         spec = _worker_spec(settings, listeners, builder, name, hooks, access_log)
         if isinstance(builder, _ServerBuilder) and isinstance(builder.app, str):
             spec.app_target = builder.app  # the worker finds its file while still root (prefork.loader.locate)
+        self.tls_digest = files_digest(settings.certfile, settings.keyfile, settings.ca_certs) if spec.tls_context else ""
         return Plan(settings, listeners, spec, hooks, enter=lambda: _enter(settings, name))
 
     def replan(self, current: Plan) -> Plan:
@@ -199,13 +204,14 @@ class _Service:
         old = _settings_of(current)
         fresh, held = _hold(old, self.reload_settings())
         listeners, added = _relisten(current, fresh)
+        digest = self.tls_digest
         try:
             plan = self.plan(fresh, listeners, current)
         except BaseException:
             for listener in added:
                 listener.close()
             raise
-        plan.changes = tuple(_changes(current, plan))
+        plan.changes = tuple(_changes(current, plan) + _tls_files_changed(old, fresh, digest, self.tls_digest))
         plan.held = tuple(held)
         return plan
 
@@ -262,6 +268,14 @@ def _changes(current: Plan, new: Plan) -> list[str]:
         elif before != after:
             lines.append(f"{name}: {_text(name, before)} -> {_text(name, after)}")
     return lines
+
+
+def _tls_files_changed(old: Settings, new: Settings, before: str, after: str) -> list[str]:
+    """A line when the TLS files changed in place (same paths, new contents): a rotation."""
+    paths = ("certfile", "keyfile", "ca_certs")
+    if not before or not after or before == after or any(getattr(old, p) != getattr(new, p) for p in paths):
+        return []
+    return ["certfile, keyfile, ca_certs: new contents, served by the new workers"]
 
 
 def _settings_of(plan: Plan) -> Settings:
@@ -422,7 +436,33 @@ def _worker_spec(settings: Settings, listeners: Sequence[Listener], build: _Buil
         set_title=lambda number, generation: set_title("worker", name, number, generation),
         access_log=access_log,
         read_timeout=settings.read_timeout,
+        tls_context=_tls_context(settings, listeners),
+        proxy_allow=() if settings.proxy_allow_ips == ["*"] else parse_networks(settings.proxy_allow_ips, "proxy_allow_ips"),
+        handshake_timeout=settings.handshake_timeout,
     )
+
+
+def _tls_context(settings: Settings, listeners: Sequence[Listener]) -> ssl.SSLContext | None:
+    """The context of the ?tls listeners, built from the files now (prefork.tls rule 1); None without any.
+
+    ConfigError (exit 2, or a refused reload) names the file or the listener at fault.
+    """
+    for listener in listeners:
+        if (listener.spec.tls or listener.spec.proxy) and not listener.is_stream:
+            raise ConfigError(f"setting 'bind': {listener.spec.text}: ?tls and ?proxy apply to stream "
+                              f"sockets, and {listener.name} is a datagram socket")
+    tls = [listener.name for listener in listeners if listener.spec.tls]
+    if not tls:
+        if settings.certfile:
+            log.warning("certfile is set but no listener has ?tls: nothing is served over TLS")
+        return None
+    if not settings.certfile:
+        raise ConfigError(f"setting 'certfile': {tls[0]} has ?tls, so set certfile (and keyfile) to its "
+                          "certificate and key")
+    password = key_password(settings.key_password_file, settings.key_password_env)
+    return build_context(settings.certfile, settings.keyfile, password, ca_certs=settings.ca_certs,
+                         cert_reqs=settings.cert_reqs, min_version=settings.tls_min_version,
+                         ciphers=settings.ciphers, alpn_protocols=settings.alpn_protocols)
 
 
 def _hooks(settings: Settings) -> Hooks:

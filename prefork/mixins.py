@@ -1,6 +1,7 @@
 """Per-request concurrency mixins and the ready-made servers built on them. Runs in: worker.
 
-``ForkingMixIn`` serves each request in a child process, ``ThreadingMixIn`` in a thread. Both
+``ForkingMixIn`` serves each request in a child process, ``ThreadingMixIn`` in a thread
+(``TLSMixIn``, a prefork addition, serves stream requests over TLS). Both
 have the names, attributes and defaults of the standard library's mixins; two details differ
 on purpose, and neither changes a documented meaning:
 
@@ -13,9 +14,11 @@ on purpose, and neither changes a documented meaning:
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import socket
+import ssl
 import threading
 import time
 from typing import Any
@@ -23,10 +26,13 @@ from typing import Any
 from prefork.servers import TCPServer, UDPServer
 
 __all__ = [
+    "TLSMixIn",
     "ThreadingMixIn",
     "ThreadingTCPServer",
     "ThreadingUDPServer",
 ]
+
+log = logging.getLogger("prefork.server")
 
 # Longest pause between two looks at our children when pidfds are not available.
 _CHILD_POLL_MAX = 0.05
@@ -85,6 +91,49 @@ class ThreadingMixIn:
         if tracked:
             for thread in list(tracked):
                 thread.join()
+
+
+class TLSMixIn:
+    """Mix-in class to serve each stream request over TLS (a prefork addition, not in the stdlib).
+
+    Set ``ssl_context`` (an ``ssl.SSLContext`` for the server side: ``PROTOCOL_TLS_SERVER`` with
+    its certificate loaded) on the class or the instance, and place the mixin first::
+
+        class Server(TLSMixIn, ThreadingMixIn, TCPServer): ...
+        server = Server(("0.0.0.0", 8443), Handler)
+        server.ssl_context = context
+
+    The handshake runs in ``finish_request``: in the request's own thread or child with
+    ``ThreadingMixIn`` or ``ForkingMixIn`` (never in the accepting loop), bounded by
+    ``handshake_timeout`` seconds. The handler gets the ``ssl.SSLSocket`` as ``self.request``,
+    with the connection's own timeout restored. A failed handshake is logged in one line on
+    ``prefork.server`` (no traceback) and the connection closed. Without ThreadingMixIn or
+    ForkingMixIn, one slow handshake holds the server up to ``handshake_timeout``. Under a
+    prefork master use ``?tls`` in the bind spec instead, which handshakes without blocking
+    the worker (the request is then already an ``ssl.SSLSocket``, and this mixin leaves it).
+    """
+
+    ssl_context: ssl.SSLContext | None = None
+    handshake_timeout: float | None = 5.0
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """Handshake (unless already done), then finish the request over TLS and close it."""
+        context = self.ssl_context
+        if context is None or isinstance(request, ssl.SSLSocket) or not isinstance(request, socket.socket):
+            super().finish_request(request, client_address)  # type: ignore[misc]
+            return
+        timeout = request.gettimeout()
+        request.settimeout(self.handshake_timeout)
+        try:
+            tls = context.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            log.info("TLS handshake with %s failed: %s", client_address, exc)
+            return
+        try:
+            tls.settimeout(timeout)
+            super().finish_request(tls, client_address)  # type: ignore[misc]
+        finally:
+            self.shutdown_request(tls)  # type: ignore[attr-defined]  # the wrapped socket took the descriptor
 
 
 class _TrackedThread(threading.Thread):

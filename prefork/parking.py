@@ -23,12 +23,20 @@ Rules:
    spec, or ``server_speaks_first = True`` on the handler class), and datagrams.
 5. A child forked from the worker (fork mode) closes its copies of the parked connections at
    once, so that only the worker decides when they end.
+6. Before its first message, a connection may have stages to pass, in order (``FirstMessage.stages``:
+   the PROXY header, prefork.proxy, then the TLS handshake, prefork.tls), all within
+   ``stage_timeout`` of its accept. A stage never blocks: it says what it waits for (``Waiting``)
+   and the lot watches the socket for it. A stage that fails (``StageFailed``) or runs out of
+   time closes the connection, with one log line per stage and kind of failure per
+   ``REPORT_INTERVAL``. Listeners with stages are parked even when the server speaks first;
+   those connections are ready once their stages are done.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import enum
 import logging
 import math
 import os
@@ -39,7 +47,10 @@ import time
 import weakref
 from typing import Any, Callable, Protocol
 
-__all__ = ["StreamServer", "FirstMessage", "ParkingLot", "parking_limit", "defer_accept", "FIRST_MESSAGE_MAX"]
+from prefork.accounting import client_text
+
+__all__ = ["StreamServer", "FirstMessage", "ParkingLot", "parking_limit", "defer_accept", "FIRST_MESSAGE_MAX",
+           "Stage", "StageFailed", "Waiting", "Connection"]
 
 log = logging.getLogger("prefork.parking")
 
@@ -67,6 +78,7 @@ EXPIRE_EVERY = 0.5
 
 _PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 _WATCH = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+_WATCH_WRITE = select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 _GONE_EVENTS = select.EPOLLHUP | select.EPOLLERR
 _READY, _WAIT, _GONE, _DRIBBLING = "ready", "wait", "gone", "dribbling"
 # The lots of this process, closed in its forked children (rule 5); the hook is registered once.
@@ -82,23 +94,65 @@ class StreamServer(Protocol):
     def dispatch_request(self, request: Any, client_address: Any) -> None: ...
 
 
+class Waiting(enum.Enum):
+    """What a stage waits for before it can go on (rule 6)."""
+
+    READ = "read"
+    WRITE = "write"
+
+
+class StageFailed(Exception):
+    """A stage refuses a connection (rule 6): *kind* names the failure (one log line per kind and
+    REPORT_INTERVAL, so it must come from a small set), *detail* says more; *quiet*: no line (the
+    client reset)."""
+
+    def __init__(self, kind: str, detail: str = "", quiet: bool = False) -> None:
+        super().__init__(f"{kind}: {detail}" if detail else kind)
+        self.kind, self.detail, self.quiet = kind, detail, quiet
+
+
+class Connection(Protocol):
+    """What a stage sees of a parked connection; it may replace the socket (TLS wraps it) and the
+    address (the PROXY header's client)."""
+
+    sock: socket.socket
+    address: Any
+    hung_up: bool  # the client shut down its sending side: what is buffered is all that will come
+
+
+class Stage(Protocol):
+    """One step between accept and the first message (rule 6)."""
+
+    name: str  # for the log lines: "PROXY header", "TLS handshake"
+
+    def begin(self, conn: Connection) -> None:
+        """Called once, when the connection reaches the stage; may raise StageFailed."""
+
+    def step(self, conn: Connection) -> Waiting | None:
+        """Go as far as possible without blocking: None when done, else what to wait for."""
+
+
 @dataclasses.dataclass(frozen=True)
 class FirstMessage:
-    """When a parked connection is ready for its handler (rule 1), and how long it may wait."""
+    """When a parked connection is ready for its handler (rules 1 and 6), and how long it may wait."""
 
     delimiters: tuple[bytes, ...] = ()  # empty: the first byte is enough
     timeout: float | None = None
     max_bytes: int = FIRST_MESSAGE_MAX
+    stages: tuple[Stage, ...] = ()
+    stage_timeout: float | None = None
+    waits: bool = True  # False: the server speaks first, ready once the stages are done
 
     @classmethod
-    def of(cls, handler: Any, server_first: bool, read_timeout: float) -> FirstMessage | None:
-        """The rule for a listener served by *handler* (a class); None where nothing waits (rule 4)."""
+    def of(cls, handler: Any, server_first: bool, read_timeout: float, stages: tuple[Stage, ...] = (),
+           stage_timeout: float | None = None) -> FirstMessage | None:
+        """The rule for a listener served by *handler* (a class); None where nothing waits (rules 4, 6)."""
         if server_first or getattr(handler, "server_speaks_first", False):
-            return None
+            return cls(stages=stages, stage_timeout=stage_timeout, waits=False) if stages else None
         declared = getattr(handler, "message_delimiter", None)
         delimiters = () if declared is None else (declared,) if isinstance(declared, bytes) else tuple(declared)
         limits = [t for t in (read_timeout, getattr(handler, "timeout", None)) if t]
-        return cls(delimiters, min(limits) if limits else None)
+        return cls(delimiters, min(limits) if limits else None, stages=stages, stage_timeout=stage_timeout)
 
     def complete(self, data: bytes) -> bool:
         if not self.delimiters or len(data) >= self.max_bytes:
@@ -117,6 +171,10 @@ class _Parked:
     rule: FirstMessage
     deadline: float
     peeked: int = 0
+    stage: int = 0  # the index of the stage it is in; len(rule.stages) once past them
+    begun: bool = False  # the current stage's begin() has run
+    hung_up: bool = False
+    mask: int = _WATCH
 
 
 class ParkingLot:
@@ -160,7 +218,7 @@ class ParkingLot:
         for fd, events in self._epoll.poll(timeout):
             parked = self._parked.get(fd)
             if parked is not None:
-                self._settle(parked, _state(parked, events))
+                self._settle(parked, self._advance(parked, events))
 
     def serve(self, interrupted: Callable[[], bool]) -> None:
         """Hand the ready connections to their servers, in order, until *interrupted()*."""
@@ -175,7 +233,12 @@ class ParkingLot:
             return
         self._next_expiry = now + EXPIRE_EVERY
         for parked in [p for p in self._parked.values() if p.deadline <= now]:
-            self._report.count("timeout", parked.rule.timeout)
+            stages = parked.rule.stages
+            if parked.stage < len(stages):
+                self._report.count(f"stalled:{stages[parked.stage].name}", stages[parked.stage].name,
+                                   parked.rule.stage_timeout)
+            else:
+                self._report.count("timeout", parked.rule.timeout)
             self._close(parked)
 
     def close(self) -> None:
@@ -189,19 +252,62 @@ class ParkingLot:
         if not isinstance(sock, socket.socket) or sock.fileno() < 0:
             server.dispatch_request(sock, address)  # not a socket we can watch: as without parking
             return
-        data = _peek(sock, rule.max_bytes)
-        if type(data) is bytes and (not data or rule.complete(data) or type(sock) is not socket.socket):
-            server.dispatch_request(sock, address)  # rule 2: one peek, no wait for a client that has spoken
+        data = None
+        if not rule.stages:
+            data = _peek(sock, rule.max_bytes)
+            if type(data) is bytes and (not data or rule.complete(data) or type(sock) is not socket.socket):
+                server.dispatch_request(sock, address)  # rule 2: one peek, no wait for a client that has spoken
+                return
+        parked = _Parked(sock, address, server, rule, self._deadline(rule.stage_timeout if rule.stages else rule.timeout))
+        state = self._advance(parked, 0, data)
+        if state == _READY:
+            server.dispatch_request(parked.sock, parked.address)  # rule 2: no wait for a client that has spoken
             return
-        timeout = rule.timeout
-        parked = _Parked(sock, address, server, rule, math.inf if timeout is None else self.clock() + timeout)
-        state = _state(parked, 0, data)
+        if state != _WAIT:
+            self._settle(parked, state)
+            return
         if len(self._parked) >= self.limit:
             self._report.count("full", self.limit)
             self._close(next(iter(self._parked.values())))
-        self._parked[sock.fileno()] = parked
-        self._epoll.register(sock.fileno(), _WATCH)
-        self._settle(parked, state)
+        self._parked[parked.sock.fileno()] = parked
+        self._epoll.register(parked.sock.fileno(), parked.mask)
+
+    def _deadline(self, timeout: float | None) -> float:
+        return math.inf if timeout is None else self.clock() + timeout
+
+    def _advance(self, parked: _Parked, events: int, data: bytes | str | None = None) -> str:
+        """Take *parked* through what is left of its stages (rule 6), then look at its buffer (rule 1);
+        *data*: a peek already made (only without stages)."""
+        stages = parked.rule.stages
+        parked.hung_up = parked.hung_up or bool(events & (select.EPOLLRDHUP | select.EPOLLHUP))
+        while parked.stage < len(stages):
+            stage = stages[parked.stage]
+            try:
+                if not parked.begun:
+                    parked.begun = True
+                    stage.begin(parked)
+                waiting = stage.step(parked)
+            except StageFailed as exc:
+                if not exc.quiet:
+                    self._report.failed(stage.name, exc, parked.address)
+                return _GONE
+            if waiting is not None:
+                self._watch(parked, _WATCH if waiting is Waiting.READ else _WATCH_WRITE)
+                return _WAIT
+            parked.stage, parked.begun = parked.stage + 1, False
+            if parked.stage == len(stages):
+                parked.deadline = self._deadline(parked.rule.timeout)
+                self._watch(parked, _WATCH)
+            events = 0  # those were the stage's events: the buffer is looked at afresh
+        return _state(parked, events, data)
+
+    def _watch(self, parked: _Parked, mask: int) -> None:
+        if mask == parked.mask:
+            return
+        parked.mask = mask
+        fd = parked.sock.fileno()
+        if self._parked.get(fd) is parked:
+            self._epoll.modify(fd, mask)
 
     def _settle(self, parked: _Parked, state: str) -> None:
         if state == _WAIT:
@@ -244,6 +350,8 @@ def _peek(sock: socket.socket, max_bytes: int) -> bytes | str:
 
 def _state(parked: _Parked, events: int, data: bytes | str | None = None) -> str:
     """What a parked connection's buffer says now (rule 1); *data*: a peek already made."""
+    if not parked.rule.waits or getattr(parked.sock, "pending", _nothing)():
+        return _READY  # the server speaks first; or TLS holds decrypted bytes already
     if data is None:
         data = _peek(parked.sock, parked.rule.max_bytes)
     if isinstance(data, str):  # nothing to read: _WAIT, or _GONE
@@ -256,10 +364,16 @@ def _state(parked: _Parked, events: int, data: bytes | str | None = None) -> str
     return _DRIBBLING if parked.peeked > PEEK_BUDGET else _WAIT
 
 
+def _nothing() -> int:
+    return 0
+
+
 class _Report:
-    """Rule 3's log lines: one per reason per REPORT_INTERVAL, counting the rest."""
+    """Rules 3 and 6's log lines: one per reason per REPORT_INTERVAL, counting the rest."""
 
     _TEXT = {
+        "stalled": "closed %d connection(s) stalled in their %s (not done within %gs)",
+        "failed": "closed %d connection(s): %s failed: %s (the last from %s)",
         "timeout": "closed %d connection(s) that sent no complete first message within %gs",
         "dribbling": "closed %d connection(s) dribbling their first message (the last after %d bytes of peeking)",
         "full": "closed %d waiting connection(s), the oldest, to make room (at most %d wait per worker)",
@@ -270,14 +384,19 @@ class _Report:
         self.counts: collections.Counter[str] = collections.Counter()
         self.next_line: dict[str, float] = {}
 
-    def count(self, reason: str, detail: Any) -> None:
+    def count(self, reason: str, *details: Any) -> None:
         self.counts[reason] += 1
         now = self.clock()
         if now < self.next_line.get(reason, -math.inf):
             return
         self.next_line[reason] = now + REPORT_INTERVAL
-        level = logging.WARNING if reason == "full" else logging.INFO
-        log.log(level, "worker %d: " + self._TEXT[reason], os.getpid(), self.counts.pop(reason), detail)
+        kind = reason.partition(":")[0]
+        level = logging.WARNING if kind in ("full", "failed") else logging.INFO
+        log.log(level, "worker %d: " + self._TEXT[kind], os.getpid(), self.counts.pop(reason), *details)
+
+    def failed(self, stage: str, exc: StageFailed, address: Any) -> None:
+        """A stage refused a connection: one line per stage and kind of failure (rule 6)."""
+        self.count(f"failed:{stage}:{exc.kind}", stage, exc, client_text(address))
 
 
 def parking_limit() -> int:

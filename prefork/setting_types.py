@@ -14,7 +14,7 @@ import os
 import re
 from typing import Any, Callable
 
-from prefork.bindspec import parse_bind, split_bind_list
+from prefork.bindspec import parse_bind, parse_networks, split_bind_list
 from prefork.errors import ConfigError
 
 _Validator = Callable[[str, Any], Any]
@@ -61,6 +61,15 @@ def check_one_of(*choices: str) -> _Validator:
             raise _not_allowed(name, value, f"one of: {', '.join(choices)}")
         return value
     return check
+
+
+def check_one_of_any_case(*choices: str) -> _Validator:
+    """check_one_of for names written in any case (TLSv1.2, tlsv1.2); the value kept in lower case."""
+    check = check_one_of(*choices)
+
+    def lowered(name: str, value: Any) -> Any:
+        return check(name, value.lower() if isinstance(value, str) else value)
+    return lowered
 
 
 def check_boolean(name: str, value: Any) -> Any:
@@ -126,6 +135,25 @@ def check_bind_list(name: str, value: Any) -> Any:
         raise _not_allowed(name, value, "a list of bind specs")
     for spec in value:
         parse_bind(spec)  # BindSpecError names the spec and the accepted forms
+    return list(value)
+
+
+def check_networks(name: str, value: Any) -> Any:
+    """A list of networks in CIDR form, as ``?allow=`` takes them; ``*`` alone: any address."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise _not_allowed(name, value, "a list of networks such as 10.0.0.0/8, or *")
+    if list(value) == ["*"]:
+        return ["*"]
+    return [str(network) for network in parse_networks(value, f"setting {name!r}")]
+
+
+def check_text_list(name: str, value: Any) -> Any:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise _not_allowed(name, value, "a list of names")
     return list(value)
 
 

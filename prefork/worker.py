@@ -31,6 +31,7 @@ import os
 import select
 import signal
 import socket
+import ssl
 import sys
 import time
 import traceback
@@ -42,7 +43,10 @@ from prefork.errors import AppLoadError
 from prefork.listeners import Listener
 from prefork.loader import locate
 from prefork.log import AccessLog, error_stream
-from prefork.parking import ACCEPT_BATCH, FirstMessage, ParkingLot, defer_accept, parking_limit
+from prefork.bindspec import Network
+from prefork.parking import ACCEPT_BATCH, FirstMessage, ParkingLot, Stage, defer_accept, parking_limit
+from prefork.proxy import ProxyStage
+from prefork.tls import HandshakeStage
 from prefork.pool import WORKER_BOOT_FAILED
 from prefork.privileges import denied, unreachable
 from prefork.scoreboard import STOP_SHUTDOWN, SlotWriter
@@ -89,6 +93,11 @@ class WorkerSpec:
     # The scoreboard's per-listener counter of each listener (stable across reloads that add
     # or remove listeners); empty: the listener's position.
     counter_indexes: Sequence[int] = ()
+    # The stages of ?proxy and ?tls listeners (prefork.parking rule 6): the context built by the
+    # master (None: no listener has ?tls), the networks that may send a PROXY header (empty: any).
+    tls_context: ssl.SSLContext | None = None
+    proxy_allow: Sequence[Network] = ()
+    handshake_timeout: float = 5.0
 
 
 @dataclasses.dataclass
@@ -220,7 +229,8 @@ class _Loop:
             counter = spec.counter_indexes[index] if spec.counter_indexes else index
             instrument(server, self.slot, listener.name, counter, spec.access_log, spec.read_timeout)
             self.by_fd[server.fileno()] = server
-            rule = _first_message(server, listener, spec.read_timeout)
+            rule = _first_message(server, listener, spec.read_timeout, _stages(spec, listener),
+                                  spec.handshake_timeout or None)
             if rule is not None:
                 self.rules[server] = rule
         self.lot = ParkingLot(parking_limit()) if self.rules else None
@@ -359,11 +369,27 @@ class _Loop:
                 log.exception("worker %d: error while closing %r", os.getpid(), server)
 
 
-def _first_message(server: LoopServer, listener: Listener, read_timeout: float) -> FirstMessage | None:
+def _first_message(server: LoopServer, listener: Listener, read_timeout: float, stages: tuple[Stage, ...],
+                   stage_timeout: float | None) -> FirstMessage | None:
     """What *server*'s connections wait for before their handler; None if they do not wait."""
     if not listener.is_stream or not isinstance(server, TCPServer):
+        if stages:
+            raise AppLoadError(f"{listener.name}: ?proxy and ?tls need a stream server built on TCPServer, "
+                               f"not {type(server).__name__}")
         return None  # datagrams, and servers without take_request()
-    return FirstMessage.of(server.RequestHandlerClass, listener.spec.server_first, read_timeout)
+    return FirstMessage.of(server.RequestHandlerClass, listener.spec.server_first, read_timeout, stages,
+                           stage_timeout)
+
+
+def _stages(spec: WorkerSpec, listener: Listener) -> tuple[Stage, ...]:
+    """The PROXY header, then the TLS handshake, as the listener's spec asks (prefork.parking rule 6)."""
+    stages: list[Stage] = []
+    if listener.spec.proxy:
+        stages.append(ProxyStage(listener.spec.proxy, spec.proxy_allow))
+    if listener.spec.tls:
+        assert spec.tls_context is not None, "the master builds the context for every ?tls listener"
+        stages.append(HandshakeStage(spec.tls_context))
+    return tuple(stages)
 
 
 def _is_stream(server: LoopServer) -> bool:

@@ -14,7 +14,7 @@ import psutil
 import pytest
 from hypothesis import settings as hypothesis_settings
 
-from tests.support import wait_until
+from tests.support import Certs, wait_until
 
 # How long a test's children and threads get to finish after the test body returns.
 _LEAK_GRACE = 5.0
@@ -94,3 +94,9 @@ def sock_dir(tmp_path: Path) -> Iterator[Path]:
         yield short
     finally:
         shutil.rmtree(short, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    """A CA and certificates made now with trustme (tests.support.Certs): no key material in the repository."""
+    return Certs(tmp_path_factory.mktemp("certs"))

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import socket
+import ssl
 import types
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from prefork.config import Settings
@@ -146,3 +149,39 @@ def pool_config(**values: Any) -> PoolConfig:
     """
     defaults = {f.name: f.default for f in dataclasses.fields(Settings) if f.default is not dataclasses.MISSING}
     return PoolConfig.from_settings(types.SimpleNamespace(**{**defaults, "workers": 1, **values}))
+
+
+class Certs:
+    """A CA with a server certificate for 127.0.0.1/localhost, client certificates (good, expired,
+    from an unknown CA) and a second server certificate (a rotation), written as PEM files."""
+
+    def __init__(self, directory: Path) -> None:
+        try:
+            import trustme
+        except ImportError:
+            skip_or_fail("needs trustme (pip install -e '.[test]')")
+        self.dir = directory
+        ca, stranger_ca = trustme.CA(), trustme.CA()
+        yesterday = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=1)
+        self.ca = self._write("ca.pem", ca.cert_pem.bytes())
+        self.server = self._pair("server", ca.issue_cert("127.0.0.1", "localhost"))
+        self.rotated = self._pair("rotated", ca.issue_cert("127.0.0.1", "localhost"))
+        self.client = self._pair("client", ca.issue_cert("client@example.com"))
+        self.expired = self._pair("expired", ca.issue_cert("old@example.com", not_before=yesterday - datetime.timedelta(days=30),
+                                                           not_after=yesterday))
+        self.stranger = self._pair("stranger", stranger_ca.issue_cert("stranger@example.com"))
+
+    def _write(self, name: str, data: bytes) -> Path:
+        path = self.dir / name
+        path.write_bytes(data)
+        return path
+
+    def _pair(self, name: str, cert: Any) -> tuple[Path, Path]:
+        return (self._write(f"{name}.crt", b"".join(pem.bytes() for pem in cert.cert_chain_pems)),
+                self._write(f"{name}.key", cert.private_key_pem.bytes()))
+
+    def client_context(self, pair: tuple[Path, Path] | None = None) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.ca))
+        if pair is not None:
+            context.load_cert_chain(*map(str, pair))
+        return context

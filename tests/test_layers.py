@@ -56,7 +56,8 @@ LAYERS = {
     SUPPORT: ("errors", "privileges", "log", "loader"),
     BIND: ("bindspec", "listeners", "handover"),
     MASTER: ("arbiter", "pool", "worker", "signals", "scoreboard", "pidfile", "procstats", "notify",
-             "proctitle", "reloads", "accounting", "allowlist", "parking", "modes", "metrics", "children", "latency"),
+             "proctitle", "reloads", "accounting", "allowlist", "parking", "modes", "metrics", "children", "latency",
+             "proxy", "tls"),
     FACE: ("master", "config", "setting_types", "settings_docs", "cli", "control", "top", "runpaths", "__init__",
            "__main__"),
 }

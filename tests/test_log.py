@@ -289,6 +289,21 @@ def test_access_log_json(tmp_path: Path) -> None:
     assert second["duration_ms"] == 1500.0
 
 
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_access_log_shows_the_tls_version_and_cipher_of_a_tls_connection(tmp_path: Path, log_format: str) -> None:
+    path = tmp_path / "access.log"
+    access = log.AccessLog.from_settings(settings(access_log=str(path), log_format=log_format))
+    assert access is not None
+    access.record("127.0.0.1:5555", "tcp://127.0.0.1:9443", 1, 0.0, 1, 2, "ok", "TLSv1.3/TLS_AES_128_GCM_SHA256")
+    access.record("127.0.0.1:5556", "tcp://127.0.0.1:9000", 1, 0.0, 1, 2, "ok")
+    access.close()
+    tls, plain = lines(path)
+    if log_format == "json":
+        assert json.loads(tls)["tls"] == "TLSv1.3/TLS_AES_128_GCM_SHA256" and "tls" not in json.loads(plain)
+    else:
+        assert tls.endswith(" ok tls=TLSv1.3/TLS_AES_128_GCM_SHA256") and plain.endswith(" ok")
+
+
 def test_access_log_dash_is_stdout(capfd: pytest.CaptureFixture[str]) -> None:
     access = log.AccessLog.from_settings(settings(access_log="-", log_format="json"))
     assert access is not None

@@ -1,6 +1,8 @@
 """Two prefork instances behind a real HAProxy, configured from deploy/haproxy/haproxy.cfg,
 under a client load: one instance is reloaded (HUP), upgraded (USR2), then stopped (TERM) and
-started again, the way deploy/README.md says, and not one request fails.
+started again, the way deploy/README.md says, and not one request fails. HAProxy sends each
+connection's client in a PROXY v2 header, and the instances' access logs show the clients'
+own address (they connect from 127.0.0.2; HAProxy from 127.0.0.1).
 
 Also the container and Kubernetes health checks, run for real against a master."""
 
@@ -27,6 +29,8 @@ CHECK_INTERVAL = "100ms"
 # Each client makes at most this many requests, whatever happens: the test is bounded in count.
 MAX_REQUESTS_PER_CLIENT = 20_000
 CLIENTS = 3
+# The clients' own address, told apart from HAProxy's (127.0.0.1) in the instances' access logs.
+CLIENT_HOST = "127.0.0.2"
 
 
 class HAProxy(Proc):
@@ -99,7 +103,8 @@ class Load:
                 return
             line = f"client {number} request {count}".encode()
             try:
-                with socket.create_connection(self.address, timeout=SOCKET_TIMEOUT) as sock:
+                with socket.create_connection(self.address, timeout=SOCKET_TIMEOUT,
+                                              source_address=(CLIENT_HOST, 0)) as sock:
                     sock.sendall(line + b"\n")
                     reply = sock.makefile("rb").readline()
                 failure = None if reply == line + b"\n" else f"{self.phase}: {line!r} got {reply!r}"
@@ -136,14 +141,23 @@ def load_through():
         load.stop()
 
 
-def echo_master(directory: Path, port: int = 0) -> Master:
-    return Master(directory, ["--bind", f"tcp://127.0.0.1:{port}", "--workers", "2", "--graceful-timeout", "5",
-                              "workers.echo"])
+def echo_master(directory: Path, port: int = 0, proxy: bool = False) -> Master:
+    """An echo instance; with *proxy*, as behind HAProxy: ?proxy, and an access log in its directory."""
+    options = ["--access-log", str(directory / "access.log")] if proxy else []
+    return Master(directory, ["--bind", f"tcp://127.0.0.1:{port}" + "?proxy" * proxy, "--workers", "2",
+                              "--graceful-timeout", "5", *options, "workers.echo"])
+
+
+def client_hosts(master: Master) -> set[str]:
+    """The client hosts of the requests in *master*'s access log (workers flush it when idle)."""
+    path = master.dir / "access.log"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return {line.split()[1].rpartition(":")[0] for line in lines if " ok" in line}
 
 
 def test_two_instances_behind_haproxy_reload_upgrade_stop_and_restart_without_a_failed_request(
         tmp_path, sock_dir, processes, load_through):
-    a, b = echo_master(tmp_path / "a"), echo_master(tmp_path / "b")
+    a, b = echo_master(tmp_path / "a", proxy=True), echo_master(tmp_path / "b", proxy=True)
     processes += [a, b]
     ports = {"a": a.wait_ready(2).tcp_port(), "b": b.wait_ready(2).tcp_port()}
     haproxy = HAProxy(tmp_path, sock_dir, ports)
@@ -177,7 +191,7 @@ def test_two_instances_behind_haproxy_reload_upgrade_stop_and_restart_without_a_
     assert haproxy.sessions("a") == during, "no request may be sent to a stopped instance"
 
     load.phase = "restart"
-    again = echo_master(tmp_path / "a2", ports["a"])
+    again = echo_master(tmp_path / "a2", ports["a"], proxy=True)
     processes.append(again)
     again.wait_ready(2)
     haproxy.wait_status("a", "DRAIN")  # up for the checks, still drained by the operator
@@ -189,6 +203,11 @@ def test_two_instances_behind_haproxy_reload_upgrade_stop_and_restart_without_a_
 
     assert load.failures == [] and load.ok >= 1000, (load.ok, load.failures[:10])
     assert haproxy.alive() and b.alive() and again.alive()
+    # The clients' address, from HAProxy's PROXY header; the health checks (a LOCAL header) are
+    # HAProxy's own connections, from 127.0.0.1.
+    for instance in (b, again):
+        wait_until(lambda: CLIENT_HOST in client_hosts(instance), 10, message=f"{instance.dir}: {client_hosts(instance)}")
+        assert client_hosts(instance) <= {CLIENT_HOST, "127.0.0.1"}, client_hosts(instance)
 
 
 # -- the health checks of the container and of Kubernetes ------------------------------------------

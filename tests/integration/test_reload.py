@@ -95,7 +95,9 @@ def test_a_removed_listener_answers_what_was_queued_then_closes(configured, caps
     for number, sock in enumerate(queued):
         with sock:
             assert sock.makefile("rb").readline() == b"queued %d\n" % number
-    wait_until(lambda: "closing listener tcp://127.0.0.1:%d" % drop in master.log(), message=master.log())
+    # Each removed listener is closed (and its file removed) before its line is logged.
+    wait_until(lambda: "closed listener tcp://127.0.0.1:%d" % drop in master.log()
+               and "closed listener unix:%s" % socket_file in master.log(), message=master.log())
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", drop), timeout=SOCKET_TIMEOUT).close()
     assert not socket_file.exists()

@@ -55,7 +55,13 @@ INT_RANGES = {
     "crash_limit": (0, 2**62),
 }
 CHOICES = {"mode": ("sync", "thread", "fork"), "loglevel": ("debug", "info", "warning", "error", "critical"),
-           "log_format": ("text", "json")}
+           "log_format": ("text", "json"), "cert_reqs": ("none", "optional", "required"),
+           "tls_min_version": ("tlsv1.2", "tlsv1.3")}
+# Lists that are not bind specs: networks in canonical CIDR form, and ALPN protocol names.
+_CANONICAL_NETWORKS = ("10.0.0.0/8", "127.0.0.1/32", "192.0.2.0/24", "::1/128", "2001:db8::/32")  # sorted as canonical
+_NETWORKS = st.lists(st.integers(0, len(_CANONICAL_NETWORKS) - 1), min_size=1, max_size=4, unique=True).map(
+    lambda picks: [_CANONICAL_NETWORKS[i] for i in sorted(picks)])
+_OTHER_LISTS = {"proxy_allow_ips": _NETWORKS}
 _TRUE, _FALSE = ("true", "yes", "on", "1", "True", "YES"), ("false", "no", "off", "0", "False", "Off")
 # Memory units and their factors, as the README's table spells them.
 SIZE_UNITS = {"": 1, "B": 1, "kB": 10**3, "MB": 10**6, "GB": 10**9, "K": 2**10, "M": 2**20, "G": 2**30,
@@ -108,7 +114,9 @@ def valid_values(option: Option) -> st.SearchStrategy[Any]:
     if kind is OPTIONAL_TEXT:
         return st.one_of(st.none(), st.just("-"), _WORD)
     if kind is TEXT_LIST:
-        return st.lists(_bind_spec(), max_size=4)
+        if name == "alpn_protocols":
+            return st.lists(_WORD.filter(lambda w: "," not in w), min_size=1, max_size=3)
+        return _OTHER_LISTS[name] if name in _OTHER_LISTS else st.lists(_bind_spec(), max_size=4)
     if kind is NAME_OR_ID:
         return _name()
     if kind is MODE:
