@@ -477,6 +477,25 @@ def test_wsgi_refuses_request_bodies_it_cannot_delimit(app_server, head, status)
     assert reply.startswith(b"HTTP/1.1 " + status + b" ") and b"Connection: close" in reply
 
 
+SHARED_HEADERS = [("Content-Type", "text/plain"), ("Content-Length", "2")]
+
+
+def shared_headers_app(environ: Any, start_response: Any) -> list[bytes]:
+    """Passes the same module-level headers list on every call, as many apps do."""
+    start_response("200 OK", SHARED_HEADERS)
+    return [b"ok"]
+
+
+def test_wsgi_never_changes_the_headers_list_the_app_passes():
+    before = list(SHARED_HEADERS)
+    with wsgi_service(shared_headers_app) as server:
+        for _ in range(3):
+            reply = stream_request(server.server_address,
+                                   b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert reply.startswith(b"HTTP/1.1 200 ") and reply.endswith(b"\r\n\r\nok"), reply
+    assert SHARED_HEADERS == before
+
+
 def test_wsgi_on_a_unix_stream(app_module, sock_dir):
     service = wsgi.configure(app=f"{app_module}:app")
     with unix_service(service.server_class, service.StreamHandler, sock_dir / "wsgi.sock") as server:

@@ -160,6 +160,11 @@ class ServerHandler(simple_server.ServerHandler):
     completed = False
     _head_only = False
 
+    def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        """wsgiref's, on a copy of *headers*: the app's own list (often a module-level constant,
+        passed on every call) is never changed, whatever this handler adds to its response."""
+        return super().start_response(status, list(headers), exc_info)
+
     def cleanup_headers(self) -> None:
         super().cleanup_headers()  # adds Content-Length to a one-string body
         peer = self.request_handler
