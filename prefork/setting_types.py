@@ -7,6 +7,7 @@ particular setting, except that messages name the one being checked.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import fractions
 import json
 import math
@@ -127,6 +128,22 @@ def check_bind_list(name: str, value: Any) -> Any:
     for spec in value:
         parse_bind(spec)  # BindSpecError names the spec and the accepted forms
     return list(value)
+
+
+def check_networks(name: str, value: Any) -> Any:
+    """A list of IP addresses or networks (192.0.2.0/24, ::1), or ["*"] for any."""
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise _not_allowed(name, value, "a list of addresses or networks, or *")
+    for item in value:
+        if item.strip() == "*":
+            continue
+        try:
+            ipaddress.ip_network(item.strip(), strict=False)
+        except ValueError:
+            raise _not_allowed(name, item, "an IP address or network such as 10.0.0.0/8, or *") from None
+    return [item.strip() for item in value]
 
 
 def check_metrics_address(name: str, value: Any) -> Any:
