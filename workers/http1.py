@@ -281,9 +281,10 @@ class Connection:
         request = self._incoming
         assert request is not None
         if request.head_done:  # a trailer of a chunked body
-            request.trailers.append((name.decode("latin-1"), value.decode("latin-1")))
+            request.trailers.append((name.decode("latin-1"), value.decode("latin-1").rstrip(" \t")))
             return
-        request.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        # llhttp keeps the whitespace after a value; it is not part of it (RFC 9110 5.5).
+        request.headers.append((name.decode("latin-1"), value.decode("latin-1").rstrip(" \t")))
         request.head_bytes += len(name) + len(value) + 4
         if len(request.headers) > self.limits.max_header_count:
             raise BadRequest(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "too many header fields")

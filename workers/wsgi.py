@@ -412,6 +412,7 @@ def _split_target(url: bytes) -> tuple[str, str, str | None]:
     """PATH_INFO (decoded, latin-1 as PEP 3333 says), QUERY_STRING and, for an absolute-form
     target, its host."""
     host = None
+    url = url.partition(b"#")[0]  # a fragment is the client's own business (RFC 9112 3.2)
     if not url.startswith(b"/"):
         if url == b"*":
             return "*", "", None
@@ -421,7 +422,6 @@ def _split_target(url: bytes) -> tuple[str, str, str | None]:
             host = f"{host}:{parsed.port}"
         url = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
     path, _, query = url.partition(b"?")
-    query = query.partition(b"#")[0]
     return unquote_to_bytes(path).decode("latin-1"), query.decode("latin-1"), host
 
 
