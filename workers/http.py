@@ -250,7 +250,7 @@ class HTTPHandlerBase(BaseHTTPRequestHandler):
     def refuse(self, exc: BadRequest) -> None:
         """Answer a request that cannot be served with *exc*'s status; the connection closes."""
         self.close_connection = True
-        self.send_error(exc.status, exc.reason)
+        self.send_error(exc.status, None, exc.reason)
 
     def respond(self, current: Request) -> None:
         """Answer *current* with its ``do_METHOD``, or 501."""

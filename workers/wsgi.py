@@ -23,9 +23,11 @@ How requests are served (PEP 3333):
 - ``WSGIServer`` is wsgiref's server rebuilt on ``prefork.servers.TCPServer``: its
   ``server_bind`` (which also runs on a socket adopted from the master) builds the base environ.
   ``wsgi.multiprocess`` is true, ``wsgi.multithread`` is true in thread mode.
-- Requests are parsed by ``workers.http1`` (httptools): chunked request bodies (their trailers in
-  ``environ["prefork.trailers"]`` once read), ``Expect: 100-continue`` (the ``100 Continue`` is sent
-  when the app first reads ``wsgi.input``), pipelining, the smuggling defences and the limits
+- Requests are parsed by ``workers.http1`` (httptools): chunked request bodies (read whole before
+  the app runs, in memory up to ``SPOOL_MEMORY`` then in a temporary file, and given a
+  ``CONTENT_LENGTH``, since many frameworks read only that much; their trailers in
+  ``environ["prefork.trailers"]``), ``Expect: 100-continue`` (the ``100 Continue`` is sent when the
+  app first reads ``wsgi.input``, or before a chunked body is read), pipelining, the smuggling defences and the limits
   of the ``max_*`` settings. ``wsgi.input`` ends where the body does, so ``read()`` never blocks
   on the next request; what the app leaves unread is skipped (up to ``MAX_DISCARD`` bytes, else
   the connection is closed).
@@ -52,6 +54,7 @@ import logging
 import os
 import ssl
 import sys
+import tempfile
 from http import HTTPStatus
 from typing import Any, Iterable, Iterator
 from urllib.parse import unquote_to_bytes
@@ -64,8 +67,8 @@ from prefork.loader import load_object
 from prefork.mixins import ThreadingMixIn
 from workers.forwarded import forwarded
 from workers.http import HTTPHandlerBase, HTTPServer, Service
-from workers.http1 import MAX_DISCARD, BadRequest, Connection, Limits, Request, body_allowed, is_trusted, \
-    limits_from, response_head
+from workers.http1 import MAX_DISCARD, RECV_SIZE, BadRequest, Connection, Limits, Request, body_allowed, \
+    is_trusted, limits_from, response_head
 
 __all__ = ["DEFAULT_BIND", "MAX_DISCARD", "hello", "RequestBody", "FileWrapper", "WSGIServer", "Response",
            "WSGIRequestHandler", "wsgi_server_class", "StreamHandler", "server_class", "configure"]
@@ -77,6 +80,8 @@ FILE_BLOCK = 1024 * 1024
 # Headers the server sets itself: the app's are dropped (Connection: close is still honoured).
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "upgrade", "proxy-connection"})
 _ERROR_BODY = b"Internal Server Error\n"
+# A chunked request body is kept in memory up to this size, then in a temporary file.
+SPOOL_MEMORY = 1024 * 1024
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 log = logging.getLogger("prefork.workers.wsgi")
@@ -176,6 +181,9 @@ class RequestBody:
 
     def __iter__(self) -> Iterator[bytes]:
         return iter(self.readline, b"")
+
+    def close(self) -> None:
+        """Nothing to release: what is left of the body is skipped after the response."""
 
 
 class FileWrapper:
@@ -341,12 +349,17 @@ class WSGIRequestHandler(HTTPHandlerBase):
         if app is None:
             raise RuntimeError("the WSGI server has no application: call set_app() first")
         try:
+            if current.chunked:
+                _dechunk(environ, self.http, response)
             self.run_app(app, environ, response)
         except BadRequest:
             raise  # the body was bad: answered 400 and closed by the caller if nothing was sent
         except Exception:
             log.exception("%s: the WSGI app failed", current.request_line)
             self.fail(response)
+        finally:
+            if current.chunked:
+                environ["wsgi.input"].close()
         self.log_request(self._status_code, response.sent)
 
     def run_app(self, app: WSGIApplication, environ: dict[str, Any], response: Response) -> None:
@@ -406,6 +419,23 @@ class WSGIRequestHandler(HTTPHandlerBase):
         if is_trusted(self.client_address[0], self.limits.forwarded_allow_ips):
             _apply_forwarded(environ, current.headers)
         return environ
+
+
+def _dechunk(environ: dict[str, Any], http: Connection, response: Response) -> None:
+    """Read a chunked body whole before the app runs, and give it a CONTENT_LENGTH.
+
+    Many frameworks (Django among them) read CONTENT_LENGTH bytes of ``wsgi.input`` and ignore
+    ``wsgi.input_terminated``: a chunked upload would reach them empty. So, as waitress does,
+    the body is spooled (in memory up to SPOOL_MEMORY, then in a temporary file), within the
+    ``max_body_size`` setting.
+    """
+    response.continue_once()
+    spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY)
+    while data := http.read_some(RECV_SIZE):
+        spool.write(data)
+    environ["CONTENT_LENGTH"] = str(spool.tell())
+    spool.seek(0)
+    environ["wsgi.input"] = spool
 
 
 def _split_target(url: bytes) -> tuple[str, str, str | None]:
