@@ -113,6 +113,7 @@ _PREFORK_SERVING = re.compile(r"serving (?:tcp://127\.0\.0\.1:(\d+))?(?:, )?(?:u
 _PREFORK_READY = re.compile(r"ready: (\d+) workers ready")
 _GUNICORN_PORT = re.compile(r"Listening at: http://127\.0\.0\.1:(\d+)")
 _GUNICORN_WORKER = re.compile(r"Booting worker with pid")
+_GRANIAN_WORKER = re.compile(r"Started worker-")
 
 
 class Server:
@@ -158,6 +159,8 @@ class Server:
             raise RuntimeError(f"{self.role} exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
         if self.role in ("prefork-cli", "gunicorn"):
             return self._ready_from_log(self.log())
+        if self.role == "granian":
+            return len(_GRANIAN_WORKER.findall(self.log())) >= self.workers and self._port_listened_on()
         if not self.ready_file.exists():
             return False
         self.tcp_port = self.udp_port = json.loads(self.ready_file.read_text())["port"]
@@ -172,6 +175,15 @@ class Server:
         port = _GUNICORN_PORT.search(text)
         if port and len(_GUNICORN_WORKER.findall(text)) >= self.workers:
             self.tcp_port = int(port.group(1))
+        return bool(self.tcp_port)
+
+    def _port_listened_on(self) -> bool:
+        """The TCP port the server's process listens on (granian logs the port it was given: 0)."""
+        with contextlib.suppress(psutil.NoSuchProcess):
+            root = psutil.Process(self.pid)
+            for proc in (root, *root.children(recursive=True)):  # granian's workers hold the socket
+                ports = [c.laddr.port for c in proc.net_connections("tcp") if c.status == psutil.CONN_LISTEN]
+                self.tcp_port = self.tcp_port or (ports[0] if ports else 0)
         return bool(self.tcp_port)
 
     def slots(self) -> list[Any]:

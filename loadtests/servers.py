@@ -13,8 +13,9 @@ own alarm). Roles:
   ``request_queue_size``. It writes ``{"pid", "port"}`` to READY_FILE once it listens.
 - ``prefork OPTIONS_JSON``: a real master (``prefork.serve``) with those settings plus ``app``
   (default: ``PidEcho``); it writes READY_FILE from ``when_ready``.
-- ``prefork-cli ARGS`` and ``gunicorn ARGS``: that program's own command line in this process
-  (the harness reads the ports back from the log).
+- ``prefork-cli ARGS``, ``gunicorn ARGS`` and ``granian ARGS``: that program's own command line in
+  this process (the harness reads the ports back from the log; granian's, which logs port 0 as
+  given, from the listening socket).
 
 The handlers, each written once and put on each implementation's base class, so that rows compare
 runtimes and not handlers:
@@ -170,10 +171,15 @@ def run_prefork(options: dict[str, Any], ready_file: str) -> int:
 
 
 def run_cli(program: str, argv: list[str]) -> int:
-    """``prefork`` or ``gunicorn``'s own command line, in this process."""
+    """``prefork``, ``gunicorn`` or ``granian``'s own command line, in this process."""
     if program == "prefork-cli":
         from prefork.cli import main as prefork_main
         return prefork_main(argv)
+    if program == "granian":
+        from granian.cli import entrypoint  # type: ignore[import-not-found,unused-ignore]
+        sys.argv = ["granian", *argv]
+        entrypoint()  # type: ignore[no-untyped-call,unused-ignore]
+        return 0
     from gunicorn.app.wsgiapp import run  # type: ignore[import-untyped]
     sys.argv = ["gunicorn", *argv]
     run()
@@ -183,7 +189,7 @@ def run_cli(program: str, argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     role, lifetime, ready_file, *rest = sys.argv[1:] if argv is None else argv
     signal.alarm(int(lifetime))  # no server here handles SIGALRM: its default action ends it
-    if role in ("prefork-cli", "gunicorn"):
+    if role in ("prefork-cli", "gunicorn", "granian"):
         return run_cli(role, rest)
     options = json.loads(rest[0])
     if role == "prefork":

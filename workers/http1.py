@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import ipaddress
 import socket
 import time
@@ -38,7 +39,8 @@ from typing import Any, Iterable
 
 import httptools
 
-__all__ = ["Limits", "Request", "BadRequest", "Connection", "response_head", "http_date", "MAX_DISCARD",
+__all__ = ["Limits", "Request", "BadRequest", "Connection", "response_head", "http_date", "body_allowed", "is_trusted",
+           "MAX_DISCARD",
            "RECV_SIZE", "limits_from"]
 
 # Unread request body skipped to keep a connection alive; beyond this, closing is cheaper than
@@ -392,8 +394,11 @@ def body_allowed(status_code: int, method: str) -> bool:
     return method != "HEAD" and status_code >= 200 and status_code not in _NO_BODY_STATUSES
 
 
+@functools.lru_cache(maxsize=256)
 def is_trusted(peer: str, allowed: tuple[str, ...]) -> bool:
-    """Whether *peer* (an IP address, or "" for a Unix socket) may speak for clients behind it."""
+    """Whether *peer* (an IP address, or "" for a Unix socket) may speak for clients behind it.
+
+    Cached: a worker sees the same few peers (its proxies) on every request."""
     if "*" in allowed or not peer:
         return True
     try:
