@@ -1,4 +1,4 @@
-"""Static files and a health check over HTTP/1.1, on http.server's request handler. Runs in: worker.
+"""Static files and a health check over HTTP/1.1: workers.http1 parses, http.server answers. Runs in: worker.
 
 Usage::
 
@@ -31,8 +31,11 @@ What it serves:
 - A response after which the server closes the connection (the client sent ``Connection:
   close``, an HTTP/1.0 request without keep-alive, any error) says ``Connection: close``, so
   clients such as wrk do not count the close as a failure; a kept-alive HTTP/1.0 connection
-  is answered with ``Connection: keep-alive``. A request line that is not HTTP/1.x (binary
-  garbage, a bad version) gets a 400 with a status line, not http.server's bare HTTP/0.9 body.
+  is answered with ``Connection: keep-alive``.
+- Requests are read by ``workers.http1`` (httptools): pipelining, the smuggling defences and the
+  limits of the ``max_*`` settings (``configure(settings=...)``); a request it refuses gets its
+  status (400, 413, 414, 431, 501, 505...) with ``Connection: close``. A request body (rare for
+  static files) is skipped. ``Server: prefork``, without versions.
 
 Logs go through ``logging``, never straight to stderr: one line per HTTP request on
 ``prefork.access.http`` at DEBUG (client, request line, status, size; prefork's own access_log
