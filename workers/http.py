@@ -235,7 +235,8 @@ class HTTPHandlerBase(BaseHTTPRequestHandler):
         try:
             self.respond(current)
         except BadRequest as exc:  # the body turned out bad while the handler read it
-            self.refuse(exc) if not self._final_response else None
+            if not self._final_response:
+                self.refuse(exc)
             self.close_connection = True
         self.wfile.flush()
         if not self.http.finish_request(keep_alive=not self.close_connection):
@@ -253,6 +254,7 @@ class HTTPHandlerBase(BaseHTTPRequestHandler):
     def refuse(self, exc: BadRequest) -> None:
         """Answer a request that cannot be served with *exc*'s status; the connection closes."""
         self.close_connection = True
+        self.log_error("refused with %d: %s", exc.status, exc.reason)
         self.send_error(exc.status, None, exc.reason)
 
     def respond(self, current: Request) -> None:

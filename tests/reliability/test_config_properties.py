@@ -52,8 +52,11 @@ INT_RANGES = {
     "backlog": (0, 2**62), "workers": (0, MAX_WORKERS), "threads": (1, 2**20),
     "max_workers": (0, MAX_WORKERS), "min_workers": (1, MAX_WORKERS), "min_spare": (0, 2**20),
     "max_spare": (1, 2**20), "max_requests": (0, 2**62), "max_requests_jitter": (0, 2**62),
-    "crash_limit": (0, 2**62),
+    "crash_limit": (0, 2**62), "max_request_line": (1, 2**20), "max_header_count": (1, 2**20),
 }
+# The least value of a size setting, where it is not 0.
+SIZE_MINIMUM = {"max_header_bytes": 1}
+_NETWORK = st.sampled_from(["127.0.0.1", "::1", "10.0.0.0/8", "192.168.1.0/24", "2001:db8::/32", "*"])
 CHOICES = {"mode": ("sync", "thread", "fork"), "loglevel": ("debug", "info", "warning", "error", "critical"),
            "log_format": ("text", "json")}
 _TRUE, _FALSE = ("true", "yes", "on", "1", "True", "YES"), ("false", "no", "off", "0", "False", "Off")
@@ -108,13 +111,14 @@ def valid_values(option: Option) -> st.SearchStrategy[Any]:
     if kind is OPTIONAL_TEXT:
         return st.one_of(st.none(), st.just("-"), _WORD)
     if kind is TEXT_LIST:
-        return st.lists(_bind_spec(), max_size=4)
+        return st.lists(_NETWORK, min_size=1, max_size=4) if name == "forwarded_allow_ips" else st.lists(_bind_spec(), max_size=4)
     if kind is NAME_OR_ID:
         return _name()
     if kind is MODE:
         return st.one_of(st.none(), st.integers(0, 0o7777))
     if kind is SIZE:
-        return st.builds(lambda n, unit: n * SIZE_UNITS[unit], st.integers(0, 2**40), st.sampled_from(list(SIZE_UNITS)))
+        return st.builds(lambda n, unit: n * SIZE_UNITS[unit], st.integers(SIZE_MINIMUM.get(name, 0), 2**40),
+                         st.sampled_from(list(SIZE_UNITS)))
     if kind is ADDRESS:
         return st.one_of(st.none(), st.builds(lambda host, port: f"tcp://{host}:{port}", _HOST, _PORT))
     if kind is HOOK:
