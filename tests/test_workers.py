@@ -515,6 +515,33 @@ def test_wsgi_reads_a_chunked_body_with_trailers_then_serves_the_next_request(ap
     assert len(replies) == 3 and b'"body": "hello world"' in replies[1] and b"/last" in replies[2]
 
 
+def test_wsgi_file_wrapper_sends_a_file_with_its_length_and_head_sends_none(tmp_path, monkeypatch):
+    data = bytes(range(256)) * 1000
+    (tmp_path / "blob").write_bytes(data)
+    sent: list[int] = []
+    real_sendfile = socket.socket.sendfile
+
+    def counting_sendfile(self: socket.socket, file: Any, offset: int = 0, count: int | None = None) -> int:
+        sent.append(count or 0)
+        return real_sendfile(self, file, offset, count)
+
+    def file_app(environ: Any, start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        blob = open(tmp_path / "blob", "rb")  # noqa: SIM115 - closed by the server through the wrapper
+        blob.seek(1000)
+        return environ["wsgi.file_wrapper"](blob)
+
+    monkeypatch.setattr(socket.socket, "sendfile", counting_sendfile)
+    with wsgi_service(file_app) as server:
+        got = stream_request(server.server_address, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+                                                    b"HEAD / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    first, _, rest = got.partition(b"\r\n\r\n")
+    assert b"Content-Length: %d" % (len(data) - 1000) in first and rest[:len(data) - 1000] == data[1000:]
+    head = rest[len(data) - 1000:]
+    assert head.startswith(b"HTTP/1.1 200 ") and head.endswith(b"\r\n\r\n")  # HEAD: no body
+    assert sent == [len(data) - 1000]  # one sendfile, for the GET
+
+
 def test_wsgi_on_a_unix_stream(app_module, sock_dir):
     service = wsgi.configure(app=f"{app_module}:app")
     with unix_service(service.server_class, service.StreamHandler, sock_dir / "wsgi.sock") as server:
