@@ -542,6 +542,14 @@ def test_wsgi_file_wrapper_sends_a_file_with_its_length_and_head_sends_none(tmp_
     assert sent == [len(data) - 1000]  # one sendfile, for the GET
 
 
+def test_wsgi_closes_after_an_http_1_0_request_with_transfer_encoding(app_server):
+    with connect(app_server.server_address) as sock:
+        sock.sendall(b"POST /up HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"2\r\nok\r\n0\r\n\r\nGET /never HTTP/1.0\r\n\r\n")
+        reply = recv_all(sock)  # returns because the server closes after the first response
+    assert reply.count(b"HTTP/1.1 200 OK") == 1 and b'"body": "ok"' in reply and b"Connection: close" in reply
+
+
 def test_wsgi_on_a_unix_stream(app_module, sock_dir):
     service = wsgi.configure(app=f"{app_module}:app")
     with unix_service(service.server_class, service.StreamHandler, sock_dir / "wsgi.sock") as server:

@@ -353,6 +353,8 @@ def _check_head(request: Request, limits: Limits) -> None:
             if value.strip().lower() != "100-continue":
                 raise BadRequest(HTTPStatus.EXPECTATION_FAILED, f"cannot meet Expect: {value}")
             request.expect_continue = request.version == "HTTP/1.1"
+    if request.chunked and request.version == "HTTP/1.0":
+        request.keep_alive = False  # its framing is faulty: answered, then closed (RFC 9112 6.1)
     if hosts > 1 or (hosts == 0 and request.version == "HTTP/1.1"):
         raise BadRequest(HTTPStatus.BAD_REQUEST, "an HTTP/1.1 request needs exactly one Host header")
     if request.method == "CONNECT":
