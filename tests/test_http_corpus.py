@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import socket
+import ssl
+import subprocess
 from http.client import HTTPResponse
 from typing import Any, Iterator
 
@@ -13,7 +15,7 @@ import pytest
 from prefork.config import make_settings
 from prefork.mixins import ThreadingMixIn
 from tests.http_corpus import INVALID, LIMITS, VALID
-from tests.support import serving, stream_request
+from tests.support import SOCKET_TIMEOUT, recv_all, require_tool, serving, stream_request
 from workers import http as http_service
 from workers import wsgi
 
@@ -190,6 +192,26 @@ def test_wsgi_ignores_forwarded_headers_from_anyone_else():
         seen = json.loads(_Replies(stream_request(server.server_address, raw)).next()[1])
     assert (seen["REMOTE_ADDR"], seen["wsgi.url_scheme"], seen["HTTP_HOST"]) == ("127.0.0.1", "http", "example.com")
     assert seen["HTTP_X_FORWARDED_FOR"] == "203.0.113.7"  # still there for the app to see
+
+
+def test_wsgi_on_a_tls_connection_says_https(tmp_path):
+    """An ssl.SSLSocket request (what a TLS listener hands over): https, HTTPS=on."""
+    openssl = require_tool("openssl")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost"], check=True, capture_output=True, timeout=60)
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(cert, key)
+    client_context = ssl.create_default_context(cafile=str(cert))
+    client_context.check_hostname = False
+    service = wsgi.configure(app=report_app)
+    listener = server_context.wrap_socket(socket.create_server(("127.0.0.1", 0)), server_side=True)
+    with serving(_threaded(service.server_class).from_socket(listener, service.StreamHandler)) as server:
+        with socket.create_connection(server.server_address, timeout=SOCKET_TIMEOUT) as raw:
+            with client_context.wrap_socket(raw) as sock:
+                sock.sendall(b"GET /s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                seen = json.loads(_Replies(recv_all(sock)).next()[1])
+    assert (seen["wsgi.url_scheme"], seen["HTTPS"]) == ("https", "on")
 
 
 def test_forwarded_allow_ips_takes_networks_and_star_only_when_given():
