@@ -23,6 +23,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -107,6 +108,10 @@ def stop_process_group(pgid: int, grace: float = STOP_GRACE) -> None:
 
 # -- a server under test ---------------------------------------------------------------------------
 
+# granian logs each worker it starts; it has no when-ready hook (the others write the ready file).
+_GRANIAN_WORKER = re.compile(r"Started worker-")
+
+
 class Server:
     """One server of ``loadtests.servers`` in a session of its own: its ports, workers and CPU.
 
@@ -148,11 +153,22 @@ class Server:
     def _ready(self) -> bool:
         if self.proc.poll() is not None:
             raise RuntimeError(f"{self.role} exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+        if self.role == "granian":
+            return len(_GRANIAN_WORKER.findall(self.log())) >= self.workers and self._port_listened_on()
         if not self.ready_file.exists():
             return False
         ready = json.loads(self.ready_file.read_text())
         self.tcp_port, self.udp_port = ready["port"], ready["udp_port"]
         return True
+
+    def _port_listened_on(self) -> bool:
+        """The TCP port the server's process listens on (granian logs the port it was given: 0)."""
+        with contextlib.suppress(psutil.NoSuchProcess):
+            root = psutil.Process(self.pid)
+            for proc in (root, *root.children(recursive=True)):  # granian's workers hold the socket
+                ports = [c.laddr.port for c in proc.net_connections("tcp") if c.status == psutil.CONN_LISTEN]
+                self.tcp_port = self.tcp_port or (ports[0] if ports else 0)
+        return bool(self.tcp_port)
 
     def slots(self) -> list[Any]:
         """A prefork master's scoreboard slots in use (``prefork.scoreboard.SlotView``)."""

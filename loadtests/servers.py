@@ -16,6 +16,8 @@ own alarm). Roles:
 - ``prefork-cli ARGS`` and ``gunicorn ARGS``: that program's own command line in this process,
   with ``when_ready`` (below) as its when-ready hook (gunicorn reads it from this module, its
   ``-c python:`` config), which writes READY_FILE with the TCP and UDP ports.
+- ``granian ARGS``: granian's command line in this process; it has no such hook, so the harness
+  finds its port on the listening socket.
 
 The handlers, each written once and put on each implementation's base class, so that rows compare
 runtimes and not handlers:
@@ -180,11 +182,16 @@ def run_prefork(options: dict[str, Any], ready_file: str) -> int:
 
 
 def run_cli(program: str, argv: list[str], ready_file: str) -> int:
-    """``prefork`` or ``gunicorn``'s own command line, in this process, with ``when_ready``."""
+    """``prefork``, ``gunicorn`` or ``granian``'s own command line, in this process, with ``when_ready``."""
     os.environ[READY_ENV] = ready_file
     if program == "prefork-cli":
         from prefork.cli import main as prefork_main
         return prefork_main([argv[0], "--when-ready", "loadtests.servers:when_ready", *argv[1:]])
+    if program == "granian":
+        from granian.cli import entrypoint  # type: ignore[import-not-found,unused-ignore]
+        sys.argv = ["granian", *argv]
+        entrypoint()  # type: ignore[no-untyped-call,unused-ignore]
+        return 0
     from gunicorn.app.wsgiapp import run  # type: ignore[import-untyped]
     sys.argv = ["gunicorn", "-c", "python:loadtests.servers", *argv]
     run()
@@ -194,7 +201,7 @@ def run_cli(program: str, argv: list[str], ready_file: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     role, lifetime, ready_file, *rest = sys.argv[1:] if argv is None else argv
     signal.alarm(int(lifetime))  # no server here handles SIGALRM: its default action ends it
-    if role in ("prefork-cli", "gunicorn"):
+    if role in ("prefork-cli", "gunicorn", "granian"):
         return run_cli(role, rest, ready_file)
     options = json.loads(rest[0])
     if role == "prefork":

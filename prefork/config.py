@@ -47,6 +47,7 @@ from prefork.setting_types import (  # the checks and parsers the declarations b
     check_integer,
     check_metrics_address,
     check_mode,
+    check_networks,
     check_name_or_id,
     check_networks,
     check_one_of,
@@ -207,6 +208,23 @@ class Settings:
     read_timeout: float = _setting(0.0, "seconds a connection may stay silent before the worker drops "
                                    "it (also while it waits for its first message); 0 means never",
                                    check_at_least(0, MAX_SECONDS))
+    # -- http (the bundled HTTP services, workers.http and workers.wsgi)
+    max_request_line: int = _setting(8190, "longest request target accepted (longer: 414)",
+                                     check_integer(1), section="http")
+    max_header_count: int = _setting(100, "most header fields in a request (more: 431)", check_integer(1),
+                                     section="http")
+    max_header_bytes: int = _setting(64 * 1024, "largest request header section (larger: 431)",
+                                     check_integer(1), kind=SIZE, section="http")
+    max_body_size: int = _setting(0, "largest request body (larger: 413, before it is read); 0 means "
+                                  "no limit", check_integer(0), kind=SIZE, section="http")
+    forwarded_allow_ips: list[str] = _setting(lambda: ["127.0.0.1/32", "::1/128"],
+                                              "peers (addresses or networks) whose Forwarded and "
+                                              "X-Forwarded-For/-Proto/-Host headers set the client's "
+                                              "address and scheme; * for any (only behind a proxy that "
+                                              "sets them); others' are ignored",
+                                              check_networks, factory=True, section="http",
+                                              default_text="127.0.0.1/32, ::1/128 (loopback)",
+                                              sample=["10.0.0.0/8"])
     # -- supervision
     timeout: float = _setting(30.0, "seconds a worker may spend on one request before it is killed "
                               "(its traceback logged first); 0 disables", check_at_least(0, MAX_SECONDS),

@@ -17,6 +17,7 @@ each worker serving all of them.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import os
 import signal
@@ -137,7 +138,8 @@ def serve(app: Any, bind: Sequence[str] | str | None = None, *, settings: Settin
     ``DatagramHandler`` attributes (and optionally ``server_class`` and
     ``datagram_server_class``, the server classes for its stream and datagram listeners), or a 'module:attribute' string naming one of those, loaded in each
     worker so that a reload loads new code (unless ``preload`` is set). If the loaded object
-    has ``configure``, it is called with *service_options* and what it returns is the service.
+    has ``configure``, it is called with *service_options* (and ``settings=`` the settings, if it
+    takes a ``settings`` parameter) and what it returns is the service.
     """
     if settings is None:
         settings = make_settings({**options, **({"bind": bind} if bind is not None else {})})
@@ -155,7 +157,7 @@ def serve(app: Any, bind: Sequence[str] | str | None = None, *, settings: Settin
                          unix_group=settings.unix_group, inherited=inherited_listeners(os.environ))
     for name in (FDS_ENV, "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(name, None)  # adopted: workers and their children must not see them
-    builder = _ServerBuilder(app, server_class, service_options or {})
+    builder = _ServerBuilder(app, server_class, service_options or {}, settings=settings)
     if not isinstance(app, str):
         builder.app = app = builder.service(app)
     service = _Service(builder, _app_name(app), reload_settings)
@@ -343,16 +345,18 @@ class _ServerBuilder:
     """Builds, in a worker, one server per listener around the inherited sockets."""
 
     def __init__(self, app: Any, server_class: type[BaseServer] | None, service_options: dict[str, Any],
-                 mode: str = "sync", threads: int = 1) -> None:
+                 mode: str = "sync", threads: int = 1, settings: Settings | None = None) -> None:
         self.app = app
         self.server_class = server_class
         self.mode = mode
         self.threads = threads
         self.service_options = service_options
+        self.settings = settings
 
     def configured(self, settings: Settings) -> _ServerBuilder:
-        """The same app and options, with the mode and threads of *settings*."""
-        return _ServerBuilder(self.app, self.server_class, self.service_options, settings.mode, settings.threads)
+        """The same app and options, with the mode, threads and settings of *settings*."""
+        return _ServerBuilder(self.app, self.server_class, self.service_options, settings.mode, settings.threads,
+                              settings)
 
     def __call__(self, listeners: Sequence[Listener]) -> list[LoopServer]:
         """Called in the worker: load the app (unless preloaded) and wrap each listener."""
@@ -367,8 +371,11 @@ class _ServerBuilder:
                 names = ", ".join(sorted(self.service_options))
                 raise AppLoadError(f"{_app_name(loaded)} takes no service options (given: {names})")
             return loaded
+        options = dict(self.service_options)
+        if self.settings is not None and "settings" in inspect.signature(configure).parameters:
+            options["settings"] = self.settings  # a service that reads settings (the HTTP limits) gets them
         try:
-            return configure(**self.service_options)
+            return configure(**options)
         except TypeError as exc:
             raise AppLoadError(f"{_app_name(loaded)}: bad service options {self.service_options}: {exc}") from exc
 

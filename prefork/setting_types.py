@@ -7,6 +7,7 @@ particular setting, except that messages name the one being checked.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import fractions
 import json
 import math

@@ -428,13 +428,22 @@ def test_wsgi_app_failing_after_its_headers_closes_the_connection(app_server, ca
     assert any("failed after the headers" in str(r.exc_info[1]) for r in caplog.records if r.exc_info)
 
 
-def test_wsgi_response_without_content_length_closes_the_connection(app_server):
+def test_wsgi_response_without_content_length_is_chunked_and_pipelining_goes_on(app_server):
     with connect(app_server.server_address) as sock:
-        sock.sendall(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\nGET /never HTTP/1.1\r\nHost: x\r\n\r\n")
-        reply = recv_all(sock)  # returns only because the server closes after the first response
+        sock.sendall(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\nGET /next HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        reply = recv_all(sock)
+    first, _, rest = reply.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding: chunked" in first and b"Content-Length" not in first and b"Date: " in first
+    assert rest.startswith(b"b\r\nchunk one, \r\n9\r\nchunk two\r\n0\r\n\r\nHTTP/1.1 200 OK\r\n")
+    assert b'"PATH_INFO": "/next"' in rest
+
+
+def test_wsgi_response_without_content_length_closes_an_http_1_0_connection(app_server):
+    with connect(app_server.server_address) as sock:
+        sock.sendall(b"GET /stream HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        reply = recv_all(sock)  # returns only because the server closes after the response
     head, _, body = reply.partition(b"\r\n\r\n")
-    assert b"Connection: close" in head and b"Content-Length" not in head
-    assert body == b"chunk one, chunk two"
+    assert b"Connection: close" in head and b"Content-Length" not in head and body == b"chunk one, chunk two"
 
 
 def test_wsgi_body_shorter_than_its_content_length_closes_the_connection(app_server, caplog):
@@ -466,7 +475,8 @@ def test_wsgi_expect_100_continue_and_http_1_0_keep_alive(app_server):
 
 
 @pytest.mark.parametrize("head,status", [
-    (b"Transfer-Encoding: chunked\r\n", b"411"),
+    (b"Transfer-Encoding: gzip, chunked\r\n", b"501"),
+    (b"Transfer-Encoding: chunked\r\nContent-Length: 3\r\n", b"400"),
     (b"Content-Length: -1\r\n", b"400"),
     (b"Content-Length: 1\r\nContent-Length: 2\r\n", b"400"),
 ])
@@ -475,6 +485,69 @@ def test_wsgi_refuses_request_bodies_it_cannot_delimit(app_server, head, status)
         sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n")
         reply = recv_all(sock)
     assert reply.startswith(b"HTTP/1.1 " + status + b" ") and b"Connection: close" in reply
+
+
+SHARED_HEADERS = [("Content-Type", "text/plain"), ("Content-Length", "2")]
+
+
+def shared_headers_app(environ: Any, start_response: Any) -> list[bytes]:
+    """Passes the same module-level headers list on every call, as many apps do."""
+    start_response("200 OK", SHARED_HEADERS)
+    return [b"ok"]
+
+
+def test_wsgi_never_changes_the_headers_list_the_app_passes():
+    before = list(SHARED_HEADERS)
+    with wsgi_service(shared_headers_app) as server:
+        for _ in range(3):
+            reply = stream_request(server.server_address,
+                                   b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert reply.startswith(b"HTTP/1.1 200 ") and reply.endswith(b"\r\n\r\nok"), reply
+    assert SHARED_HEADERS == before
+
+
+def test_wsgi_reads_a_chunked_body_with_trailers_then_serves_the_next_request(app_server):
+    with connect(app_server.server_address) as sock:
+        sock.sendall(b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nX-Sum: 11\r\n\r\n"
+                     b"GET /last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        replies = recv_all(sock).split(b"HTTP/1.1 200 OK\r\n")
+    assert len(replies) == 3 and b'"body": "hello world"' in replies[1] and b"/last" in replies[2]
+
+
+def test_wsgi_file_wrapper_sends_a_file_with_its_length_and_head_sends_none(tmp_path, monkeypatch):
+    data = bytes(range(256)) * 1000
+    (tmp_path / "blob").write_bytes(data)
+    sent: list[int] = []
+    real_sendfile = socket.socket.sendfile
+
+    def counting_sendfile(self: socket.socket, file: Any, offset: int = 0, count: int | None = None) -> int:
+        sent.append(count or 0)
+        return real_sendfile(self, file, offset, count)
+
+    def file_app(environ: Any, start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        blob = open(tmp_path / "blob", "rb")  # noqa: SIM115 - closed by the server through the wrapper
+        blob.seek(1000)
+        return environ["wsgi.file_wrapper"](blob)
+
+    monkeypatch.setattr(socket.socket, "sendfile", counting_sendfile)
+    with wsgi_service(file_app) as server:
+        got = stream_request(server.server_address, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+                                                    b"HEAD / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    first, _, rest = got.partition(b"\r\n\r\n")
+    assert b"Content-Length: %d" % (len(data) - 1000) in first and rest[:len(data) - 1000] == data[1000:]
+    head = rest[len(data) - 1000:]
+    assert head.startswith(b"HTTP/1.1 200 ") and head.endswith(b"\r\n\r\n")  # HEAD: no body
+    assert sent == [len(data) - 1000]  # one sendfile, for the GET
+
+
+def test_wsgi_closes_after_an_http_1_0_request_with_transfer_encoding(app_server):
+    with connect(app_server.server_address) as sock:
+        sock.sendall(b"POST /up HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"2\r\nok\r\n0\r\n\r\nGET /never HTTP/1.0\r\n\r\n")
+        reply = recv_all(sock)  # returns because the server closes after the first response
+    assert reply.count(b"HTTP/1.1 200 OK") == 1 and b'"body": "ok"' in reply and b"Connection: close" in reply
 
 
 def test_wsgi_on_a_unix_stream(app_module, sock_dir):

@@ -1,4 +1,4 @@
-"""Static files and a health check over HTTP/1.1, on http.server's request handler. Runs in: worker.
+"""Static files and a health check over HTTP/1.1: workers.http1 parses, http.server answers. Runs in: worker.
 
 Usage::
 
@@ -31,8 +31,11 @@ What it serves:
 - A response after which the server closes the connection (the client sent ``Connection:
   close``, an HTTP/1.0 request without keep-alive, any error) says ``Connection: close``, so
   clients such as wrk do not count the close as a failure; a kept-alive HTTP/1.0 connection
-  is answered with ``Connection: keep-alive``. A request line that is not HTTP/1.x (binary
-  garbage, a bad version) gets a 400 with a status line, not http.server's bare HTTP/0.9 body.
+  is answered with ``Connection: keep-alive``.
+- Requests are read by ``workers.http1`` (httptools): pipelining, the smuggling defences and the
+  limits of the ``max_*`` settings (``configure(settings=...)``); a request it refuses gets its
+  status (400, 413, 414, 431, 501, 505...) with ``Connection: close``. A request body (rare for
+  static files) is skipped. ``Server: prefork``, without versions.
 
 Logs go through ``logging``, never straight to stderr: one line per HTTP request on
 ``prefork.access.http`` at DEBUG (client, request line, status, size; prefork's own access_log
@@ -59,9 +62,10 @@ from urllib.parse import urlsplit
 from prefork.accounting import stricter_timeout
 from prefork.errors import AppLoadError
 from prefork.servers import TCPServer
+from workers.http1 import BadRequest, Connection, Limits, Request, limits_from
 
-__all__ = ["DEFAULT_BIND", "KEEPALIVE_TIMEOUT", "HEALTH_PATH", "Service", "HTTPServer",
-           "HTTPHandlerBase", "StaticHandler", "static_handler", "StreamHandler", "server_class", "configure"]
+__all__ = ["DEFAULT_BIND", "KEEPALIVE_TIMEOUT", "HEALTH_PATH", "SERVER_NAME", "Service", "HTTPServer",
+           "HeaderView", "HTTPHandlerBase", "StaticHandler", "static_handler", "StreamHandler", "server_class", "configure"]
 
 DEFAULT_BIND = ["tcp://127.0.0.1:8000"]
 
@@ -77,6 +81,9 @@ KEEPALIVE_TIMEOUT = 5.0
 # (nginx's lingering_close). A client that reads the response closes at once.
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 1024 * 1024
+
+# The Server header's value: the software, never its version or Python's (nothing to fingerprint).
+SERVER_NAME = "prefork"
 
 HEALTH_PATH = "/health"
 HEALTH_BODY = b"ok"
@@ -148,13 +155,44 @@ def _name_and_port(address: Any) -> tuple[str, int]:
     return "localhost", 0
 
 
+class HeaderView:
+    """A request's headers as http.server's handlers read them (``in``, ``[]``, ``get``), any case."""
+
+    def __init__(self, headers: list[tuple[str, str]]) -> None:
+        self._headers = headers
+
+    def get_all(self, name: str, failobj: Any = None) -> list[str] | Any:
+        wanted = name.lower()
+        found = [value for key, value in self._headers if key.lower() == wanted]
+        return found or failobj
+
+    def get(self, name: str, failobj: Any = None) -> Any:
+        found = self.get_all(name)
+        return found[0] if found else failobj
+
+    def __getitem__(self, name: str) -> str | None:
+        return self.get(name)  # type: ignore[no-any-return]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.get_all(name) is not None
+
+    def items(self) -> list[tuple[str, str]]:
+        return list(self._headers)
+
+
 class HTTPHandlerBase(BaseHTTPRequestHandler):
-    """HTTP/1.1 keep-alive, TCP_NODELAY on TCP, Unix peers, and logging through ``logging``."""
+    """HTTP/1.1 parsed by workers.http1 (httptools), keep-alive, TCP_NODELAY, logging through ``logging``.
+
+    http.server's handler still writes the responses (``send_response``, ``send_header``...);
+    each request is read by ``workers.http1.Connection``, then ``respond()`` answers it.
+    """
 
     protocol_version = "HTTP/1.1"
+    server_version = SERVER_NAME
     timeout = KEEPALIVE_TIMEOUT
+    limits = Limits()  # configure() gives a subclass the settings' limits
     # A worker hands a connection to this handler once its first request head is in (an empty
-    # line ends it; http.server accepts bare LF line ends too): see prefork.parking.
+    # line ends it; a bare LF one is refused with a 400 at once): see prefork.parking.
     message_delimiter = (b"\n\r\n", b"\n\n")
     # Whether the response being written has a Connection header yet, and is a final one
     # (not "100 Continue"); set by send_response_only().
@@ -162,6 +200,10 @@ class HTTPHandlerBase(BaseHTTPRequestHandler):
     _final_response = False
     # Set by send_error(): drain the client's input before closing (LINGER_SECONDS).
     _linger = False
+    http: Connection
+    requestline = ""
+    request_version = "HTTP/1.1"
+    command = ""
 
     def setup(self) -> None:
         if not isinstance(self.client_address, tuple):
@@ -173,13 +215,60 @@ class HTTPHandlerBase(BaseHTTPRequestHandler):
             # Headers and body are separate writes: without TCP_NODELAY, Nagle's algorithm and
             # the client's delayed ACK can hold the body back ~40 ms on a kept-alive connection.
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.http = Connection(self.connection, self.limits)
+
+    def handle_one_request(self) -> None:
+        """Read one request, answer it, skip what is left of its body."""
+        try:
+            current = self.http.next_request()
+        except BadRequest as exc:
+            self.refuse(exc)
+            return
+        except TimeoutError as exc:
+            self.log_error("Request timed out: %r", exc)
+            self.close_connection = True
+            return
+        if current is None:
+            self.close_connection = True
+            return
+        self.take(current)
+        try:
+            self.respond(current)
+        except BadRequest as exc:  # the body turned out bad while the handler read it
+            if not self._final_response:
+                self.refuse(exc)
+            self.close_connection = True
+        self.wfile.flush()
+        if not self.http.finish_request(keep_alive=not self.close_connection):
+            self.close_connection = True
+
+    def take(self, current: Request) -> None:
+        """Set http.server's attributes of the request being answered."""
+        self.command, self.path, self.request_version = current.method, current.target, current.version
+        self.requestline = current.request_line
+        self.raw_requestline = self.requestline.encode("latin-1")
+        self.headers = HeaderView(current.headers)  # type: ignore[assignment]
+        self.close_connection = not current.keep_alive
+        self._final_response = False
+
+    def refuse(self, exc: BadRequest) -> None:
+        """Answer a request that cannot be served with *exc*'s status; the connection closes."""
+        self.close_connection = True
+        self.log_error("refused with %d: %s", exc.status, exc.reason)
+        self.send_error(exc.status, None, exc.reason)
+
+    def respond(self, current: Request) -> None:
+        """Answer *current* with its ``do_METHOD``, or 501."""
+        method = getattr(self, "do_" + self.command, None)
+        if method is None:
+            self.send_error(HTTPStatus.NOT_IMPLEMENTED, f"Unsupported method ({self.command!r})")
+            return
+        method()
+
+    def version_string(self) -> str:
+        return self.server_version
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        if self.request_version == "HTTP/0.9":
-            # http.server answers a request line it could not parse as HTTP/1.x (garbage, a bad
-            # version) the HTTP/0.9 way: a bare body, no status line, which no client of today
-            # can read. Answer it as HTTP/1.0: a status, the headers and Connection: close.
-            self.request_version = "HTTP/1.0"
         self._linger = True
         super().send_error(code, message, explain)
 
@@ -258,8 +347,8 @@ class StaticHandler(HTTPHandlerBase, SimpleHTTPRequestHandler):
             self.wfile.write(HEALTH_BODY)
 
 
-def static_handler(root: str) -> type[StaticHandler]:
-    """A StaticHandler class serving *root*, which must be a directory."""
+def static_handler(root: str, limits: Limits | None = None) -> type[StaticHandler]:
+    """A StaticHandler class serving *root*, which must be a directory, within *limits*."""
     directory = os.path.abspath(root)
     if not os.path.isdir(directory):
         raise AppLoadError(f"workers.http: option root={root!r}: {directory} is not a directory")
@@ -267,12 +356,13 @@ def static_handler(root: str) -> type[StaticHandler]:
     class RootedStaticHandler(StaticHandler):
         root = directory
 
+    RootedStaticHandler.limits = limits or Limits()
     return RootedStaticHandler
 
 
-def configure(root: str = ".") -> Service:
-    """Called in each worker: the service that serves *root*."""
-    return Service(StreamHandler=static_handler(root), server_class=HTTPServer)
+def configure(root: str = ".", settings: Any = None) -> Service:
+    """Called in each worker: the service that serves *root*, with the HTTP limits of *settings*."""
+    return Service(StreamHandler=static_handler(root, limits_from(settings)), server_class=HTTPServer)
 
 
 # Used as they are by ``prefork.serve("workers.http")`` when no service option is given.

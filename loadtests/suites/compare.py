@@ -1,4 +1,4 @@
-"""prefork against the stdlib and gunicorn: raw TCP, UDP and HTTP, side by side. Runs in: bench.
+"""prefork against the stdlib, gunicorn and granian: raw TCP, UDP and HTTP, side by side. Runs in: bench.
 
 Run from the repository root, on Linux with two CPUs or more, wrk and gunicorn installed::
 
@@ -51,7 +51,7 @@ THREADS = 16
 TCP_CONCURRENCY = 4
 UDP_CONCURRENCY = 8
 
-# The targets of issue 5: (label, group, numerator row, denominator row, metric, op, bound).
+# The targets of issues 5 and 17: (label, group, numerator row, denominator row, metric, op, bound).
 TARGETS = [
     ("TCP short: prefork sync CPU/req ≤ 0.9× naive prefork", "tcp-short", "prefork sync", "naive prefork",
      "cpu", "<=", 0.9),
@@ -64,6 +64,17 @@ TARGETS = [
     ("HTTP keep-alive: prefork thread req/s ≥ 1.5× gunicorn gthread", "http-keepalive", "prefork --wsgi thread",
      "gunicorn gthread", "rps", ">=", 1.5),
 ]
+
+_GROUP_LABELS = {"http-keepalive": "HTTP keep-alive", "http-close": "HTTP no keep-alive"}
+# Issue 17's, within a factor of two of a Rust server and further ahead of gunicorn:
+# (group, numerator row, denominator row, metric, op, bound); the label is derived.
+ISSUE_17_TARGETS = [("http-keepalive", "prefork --wsgi thread", "granian wsgi", "cpu", "<=", 2.0),
+                    ("http-close", "prefork --wsgi sync", "granian wsgi", "cpu", "<=", 2.0),
+                    ("http-keepalive", "prefork --wsgi thread", "gunicorn gthread", "rps", ">=", 2.0),
+                    ("http-close", "prefork --wsgi sync", "gunicorn sync", "cpu", "<=", 0.6)]
+TARGETS += [(f"{_GROUP_LABELS[group]}: {top} {'CPU/req' if metric == 'cpu' else 'req/s'} "
+             f"{'≤' if op == '<=' else '≥'} {bound:g}× {bottom}", group, top, bottom, metric, op, bound)
+            for group, top, bottom, metric, op, bound in ISSUE_17_TARGETS]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +96,10 @@ _ECHO = ("run", "loadtests.servers", "--bind", "tcp://127.0.0.1:0", "--bind", "u
 _WSGI = ("run", "--wsgi", "workers.wsgi:hello", "--bind", "tcp://127.0.0.1:0", "--workers", str(WORKERS), "--mode")
 _GUNICORN = ("-w", str(WORKERS), "--threads", str(THREADS), "-b", "127.0.0.1:0", "--log-level", "info",
              "workers.wsgi:hello", "-k")
+# Granian (Rust, its own HTTP stack) running the same WSGI app: the fastest server a WSGI user
+# can pick (issue 17's yardstick).
+_GRANIAN = ("--interface", "wsgi", "--workers", str(WORKERS), "--host", "127.0.0.1", "--port", "0",
+            "--log-level", "info", "workers.wsgi:hello")
 
 # The rows of each group, as data: (name, role, args, workers[, path]).
 TCP: list[tuple[Any, ...]] = [("prefork sync", "prefork-cli", (*_ECHO, "sync"), WORKERS),
@@ -103,6 +118,7 @@ HTTP: list[tuple[Any, ...]] = [("prefork --wsgi sync", "prefork-cli", (*_WSGI, "
          ("run", "workers.http", "--bind", "tcp://127.0.0.1:0", "--workers", str(WORKERS)), WORKERS, "/health"),
         ("gunicorn sync", "gunicorn", (*_GUNICORN, "sync"), WORKERS),
         ("gunicorn gthread", "gunicorn", (*_GUNICORN, "gthread"), WORKERS),
+        ("granian wsgi", "granian", _GRANIAN, WORKERS),
         ("stdlib ThreadingHTTPServer", "stdlib", _stdlib("ThreadingHTTPServer"), 0)]
 GROUPS = {"tcp-short": TCP, "tcp-persistent": TCP, "udp": UDP, "http-close": HTTP, "http-keepalive": HTTP}
 ROWS = [Row(group, *row) for group, rows in GROUPS.items() for row in rows]
@@ -220,11 +236,13 @@ def group_lines(results: list[Result], group: str) -> list[str]:
 def tools() -> str:
     from importlib.metadata import PackageNotFoundError, version
     wrk = subprocess.run(["wrk", "--version"], capture_output=True, text=True, check=False).stdout.split(" [")[0]
-    try:
-        gunicorn = version("gunicorn")
-    except PackageNotFoundError:
-        gunicorn = "not installed"
-    return f"; {wrk.strip() or 'wrk'}; gunicorn {gunicorn}"
+    found = {}
+    for name in ("gunicorn", "granian"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return f"; {wrk.strip() or 'wrk'}; gunicorn {found['gunicorn']}; granian {found['granian']}"
 
 
 # How to read some rows; true of the mechanisms, whatever the figures of a given run.

@@ -22,7 +22,6 @@ import http.client
 import os
 import socket
 import struct
-from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -235,15 +234,15 @@ def head_of(reply: bytes) -> tuple[int, dict[str, str]]:
 
 
 BAD_HEADS = [
-    pytest.param(b"\x00\xff\xfe garbage \x80\r\n\r\n", 400, "Bad request", id="binary-garbage"),
-    pytest.param(bytes(range(256)).replace(b"\n", b"") * 16, 400, "Bad request", id="binary-no-newline"),
-    pytest.param(b"GET / HTTX/1.1\r\n\r\n", 400, "Bad request version", id="bad-version"),
-    pytest.param(b"GET /" + b"a" * HUGE + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, HTTPStatus(414).phrase,
+    pytest.param(b"\x00\xff\xfe garbage \x80\r\n\r\n", 400, "Invalid method", id="binary-garbage"),
+    pytest.param(bytes(range(256)).replace(b"\n", b"") * 16, 400, "Invalid method", id="binary-no-newline"),
+    pytest.param(b"GET / HTTX/1.1\r\n\r\n", 400, "Expected HTTP/", id="bad-version"),
+    pytest.param(b"GET /" + b"a" * HUGE + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "request target too long",
                  id="huge-request-line"),
-    pytest.param(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * HUGE + b"\r\n\r\n", 431, "Line too long",
-                 id="huge-header"),
-    pytest.param(b"GET /health HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(TOO_MANY_HEADERS))
-                 + b"\r\n", 431, "Too many headers", id="too-many-headers"),
+    pytest.param(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * HUGE + b"\r\n\r\n", 431,
+                 "request head too large", id="huge-header"),
+    pytest.param(b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(TOO_MANY_HEADERS))
+                 + b"\r\n", 431, "too many header fields", id="too-many-headers"),
 ]
 
 
@@ -270,7 +269,7 @@ def test_garbage_and_huge_heads_get_a_4xx_that_closes_and_others_are_unaffected(
     running.stop()
     assert running.failures == []
     assert http_master.worker_pids() == workers
-    wait_until(lambda: f"code {status}, message {logged}" in http_master.log(), 10,
+    wait_until(lambda: f"refused with {status}: {logged}" in http_master.log(), 10,
                message=f"'code {status}' not logged:\n{http_master.log()[-3000:]}")
 
 

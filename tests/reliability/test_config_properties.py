@@ -52,8 +52,10 @@ INT_RANGES = {
     "backlog": (0, 2**62), "workers": (0, MAX_WORKERS), "threads": (1, 2**20),
     "max_workers": (0, MAX_WORKERS), "min_workers": (1, MAX_WORKERS), "min_spare": (0, 2**20),
     "max_spare": (1, 2**20), "max_requests": (0, 2**62), "max_requests_jitter": (0, 2**62),
-    "crash_limit": (0, 2**62),
+    "crash_limit": (0, 2**62), "max_request_line": (1, 2**20), "max_header_count": (1, 2**20),
 }
+# The least value of a size setting, where it is not 0.
+SIZE_MINIMUM = {"max_header_bytes": 1}
 CHOICES = {"mode": ("sync", "thread", "fork"), "loglevel": ("debug", "info", "warning", "error", "critical"),
            "log_format": ("text", "json"), "cert_reqs": ("none", "optional", "required"),
            "tls_min_version": ("tlsv1.2", "tlsv1.3")}
@@ -61,7 +63,7 @@ CHOICES = {"mode": ("sync", "thread", "fork"), "loglevel": ("debug", "info", "wa
 _CANONICAL_NETWORKS = ("10.0.0.0/8", "127.0.0.1/32", "192.0.2.0/24", "::1/128", "2001:db8::/32")  # sorted as canonical
 _NETWORKS = st.lists(st.integers(0, len(_CANONICAL_NETWORKS) - 1), min_size=1, max_size=4, unique=True).map(
     lambda picks: [_CANONICAL_NETWORKS[i] for i in sorted(picks)])
-_OTHER_LISTS = {"proxy_allow_ips": _NETWORKS}
+_OTHER_LISTS = {"proxy_allow_ips": _NETWORKS, "forwarded_allow_ips": _NETWORKS}
 _TRUE, _FALSE = ("true", "yes", "on", "1", "True", "YES"), ("false", "no", "off", "0", "False", "Off")
 # Memory units and their factors, as the README's table spells them.
 SIZE_UNITS = {"": 1, "B": 1, "kB": 10**3, "MB": 10**6, "GB": 10**9, "K": 2**10, "M": 2**20, "G": 2**30,
@@ -122,7 +124,8 @@ def valid_values(option: Option) -> st.SearchStrategy[Any]:
     if kind is MODE:
         return st.one_of(st.none(), st.integers(0, 0o7777))
     if kind is SIZE:
-        return st.builds(lambda n, unit: n * SIZE_UNITS[unit], st.integers(0, 2**40), st.sampled_from(list(SIZE_UNITS)))
+        return st.builds(lambda n, unit: n * SIZE_UNITS[unit], st.integers(SIZE_MINIMUM.get(name, 0), 2**40),
+                         st.sampled_from(list(SIZE_UNITS)))
     if kind is ADDRESS:
         return st.one_of(st.none(), st.builds(lambda host, port: f"tcp://{host}:{port}", _HOST, _PORT))
     if kind is HOOK:
