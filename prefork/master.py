@@ -17,8 +17,11 @@ each worker serving all of them.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import inspect
 import logging
 import os
+import resource
 import signal
 import socket
 import threading
@@ -26,10 +29,12 @@ import types
 from typing import Any, Callable, Protocol, Sequence, cast
 
 from prefork import log as log_files
+from prefork.aio import async_kind, describe
+from prefork.aioworker import LoopOptions, event_loop_factory
 from prefork.arbiter import Arbiter, Hooks, Plan
 from prefork.config import Settings, format_value, held_on_reload, make_settings
 from prefork.errors import AppLoadError, ConfigError
-from prefork.handlers import DatagramRequestHandler, StreamRequestHandler
+from prefork.handlers import BaseRequestHandler, DatagramRequestHandler, StreamRequestHandler
 from prefork.handover import FDS_ENV
 from prefork.listeners import (Listener, bind_all, inherited_listeners, listener_for_socket, parse_bind,
                                rebind_reuse_port, reconfigure)
@@ -49,6 +54,10 @@ __all__ = [
 ]
 
 log = logging.getLogger("prefork.master")
+
+# mode = "asyncio" raises the soft limit of open files to the hard limit, or to this where the
+# hard limit is unlimited (the kernel's fs.nr_open default: a setrlimit above it fails).
+DESCRIPTOR_CEILING = 1 << 20
 
 # Hook names, in the order of a service's life.
 _HOOKS = ("on_starting", "when_ready", "pre_fork", "post_fork", "worker_exit", "on_exit")
@@ -142,6 +151,8 @@ def serve(app: Any, bind: Sequence[str] | str | None = None, *, settings: Settin
         raise ConfigError("setting 'bind': no listener given; for example tcp://127.0.0.1:8000")
     if settings.umask is not None:
         os.umask(settings.umask)
+    if settings.mode == "asyncio":
+        _prepare_asyncio(settings)
     starting = _hooks(settings).on_starting
     if starting is not None:
         _run_on_starting(starting, settings)
@@ -157,6 +168,18 @@ def serve(app: Any, bind: Sequence[str] | str | None = None, *, settings: Settin
         builder.app = app = builder.service(app)
     service = _Service(builder, _app_name(app), reload_settings)
     return Arbiter(service.plan(settings, listeners), service.replan if reload_settings else None).run()
+
+
+def _prepare_asyncio(settings: Settings) -> None:
+    """Called in the master before fork: uvloop is there if asked for, and the descriptor limit
+    is as high as allowed (one event-loop worker holds thousands of connections; workers inherit it)."""
+    if settings.loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        raise ConfigError("setting 'loop': uvloop is not installed (pip install 'prefork[uvloop]')")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = DESCRIPTOR_CEILING if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        log.info("mode asyncio: raised the open files limit (RLIMIT_NOFILE) from %d to %d", soft, target)
 
 
 def _run_on_starting(hook: Callable[..., Any], settings: Settings) -> None:
@@ -362,8 +385,14 @@ class _ServerBuilder:
         """Each listener has its handler in the app; an app named by a string is checked in the worker."""
         if isinstance(self.app, str):
             return
+        find = async_handler_for if self.mode == "asyncio" else handler_for
         for listener in listeners:
-            handler_for(self.app, listener)
+            find(self.app, listener)
+
+    def handlers(self, listeners: Sequence[Listener]) -> list[Any]:
+        """Called in an asyncio-mode worker: load the app (unless preloaded), its handler per listener."""
+        app = self.service(load_object(self.app)) if isinstance(self.app, str) else self.app
+        return [async_handler_for(app, listener) for listener in listeners]
 
     def _build(self, app: Any, listener: Listener) -> LoopServer:
         handler = handler_for(app, listener)
@@ -388,6 +417,7 @@ def _own_configure(loaded: Any) -> Callable[..., Any] | None:
 def handler_for(app: Any, listener: Listener) -> Any:
     """The request handler class that *app* offers for *listener*, or AppLoadError saying why not."""
     kind, attr = ("stream", "StreamHandler") if listener.is_stream else ("datagram", "DatagramHandler")
+    _refuse_asyncio_handler(app, getattr(app, attr, None), attr)
     if isinstance(app, type):
         wrong = DatagramRequestHandler if listener.is_stream else StreamRequestHandler
         if issubclass(app, wrong):
@@ -398,6 +428,48 @@ def handler_for(app: Any, listener: Listener) -> Any:
     if handler is None:
         raise AppLoadError(f"{_app_name(app)} has no {attr}, so it cannot serve the {kind} listener {listener.name}")
     return handler
+
+
+# The names under which a service offers its asyncio handlers (see prefork.aio).
+ASYNC_HANDLER_NAMES = {True: "AsyncStreamHandler", False: "AsyncDatagramHandler"}
+
+
+def async_handler_for(app: Any, listener: Listener) -> Any:
+    """mode = "asyncio": the asyncio handler *app* offers for *listener*, or AppLoadError saying
+    which kind of handler was found instead."""
+    kind = "stream" if listener.is_stream else "datagram"
+    attr, sync_attr = ASYNC_HANDLER_NAMES[listener.is_stream], "StreamHandler" if listener.is_stream else "DatagramHandler"
+    found, where = app, _app_name(app)
+    if async_kind(app) is None and (_is_sync_handler(app) or inspect.isfunction(app)):
+        raise AppLoadError(f"mode asyncio: {where} is {describe(app)}; serve it with mode sync, thread or fork, "
+                           f"or give an asyncio handler (see prefork.aio)")
+    if async_kind(app) is None:
+        found, where = getattr(app, attr, None), f"{_app_name(app)}.{attr}"
+        if found is None:
+            sync = getattr(app, sync_attr, None)
+            also = f" (its {sync_attr} is {describe(sync)}: serve that with mode sync, thread or fork)" if sync else ""
+            raise AppLoadError(f"mode asyncio: {_app_name(app)} has no {attr}, so it cannot serve the {kind} "
+                               f"listener {listener.name}{also}")
+    if async_kind(found) != kind:
+        raise AppLoadError(f"mode asyncio: {where} is {describe(found)}; it cannot serve the {kind} "
+                           f"listener {listener.name}")
+    return found
+
+
+def _is_sync_handler(app: Any) -> bool:
+    return isinstance(app, type) and issubclass(app, BaseRequestHandler)
+
+
+def _refuse_asyncio_handler(app: Any, offered: Any, attr: str) -> None:
+    """A synchronous mode given an asyncio handler: AppLoadError saying so."""
+    for candidate, where in ((app, _app_name(app)), (offered, f"{_app_name(app)}.{attr}")):
+        if candidate is not None and async_kind(candidate) is not None:
+            raise AppLoadError(f"{where} is {describe(candidate)}; serve it with mode asyncio")
+    if offered is None and not isinstance(app, type):
+        async_attr = "Async" + attr
+        if getattr(app, async_attr, None) is not None:
+            raise AppLoadError(f"{_app_name(app)} has no {attr}, only {async_attr} (an asyncio handler): "
+                               "serve it with mode asyncio")
 
 
 def _worker_spec(settings: Settings, listeners: Sequence[Listener], build: _Builder,
@@ -422,7 +494,19 @@ def _worker_spec(settings: Settings, listeners: Sequence[Listener], build: _Buil
         set_title=lambda number, generation: set_title("worker", name, number, generation),
         access_log=access_log,
         read_timeout=settings.read_timeout,
+        event_loop=_event_loop(settings, build),
     )
+
+
+def _event_loop(settings: Settings, build: _Builder) -> Any:
+    """mode = "asyncio": what builds each worker's event loop (prefork.aioworker); else None."""
+    if settings.mode != "asyncio":
+        return None
+    if not isinstance(build, _ServerBuilder):
+        raise ConfigError("mode asyncio serves an app given to serve() or the command line, not a PreforkMixIn "
+                          "server: use mode sync, thread or fork")
+    options = LoopOptions(settings.loop, settings.idle_timeout, settings.timeout, settings.backlog)
+    return event_loop_factory(build.handlers, options)
 
 
 def _hooks(settings: Settings) -> Hooks:

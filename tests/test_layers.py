@@ -52,10 +52,10 @@ CORE, SUPPORT, BIND, MASTER, FACE, SERVICES = "core", "support", "bind", "master
 ORDER = (CORE, SUPPORT, BIND, MASTER, FACE, SERVICES)
 
 LAYERS = {
-    CORE: ("servers", "mixins", "handlers", "socketserver"),
+    CORE: ("servers", "mixins", "handlers", "aio", "socketserver"),
     SUPPORT: ("errors", "privileges", "log", "loader"),
     BIND: ("bindspec", "listeners", "handover"),
-    MASTER: ("arbiter", "pool", "worker", "signals", "scoreboard", "pidfile", "procstats", "notify",
+    MASTER: ("arbiter", "pool", "worker", "aioworker", "signals", "scoreboard", "pidfile", "procstats", "notify",
              "proctitle", "reloads", "accounting", "allowlist", "parking", "modes", "metrics", "children"),
     FACE: ("master", "config", "setting_types", "settings_docs", "cli", "control", "runpaths", "__init__",
            "__main__"),
