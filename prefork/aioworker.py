@@ -66,6 +66,8 @@ CANCEL_MARGIN = 0.5
 CANCEL_GRACE = 0.25
 # A StreamReader buffers at most this much before a readline() fails (asyncio's default).
 STREAM_LIMIT = 64 * 1024
+# The watchdog's report shows this many of the innermost frames of the blocked thread.
+STACK_FRAMES = 12
 # The largest datagram read while draining a datagram listener (the largest UDP payload fits).
 MAX_DATAGRAM = 65536
 
@@ -241,12 +243,19 @@ class EventLoopWorker:
         task = asyncio.current_task(self.loop)
         connection = self.tasks.get(task) if task is not None else None
         frame = sys._current_frames().get(self.main_thread)
-        stack = "".join(traceback.format_stack(frame)) if frame is not None else "(no stack)\n"
-        what = f"task {task.get_name()} running {task.get_coro()!r}" if task is not None else "a callback, not a task"
+        stack = "".join(traceback.format_stack(frame, STACK_FRAMES)) if frame is not None else "(no stack)\n"
+        what = "a callback, not a task"
+        if task is not None:
+            handler = connection.endpoint.handler if connection else None
+            what = f"task {task.get_name()} in handler {_name_of(handler)}" if handler else f"task {task.get_name()}"
         client, listener = (client_text(connection.peer), connection.endpoint.name) if connection else ("-", "-")
-        self.slot.describe(f"{client} ({what})".encode(errors="replace"), listener.encode(errors="replace"))
+        self.slot.describe(client.encode(errors="replace"), listener.encode(errors="replace"))
         log.error("worker %d: the event loop has not turned for %.1fs: %s, client %s on %s; main thread:\n%s",
                   self.pid, late, what, client, listener, stack.rstrip("\n"))
+
+
+def _name_of(handler: Any) -> str:
+    return f"{getattr(handler, '__module__', '?')}.{getattr(handler, '__qualname__', repr(handler))}"
 
 
 def _leave_now(worker: EventLoopWorker) -> None:
@@ -452,7 +461,7 @@ class _DatagramEndpoint(_Endpoint):
             await self.handler(data, peer, self.replies)
             outcome = "ok"
         except asyncio.CancelledError:
-            pass
+            pass  # the stop's deadline: the datagram is not answered
         except Exception:
             log.exception("worker %d: datagram handler failed on %s from %s", self.worker.pid, self.name,
                           client_text(peer))

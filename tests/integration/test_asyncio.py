@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import signal
 import socket
+import time
 from pathlib import Path
 
 import pytest
 
-from prefork.errors import EXIT_APP_LOAD
-from tests.integration.conftest import _read_line
+from prefork.errors import EXIT_APP_LOAD, EXIT_OK
+from tests.integration.conftest import _read_line, wait_pid_gone
 from tests.support import SOCKET_TIMEOUT, datagram_request, stream_request, wait_until
 
 pytestmark = pytest.mark.integration
@@ -71,3 +74,118 @@ def test_an_asyncio_handler_is_refused_in_sync_mode(start_master) -> None:
     master = start_master(app=f"{AIO_APPS}:AsyncStreamHandler", mode="sync", ready=False)
     assert master.wait_exit() == EXIT_APP_LOAD
     assert "is an asyncio stream handler; serve it with mode asyncio" in master.log()
+
+
+# -- the same promises as synchronous mode -------------------------------------------------------
+
+
+def test_term_serves_the_backlog_lets_open_connections_finish_then_cancels_the_rest(start_master) -> None:
+    master = start_master(app=AIO_APPS, mode="asyncio", workers=1, graceful_timeout=2)
+    port = master.address()[1]
+    with connect(master.address()) as idle, connect(master.address()) as stuck, \
+            concurrent.futures.ThreadPoolExecutor(9) as pool:
+        ask(idle, b"ready?")
+        stuck.sendall(b"wait 30\n")  # still running at the deadline: cancelled
+        blocking = pool.submit(master.request, b"block 2")  # holds the loop: the next ones queue
+        wait_until(lambda: time.monotonic() - master.workers()[0].last_tick > 0.6, 5)
+        queued = [pool.submit(master.request, b"queued %d" % i) for i in range(8)]
+        wait_until(lambda: accept_queue(port) == 8, 5)
+        stopped = time.monotonic()
+        master.signal(signal.SIGTERM)
+        assert blocking.result() == b"blocked"
+        assert sorted(f.result() for f in queued) == sorted(b"queued %d" % i for i in range(8))
+        assert ask(idle, b"still here") == b"still here"  # an open connection may finish
+        assert stuck.recv(100) == b""  # cancelled shortly before graceful_timeout
+        assert 1.0 < time.monotonic() - stopped < 3.0
+    assert master.wait_exit() == EXIT_OK
+    assert "cancelled 2 handlers" in master.log() and "SIGKILL" not in master.log(), master.log()
+
+
+def accept_queue(port: int) -> int:
+    """How many connections wait in the accept queue of the TCP listener on *port* (Linux)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and int(fields[1].rpartition(":")[2], 16) == port:  # 0A: LISTEN
+            return int(fields[4].rpartition(":")[2], 16)  # rx_queue of a listener: its queue
+    return 0
+
+
+def test_hup_ttin_ttou_and_recycling_under_load_fail_no_request(start_master, load) -> None:
+    # max_requests counts connections: 3 clients make a connection per request.
+    master = start_master(app=AIO_APPS, mode="asyncio", workers=2, max_requests=60)
+    first = master.wait_workers(2, generation=1)
+    running = load(master, clients=3)
+    wait_until(lambda: first - master.worker_pids(), 30, message=f"not recycled: {master.workers()}")
+    master.signal(signal.SIGHUP)
+    master.wait_workers(2, generation=2)
+    master.signal(signal.SIGTTIN)
+    master.wait_workers(3)
+    master.signal(signal.SIGTTOU)
+    master.wait_workers(2)
+    running.wait_requests(30)
+    running.stop()
+    assert running.failures == []
+    assert "max_requests 60" in master.log()
+
+
+# USR2 under load: tests/integration/test_master.py::test_usr2_upgrades_in_place_under_load[asyncio].
+
+
+def test_the_scoreboard_shows_connections_requests_and_busy_state(start_master) -> None:
+    master = start_master(app=AIO_APPS, mode="asyncio", workers=1)
+    sockets = [connect(master.address()) for _ in range(3)]
+    try:
+        for sock in sockets:
+            ask(sock, b"hi")
+        wait_until(lambda: (master.workers()[0].active, master.workers()[0].state_name) == (3, "busy"), 5,
+                   message=str(master.workers()))
+    finally:
+        for sock in sockets:
+            sock.close()
+    wait_until(lambda: (master.workers()[0].active, master.workers()[0].state_name, master.workers()[0].requests)
+               == (0, "idle", 3), 5, message=str(master.workers()))
+
+
+def test_allow_lists_and_the_access_log(start_master, tmp_path: Path) -> None:
+    access = tmp_path / "access.log"
+    master = start_master(app=AIO_APPS, mode="asyncio", workers=1, access_log=str(access),
+                          bind=["tcp://127.0.0.1:0", "tcp://127.0.0.1:0?allow=10.0.0.0/8", "udp://127.0.0.1:0"])
+    assert master.request(b"one") == b"one"
+    with connect(master.address(1)) as refused:
+        assert refused.recv(100) == b""  # closed unanswered
+    assert datagram_request(master.address(2), b"three") == b"three"
+    lines = lambda: access.read_text().splitlines() if access.exists() else []  # noqa: E731
+    wait_until(lambda: len(lines()) == 3, 5, message=str(lines()))
+    outcomes = sorted(line.split()[-1] for line in lines())
+    assert outcomes == ["ok", "ok", "refused"], lines()
+    assert any("in=4 out=4 ok" in line for line in lines()) and any("in=5 out=5 ok" in line for line in lines())
+
+
+# -- the blocked-loop watchdog and the idle timeout -------------------------------------------------
+
+
+def test_a_blocked_loop_is_reported_with_its_task_then_aborted_and_replaced(start_master) -> None:
+    master = start_master(app=AIO_APPS, mode="asyncio", workers=1, timeout=1.5)
+    (pid,) = master.wait_workers(1)
+    with connect(master.address()) as sock:
+        sock.sendall(b"block 30\n")
+        wait_pid_gone(pid, timeout=15)
+        assert sock.recv(100) == b""
+    wait_until(lambda: master.ready_pids() - {pid}, message=str(master.workers()))
+    log = master.log()
+    assert "the event loop has not turned for" in log and "in handler tests.integration.aio_apps.AsyncStreamHandler" in log, log
+    assert "SIGABRT" in log and "(timeout)" in log and "request from 127.0.0.1:" in log
+    assert 'File "' in log and "answer_async" in log, "the worker's stack was not dumped"
+    assert master.request(b"ok") == b"ok"
+
+
+def test_idle_connections_are_closed_after_idle_timeout(start_master) -> None:
+    master = start_master(app=AIO_APPS, mode="asyncio", workers=1, idle_timeout=0.5)
+    with connect(master.address()) as quiet, connect(master.address()) as talking:
+        started = time.monotonic()
+        ask(quiet, b"hello")
+        while time.monotonic() - started < 1.5:
+            ask(talking, b"wait 0.1")  # busy both ways: kept
+        assert quiet.recv(100) == b""
+        assert ask(talking, b"still") == b"still"
+    assert "idle for 0.5s (idle_timeout)" in master.log()
