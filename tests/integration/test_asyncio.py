@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import concurrent.futures
+import resource
 import signal
 import socket
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from prefork.errors import EXIT_APP_LOAD, EXIT_OK
@@ -189,3 +191,47 @@ def test_idle_connections_are_closed_after_idle_timeout(start_master) -> None:
         assert quiet.recv(100) == b""
         assert ask(talking, b"still") == b"still"
     assert "idle for 0.5s (idle_timeout)" in master.log()
+
+
+# -- many idle connections -------------------------------------------------------------------------
+
+IDLE_CONNECTIONS = 2000
+
+
+def test_two_workers_hold_2000_idle_connections_while_an_active_client_is_answered(start_master, record_property):
+    """Memory per idle connection, reported (USS of both workers, before and after), not timed."""
+    _allow_descriptors(IDLE_CONNECTIONS + 100)
+    master = start_master(app="workers.echo", mode="asyncio", workers=2)
+    pids = master.wait_workers(2)
+    warm = [connect(master.address()) for _ in range(20)]  # the first connections' allocations
+    wait_until(lambda: sum(v.active for v in master.workers()) == len(warm), 10)
+    before = sum(psutil.Process(pid).memory_full_info().uss for pid in pids)
+    idle = [connect(master.address()) for _ in range(IDLE_CONNECTIONS)]
+    try:
+        wait_until(lambda: sum(v.active for v in master.workers()) == len(warm) + IDLE_CONNECTIONS, 20,
+                   message=str(master.workers()))
+        after = sum(psutil.Process(pid).memory_full_info().uss for pid in pids)
+        latencies = []
+        with connect(master.address()) as active:
+            for _ in range(50):
+                started = time.perf_counter()
+                assert ask(active, b"still answered") == b"still answered"
+                latencies.append(time.perf_counter() - started)
+    finally:
+        for sock in idle + warm:
+            sock.close()
+    per_connection = (after - before) / IDLE_CONNECTIONS
+    p99 = sorted(latencies)[int(len(latencies) * 0.99) - 1]
+    record_property("bytes_per_idle_connection", per_connection)
+    print(f"\n{IDLE_CONNECTIONS} idle connections on 2 workers: {per_connection / 1024:.1f} KiB each (USS); "
+          f"active client p99 {p99 * 1000:.2f} ms")
+    assert per_connection < 64 * 1024, "far above the 10 KiB target: something is held per connection"
+
+
+def _allow_descriptors(count: int) -> None:
+    """This test process opens *count* sockets: raise its soft limit (up to the hard one) if needed."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < count:
+        if hard != resource.RLIM_INFINITY and hard < count:
+            pytest.skip(f"the open files limit ({hard}) is below {count}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (count, hard))
