@@ -192,8 +192,8 @@ class EventLoopWorker:
         self.slot.turned(self.busy)
         if self.options.idle_timeout:
             self._close_idle(now - self.options.idle_timeout)
-        if self.access is not None and not self.busy:
-            self.access.flush()  # idle: write what the busy turns buffered
+        if self.access is not None:
+            self.access.flush()  # at most a write per tick: lines never wait for an idle moment
         if os.getppid() != self.spec.master_pid:
             log.warning("worker %d: master %d is gone, leaving", self.pid, self.spec.master_pid)
             self.stop()
