@@ -6,6 +6,9 @@ each datagram on UDP, both on one 127.0.0.1 port. With N > 1 the process forks N
 and every process binds its own SO_REUSEPORT sockets (the kernel spreads connections and
 datagrams): the fastest multi-process shape there is, without supervision. The ready file gets
 ``{"pid", "port"}`` once every process listens.
+
+The same two classes are a prefork service for ``--mode asyncio`` (``AsyncStreamHandler``,
+``AsyncDatagramHandler``): the suite's row with the very handler code of the bare server.
 """
 
 from __future__ import annotations
@@ -33,6 +36,11 @@ class DatagramEcho(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         self.transport.sendto(data, addr)
+
+
+# As a prefork service (--mode asyncio): the same protocols.
+AsyncStreamHandler = Echo
+AsyncDatagramHandler = DatagramEcho
 
 
 def bound(kind: int, port: int) -> socket.socket:

@@ -62,6 +62,8 @@ BLOCKED_REPORT = 1.0
 # Open connections are cancelled this long before the stop's deadline, when the master's
 # SIGKILL comes: time for the handlers' cleanup and the access log.
 CANCEL_MARGIN = 0.5
+# A stopping worker whose open connections are Protocols looks at them this often.
+STOP_POLL = 0.05
 # How long cancelled handlers get to finish.
 CANCEL_GRACE = 0.25
 # A StreamReader buffers at most this much before a readline() fails (asyncio's default).
@@ -119,7 +121,7 @@ class EventLoopWorker:
         self.endpoints = [_endpoint(self, listener, index, handler, spec)
                           for index, (listener, handler) in enumerate(zip(listeners, handlers))]
         self.tasks: dict[asyncio.Task[None], _Connection | None] = {}  # running handlers, each with its connection
-        self.connections: set[_Connection] = set()
+        self.connections: set[_Connection | _ProtocolConnection] = set()  # open stream connections
         self.busy = False
         self.turned_at = time.monotonic()
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -158,8 +160,9 @@ class EventLoopWorker:
 
     # -- what connections and handlers report ---------------------------------------------------
 
-    def started(self, task: asyncio.Task[None], connection: _Connection | None) -> None:
-        self.tasks[task] = connection
+    def started(self, task: asyncio.Task[None] | None, connection: _Connection | _ProtocolConnection | None) -> None:
+        if task is not None:
+            self.tasks[task] = connection if isinstance(connection, _Connection) else None
         if connection is not None:
             self.connections.add(connection)
             self.slot.add_active(1)
@@ -171,7 +174,8 @@ class EventLoopWorker:
             self.busy = True
             self.slot.turned(True)
 
-    def finished(self, task: asyncio.Task[None] | None, connection: _Connection | None, counter: int) -> None:
+    def finished(self, task: asyncio.Task[None] | None, connection: _Connection | _ProtocolConnection | None,
+                 counter: int) -> None:
         if task is not None:
             self.tasks.pop(task, None)
         if connection is not None:
@@ -188,7 +192,7 @@ class EventLoopWorker:
 
     def _tick(self) -> None:
         now = self.turned_at = time.monotonic()
-        self.busy = bool(self.tasks)
+        self.busy = bool(self.tasks or self.connections)
         self.slot.turned(self.busy)
         if self.options.idle_timeout:
             self._close_idle(now - self.options.idle_timeout)
@@ -225,15 +229,22 @@ class EventLoopWorker:
         await self._wait_handlers(time.monotonic() + CANCEL_GRACE)  # datagram replies in flight
         for task in list(self.tasks):
             task.cancel()
+        if self.tasks or self.connections:
+            log.info("worker %d: cancelled %d handlers at the stop's deadline", self.pid,
+                     len(self.tasks.keys() | {c for c in self.connections if isinstance(c, _ProtocolConnection)}))
+        for connection in list(self.connections):
+            connection.close()  # a Protocol's: connection_lost(); a task's: closed by the cancelled task too
         if self.tasks:
-            log.info("worker %d: cancelled %d handlers at the stop's deadline", self.pid, len(self.tasks))
             await asyncio.wait(list(self.tasks), timeout=CANCEL_GRACE)
         if self.access is not None:
             self.access.flush()
 
     async def _wait_handlers(self, until: float) -> None:
-        while self.tasks and (left := until - time.monotonic()) > 0:
-            await asyncio.wait(list(self.tasks), timeout=left)
+        while (self.tasks or self.connections) and (left := until - time.monotonic()) > 0:
+            if self.tasks:
+                await asyncio.wait(list(self.tasks), timeout=min(left, STOP_POLL))
+            else:  # only Protocol connections: nothing to wait on but their closing
+                await asyncio.sleep(min(left, STOP_POLL))
 
     # -- the watchdog's view (called from its thread) ---------------------------------------------
 
@@ -363,7 +374,9 @@ class _StreamEndpoint(_Endpoint):
         backlog = self.worker.options.backlog or 65535  # capped by the kernel at somaxconn
         self.server = await loop.create_server(self.connection, sock=self.sock.dup(), backlog=backlog)
 
-    def connection(self) -> _Connection:
+    def connection(self) -> _Connection | _ProtocolConnection:
+        if isinstance(self.handler, type) and issubclass(self.handler, asyncio.Protocol):
+            return _ProtocolConnection(self)
         assert self.worker.loop is not None
         return _Connection(self, self.worker.loop)
 
@@ -530,6 +543,102 @@ class _CountingTransport:
 
 
 # -- stream connections -----------------------------------------------------------------------
+
+
+class _ProtocolConnection(asyncio.Protocol):
+    """A connection served by the app's asyncio.Protocol: no task, the app's callbacks in the loop.
+
+    Counts bytes, notes activity, reports to the worker, logs an exception of the app's
+    callbacks with its traceback and closes the connection.
+    """
+
+    def __init__(self, endpoint: _StreamEndpoint) -> None:
+        self.endpoint = endpoint
+        self.app: asyncio.Protocol = endpoint.handler()
+        self.transport: asyncio.BaseTransport | None = None
+        self.peer: Any = None
+        self.started = self.last_active = time.monotonic()
+        self.bytes_in = 0
+        self.outcome = "ok"
+        self.replies: _CountingStreamTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.peer = transport.get_extra_info("peername")
+        endpoint = self.endpoint
+        if not endpoint.admits(self.peer):
+            self.app = None  # type: ignore[assignment]
+            transport.close()
+            return
+        endpoint.worker.started(None, self)
+        self.replies = _CountingStreamTransport(transport, self)
+        self._call(self.app.connection_made, self.replies)
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        self.last_active = time.monotonic()
+        self._call(self.app.data_received, data)
+
+    def eof_received(self) -> bool | None:
+        try:
+            return self.app.eof_received()
+        except Exception:
+            self._failed()
+            return None
+
+    def pause_writing(self) -> None:
+        self.app.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.app.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.app is None:
+            return  # refused by the allow-list
+        self._call(self.app.connection_lost, exc)
+        endpoint = self.endpoint
+        endpoint.worker.finished(None, self, endpoint.counter)
+        sent = self.replies.sent if self.replies is not None else 0
+        endpoint.record(self.peer, self.started, self.bytes_in, sent, self.outcome)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def _call(self, callback: Callable[[Any], object], argument: Any) -> None:
+        try:
+            callback(argument)
+        except Exception:
+            self._failed()
+
+    def _failed(self) -> None:
+        self.outcome = "error"
+        log.exception("worker %d: handler failed on %s from %s; connection closed", self.endpoint.worker.pid,
+                      self.endpoint.name, client_text(self.peer))
+        self.close()
+
+
+class _CountingStreamTransport:
+    """The transport an app's Protocol gets: counts what it writes and notes it as activity."""
+
+    __slots__ = ("_transport", "_connection", "sent")
+
+    def __init__(self, transport: asyncio.BaseTransport, connection: _ProtocolConnection) -> None:
+        self._transport: Any = transport
+        self._connection = connection
+        self.sent = 0
+
+    def write(self, data: Any) -> None:
+        self.sent += len(data)
+        self._connection.last_active = time.monotonic()
+        self._transport.write(data)
+
+    def writelines(self, lines: Any) -> None:
+        for data in lines:
+            self.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 class _Connection(asyncio.StreamReaderProtocol):

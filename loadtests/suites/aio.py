@@ -11,8 +11,9 @@ small counts, no file). Rules (beside the harness's, ``loadtests/harness.py``):
    fresh server, a warm-up, then the same ``loadtests.load.EchoLoad`` for the same time, the same
    requests in flight): keep-alive echo (persistent TCP connections), UDP echo, short TCP
    (connect, one line, close). Server CPU is the whole server tree's user + system time.
-2. The rows, as data below: prefork ``--mode asyncio`` with 2 workers (``workers.echo``: a
-   StreamReader/StreamWriter handler, and a DatagramProtocol), the bare uvloop Protocol server
+2. The rows, as data below: prefork ``--mode asyncio`` with 2 workers, serving ``workers.echo``
+   (a StreamReader/StreamWriter handler class, and a DatagramProtocol) and serving the bare
+   server's own Protocol classes (the same handler code as the reference), the bare uvloop Protocol server
    of ``loadtests/uvloop_echo.py`` in 1 process and in 2 with SO_REUSEPORT, prefork sync and
    thread (``loadtests.servers``' echo, as in the ``compare`` suite).
 3. Idle connections: a fresh asyncio master with 2 workers holds IDLE idle connections (the
@@ -57,6 +58,8 @@ _ECHO = ("run", "--bind", "tcp://127.0.0.1:0", "--bind", "udp://127.0.0.1:0", "-
 RAW: list[tuple[str, str, tuple[str, ...], int]] = [
     ("prefork asyncio (2 workers)", "prefork-cli", (*_ECHO[:1], "workers.echo", *_ECHO[1:], "--mode", "asyncio"),
      WORKERS),
+    ("prefork asyncio, the bare server's Protocols (2 workers)", "prefork-cli",
+     (*_ECHO[:1], "loadtests.uvloop_echo", *_ECHO[1:], "--mode", "asyncio"), WORKERS),
     ("bare uvloop Protocol, 1 process", "uvloop", (json.dumps({"processes": 1}),), 0),
     ("bare uvloop Protocol, 2 processes (SO_REUSEPORT)", "uvloop", (json.dumps({"processes": 2}),), 1),
     ("prefork sync (2 workers)", "prefork-cli", (*_ECHO[:1], "loadtests.servers", *_ECHO[1:], "--mode", "sync"),
@@ -65,7 +68,7 @@ RAW: list[tuple[str, str, tuple[str, ...], int]] = [
      WORKERS),
 ]
 ROWS = [compare.Row(group, *row) for group in GROUP_TITLES for row in RAW]
-REFERENCE = RAW[1][0]
+REFERENCE = RAW[2][0]
 
 
 @dataclasses.dataclass

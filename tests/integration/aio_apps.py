@@ -56,3 +56,18 @@ class ClassHandler(AsyncStreamRequestHandler):
 
 # An app object, as a module would be: its stream handler is the class form.
 handlers = types.SimpleNamespace(AsyncStreamHandler=ClassHandler)
+
+
+class EchoProtocol(asyncio.Protocol):
+    """The Protocol form: echoes what arrives; a chunk "raise" raises in data_received."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: Any = transport
+
+    def data_received(self, data: bytes) -> None:
+        if data.startswith(b"raise"):
+            raise RuntimeError("the protocol failed on purpose")
+        self.transport.write(data)
+
+
+protocols = types.SimpleNamespace(AsyncStreamHandler=EchoProtocol)

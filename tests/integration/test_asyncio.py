@@ -65,6 +65,17 @@ def test_a_failing_handler_is_logged_its_connection_closed_and_the_worker_goes_o
     assert master.request(b"pid") == pid
 
 
+def test_a_protocol_class_serves_each_connection_and_a_failing_one_is_closed(start_master) -> None:
+    master = start_master(app=f"{AIO_APPS}:protocols", mode="asyncio", workers=1)
+    with connect(master.address()) as sock:
+        assert ask(sock, b"echo") == b"echo"
+        sock.sendall(b"raise\n")
+        assert sock.recv(100) == b""
+    assert master.request(b"again") == b"again"
+    wait_until(lambda: "RuntimeError: the protocol failed on purpose" in master.log(), 10)
+    wait_until(lambda: master.workers()[0].requests == 2, 5, message=str(master.workers()))
+
+
 def test_a_synchronous_handler_is_refused_in_asyncio_mode(start_master) -> None:
     master = start_master(app="tests.integration.apps", mode="asyncio", ready=False)
     assert master.wait_exit() == EXIT_APP_LOAD
