@@ -223,10 +223,9 @@ class EventLoopWorker:
         for index, endpoint in enumerate(self.endpoints):
             if mask >> index & 1:
                 await endpoint.drain(deadline)
-        await self._wait_handlers(deadline - min(CANCEL_MARGIN, self.spec.graceful_timeout / 4))
         for endpoint in self.endpoints:
-            endpoint.close()
-        await self._wait_handlers(time.monotonic() + CANCEL_GRACE)  # datagram replies in flight
+            endpoint.close()  # datagram listeners stop reading: what is queued stays for the other workers
+        await self._wait_handlers(deadline - min(CANCEL_MARGIN, self.spec.graceful_timeout / 4))
         for task in list(self.tasks):
             task.cancel()
         if self.tasks or self.connections:
@@ -441,7 +440,7 @@ class _DatagramEndpoint(_Endpoint):
 
     def made(self, transport: asyncio.DatagramTransport) -> None:
         self.transport = transport
-        self.replies = _CountingTransport(transport)
+        self.replies = _CountingTransport(transport, self.sock)
         if isinstance(self.handler, type):
             self.app = self.handler()
             self.app.connection_made(self.replies)  # type: ignore[arg-type]
@@ -526,17 +525,29 @@ class _Datagrams(asyncio.DatagramProtocol):
 
 
 class _CountingTransport:
-    """The datagram transport a handler gets: counts the bytes of its replies."""
+    """The datagram transport a handler gets: counts the bytes of its replies.
 
-    __slots__ = ("_transport", "sent")
+    A stopping worker closes its datagram transports at once, so that the datagrams queued
+    on the shared socket go to the other workers; a handler still running then replies
+    through the listener's own socket.
+    """
 
-    def __init__(self, transport: asyncio.DatagramTransport) -> None:
+    __slots__ = ("_transport", "_sock", "sent")
+
+    def __init__(self, transport: asyncio.DatagramTransport, sock: socket.socket) -> None:
         self._transport = transport
+        self._sock = sock
         self.sent = 0
 
     def sendto(self, data: Any, addr: Any = None) -> None:
         self.sent += len(data)
-        self._transport.sendto(data, addr)
+        if not self._transport.is_closing():
+            self._transport.sendto(data, addr)
+            return
+        try:
+            self._sock.sendto(data, socket.MSG_DONTWAIT, addr)
+        except OSError as exc:  # a full buffer or a gone peer: a datagram's reply may be lost
+            log.debug("reply to %s after the stop not sent: %s", client_text(addr), exc)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)

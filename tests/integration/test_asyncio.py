@@ -93,10 +93,13 @@ def test_an_asyncio_handler_is_refused_in_sync_mode(start_master) -> None:
 
 
 def test_term_serves_the_backlog_lets_open_connections_finish_then_cancels_the_rest(start_master) -> None:
-    master = start_master(app=AIO_APPS, mode="asyncio", workers=1, graceful_timeout=2)
+    master = start_master(app=AIO_APPS, mode="asyncio", workers=1, graceful_timeout=2.5,
+                          bind=["tcp://127.0.0.1:0", "udp://127.0.0.1:0"])
     port = master.address()[1]
     with connect(master.address()) as idle, connect(master.address()) as stuck, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as datagram, \
             concurrent.futures.ThreadPoolExecutor(9) as pool:
+        datagram.settimeout(SOCKET_TIMEOUT)
         ask(idle, b"ready?")
         stuck.sendall(b"wait 30\n")  # still running at the deadline: cancelled
         blocking = pool.submit(master.request, b"block 2")  # holds the loop: the next ones queue
@@ -105,11 +108,13 @@ def test_term_serves_the_backlog_lets_open_connections_finish_then_cancels_the_r
         wait_until(lambda: accept_queue(port) == 8, 5)
         stopped = time.monotonic()
         master.signal(signal.SIGTERM)
+        datagram.sendto(b"wait 0.3", master.address(1))  # read at the stop, answered after it
         assert blocking.result() == b"blocked"
         assert sorted(f.result() for f in queued) == sorted(b"queued %d" % i for i in range(8))
         assert ask(idle, b"still here") == b"still here"  # an open connection may finish
+        assert datagram.recv(100) == b"waited"
         assert stuck.recv(100) == b""  # cancelled shortly before graceful_timeout
-        assert 1.0 < time.monotonic() - stopped < 3.0
+        assert 1.5 < time.monotonic() - stopped < 3.5
     assert master.wait_exit() == EXIT_OK
     assert "cancelled 2 handlers" in master.log() and "SIGKILL" not in master.log(), master.log()
 
