@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import importlib
 import logging
 import os
 import signal
@@ -97,7 +96,7 @@ def new_event_loop(choice: str) -> asyncio.AbstractEventLoop:
     """A new loop of the kind *choice* names: uvloop's for uvloop, and for auto if it is installed."""
     if choice in ("auto", "uvloop"):
         try:
-            uvloop = importlib.import_module("uvloop")
+            import uvloop  # type: ignore[import-not-found,unused-ignore]  # an optional extra
         except ImportError:
             if choice == "uvloop":
                 raise AppLoadError("loop = uvloop, but uvloop is not installed: pip install 'prefork[uvloop]'") from None

@@ -103,7 +103,7 @@ def test_term_serves_the_backlog_lets_open_connections_finish_then_cancels_the_r
         ask(idle, b"ready?")
         stuck.sendall(b"wait 30\n")  # still running at the deadline: cancelled
         blocking = pool.submit(master.request, b"block 2")  # holds the loop: the next ones queue
-        wait_until(lambda: time.monotonic() - master.workers()[0].last_tick > 0.6, 5)
+        wait_until(lambda: time.monotonic() - master.workers()[0].last_tick > 0.6, 10)
         queued = [pool.submit(master.request, b"queued %d" % i) for i in range(8)]
         wait_until(lambda: accept_queue(port) == 8, 5)
         stopped = time.monotonic()

@@ -54,7 +54,7 @@ INT_RANGES = {
     "max_spare": (1, 2**20), "max_requests": (0, 2**62), "max_requests_jitter": (0, 2**62),
     "crash_limit": (0, 2**62),
 }
-CHOICES = {"mode": ("sync", "thread", "fork"), "loglevel": ("debug", "info", "warning", "error", "critical"),
+CHOICES = {"mode": ("sync", "thread", "fork", "asyncio"), "loop": ("auto", "asyncio", "uvloop"), "loglevel": ("debug", "info", "warning", "error", "critical"),
            "log_format": ("text", "json")}
 _TRUE, _FALSE = ("true", "yes", "on", "1", "True", "YES"), ("false", "no", "off", "0", "False", "Off")
 # Memory units and their factors, as the README's table spells them.
