@@ -6,7 +6,8 @@ under ``if TYPE_CHECKING``):
 1. A module imports only from its own layer or the layers below it. From the bottom up:
 
    - **core**: the compatible ``socketserver`` (servers, mixins, handlers, the socketserver
-     facade). It imports nothing else of prefork. What other layers need of it is its public
+     facade), and aio, the asyncio handlers' counterpart of handlers. It imports nothing else
+     of prefork. What other layers need of it is its public
      extension interface in ``prefork.servers``: ``Poller``, ``LoopServer`` and the additions
      to ``TCPServer`` (``adopt_socket``, ``from_socket``, ``prepare_listener``,
      ``serve_ready``, ``take_request``, ``dispatch_request``).
