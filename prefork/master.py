@@ -151,8 +151,6 @@ def serve(app: Any, bind: Sequence[str] | str | None = None, *, settings: Settin
         raise ConfigError("setting 'bind': no listener given; for example tcp://127.0.0.1:8000")
     if settings.umask is not None:
         os.umask(settings.umask)
-    if settings.mode == "asyncio":
-        _prepare_asyncio(settings)
     starting = _hooks(settings).on_starting
     if starting is not None:
         _run_on_starting(starting, settings)
@@ -171,7 +169,7 @@ def serve(app: Any, bind: Sequence[str] | str | None = None, *, settings: Settin
 
 
 def _prepare_asyncio(settings: Settings) -> None:
-    """Called in the master before fork: uvloop is there if asked for, and the descriptor limit
+    """Called in the master before forking a generation: uvloop is there if asked for, and the descriptor limit
     is as high as allowed (one event-loop worker holds thousands of connections; workers inherit it)."""
     if settings.loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
         raise ConfigError("setting 'loop': uvloop is not installed (pip install 'prefork[uvloop]')")
@@ -505,6 +503,7 @@ def _event_loop(settings: Settings, build: _Builder) -> Any:
     if not isinstance(build, _ServerBuilder):
         raise ConfigError("mode asyncio serves an app given to serve() or the command line, not a PreforkMixIn "
                           "server: use mode sync, thread or fork")
+    _prepare_asyncio(settings)  # at start and on a reload to asyncio mode
     options = LoopOptions(settings.loop, settings.idle_timeout, settings.timeout, settings.backlog)
     return event_loop_factory(build.handlers, options)
 
