@@ -61,6 +61,10 @@ BLOCKED_REPORT = 1.0
 # Open connections are cancelled this long before the stop's deadline, when the master's
 # SIGKILL comes: time for the handlers' cleanup and the access log.
 CANCEL_MARGIN = 0.5
+# Turns of the loop a stopping worker lets pass after closing its servers: asyncio's loop makes a
+# connection it accepted in two more turns (a task creates its transport, which then calls
+# connection_made()), uvloop's in one; from then on the connection is counted and waited for.
+SETTLE_TURNS = 4
 # A stopping worker whose open connections are Protocols looks at them this often.
 STOP_POLL = 0.05
 # How long cancelled handlers get to finish.
@@ -121,6 +125,7 @@ class EventLoopWorker:
                           for index, (listener, handler) in enumerate(zip(listeners, handlers))]
         self.tasks: dict[asyncio.Task[None], _Connection | None] = {}  # running handlers, each with its connection
         self.connections: set[_Connection | _ProtocolConnection] = set()  # open stream connections
+        self.unmade = 0  # connections accepted whose connection_made() has not come yet
         self.busy = False
         self.turned_at = time.monotonic()
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -219,6 +224,8 @@ class EventLoopWorker:
         deadline = slot.stop_deadline or time.monotonic() + self.spec.graceful_timeout
         for endpoint in self.endpoints:
             endpoint.stop_accepting()
+        for _ in range(SETTLE_TURNS):  # connections the loop has accepted get their connection_made()
+            await asyncio.sleep(0)
         for index, endpoint in enumerate(self.endpoints):
             if mask >> index & 1:
                 await endpoint.drain(deadline)
@@ -238,7 +245,7 @@ class EventLoopWorker:
             self.access.flush()
 
     async def _wait_handlers(self, until: float) -> None:
-        while (self.tasks or self.connections) and (left := until - time.monotonic()) > 0:
+        while (self.tasks or self.connections or self.unmade) and (left := until - time.monotonic()) > 0:
             if self.tasks:
                 await asyncio.wait(list(self.tasks), timeout=min(left, STOP_POLL))
             else:  # only Protocol connections: nothing to wait on but their closing
@@ -373,6 +380,8 @@ class _StreamEndpoint(_Endpoint):
         self.server = await loop.create_server(self.connection, sock=self.sock.dup(), backlog=backlog)
 
     def connection(self) -> _Connection | _ProtocolConnection:
+        """The protocol factory: called for each connection accepted, before its connection_made()."""
+        self.worker.unmade += 1
         if isinstance(self.handler, type) and issubclass(self.handler, asyncio.Protocol):
             return _ProtocolConnection(self)
         assert self.worker.loop is not None
@@ -380,6 +389,7 @@ class _StreamEndpoint(_Endpoint):
 
     def accepted(self, connection: _Connection) -> None:
         """Called by a connection once it is made: the allow-list, then its handler's task."""
+        self.worker.unmade -= 1
         if not self.admits(connection.peer):
             connection.close()
             return
@@ -576,6 +586,7 @@ class _ProtocolConnection(asyncio.Protocol):
         self.transport = transport
         self.peer = transport.get_extra_info("peername")
         endpoint = self.endpoint
+        endpoint.worker.unmade -= 1
         if not endpoint.admits(self.peer):
             self.app = None  # type: ignore[assignment]
             transport.close()
