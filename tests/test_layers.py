@@ -56,11 +56,13 @@ LAYERS = {
     CORE: ("servers", "mixins", "handlers", "aio", "socketserver"),
     SUPPORT: ("errors", "privileges", "log", "loader"),
     BIND: ("bindspec", "listeners", "handover"),
-    MASTER: ("arbiter", "pool", "worker", "aioworker", "signals", "scoreboard", "pidfile", "procstats", "notify",
+    MASTER: ("arbiter", "pool", "worker", "signals", "scoreboard", "pidfile", "procstats", "notify",
              "proctitle", "reloads", "accounting", "allowlist", "parking", "modes", "metrics", "children"),
     FACE: ("master", "config", "setting_types", "settings_docs", "cli", "control", "runpaths", "__init__",
            "__main__"),
 }
+# The event-loop worker (issue 15) runs in the worker beside prefork.worker.
+LAYERS[MASTER] += ("aioworker",)
 
 # Where each module's code runs: the master process, a worker, both, the prefork CLI's own
 # process (status and control commands) or the metrics process.
