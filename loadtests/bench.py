@@ -1,4 +1,4 @@
-"""The one benchmark driver: ``python -m loadtests.bench [compare|core|master|slow-clients|tls]``. Runs in: bench.
+"""The one benchmark driver: ``python -m loadtests.bench [compare|core|master|slow-clients|tls|asyncio]``. Runs in: bench.
 
 Run from the repository root, on Linux. Each suite (``loadtests/suites/``) prints its report and
 writes it to its file under ``docs/`` (``--output -``: none); ``--quick`` runs it with small counts
@@ -11,6 +11,7 @@ and writes nothing, for development. Without a suite, ``compare``.
 | ``master`` | ``docs/benchmarks-master.md`` | about a minute and a half |
 | ``slow-clients`` | ``docs/benchmarks-slow-clients.md`` | about half a minute |
 | ``tls`` | ``docs/benchmarks-tls.md`` | about three minutes |
+| ``asyncio`` | ``docs/benchmarks-asyncio.md`` | about two minutes |
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ import time
 from types import ModuleType
 
 from loadtests.harness import COMMAND, LOAD_BEFORE, progress
-from loadtests.suites import compare, core, master, slow_clients, tls
+from loadtests.suites import aio, compare, core, master, slow_clients, tls
 
 SUITES: dict[str, ModuleType] = {"compare": compare, "core": core, "master": master, "slow-clients": slow_clients,
-                                 "tls": tls}
+                                 "tls": tls, "asyncio": aio}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

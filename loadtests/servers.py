@@ -206,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     options = json.loads(rest[0])
     if role == "prefork":
         return run_prefork(options, ready_file)
+    if role == "uvloop":  # the asyncio suite's reference (loadtests/uvloop_echo.py)
+        from loadtests.uvloop_echo import run_uvloop
+        return run_uvloop(options, ready_file)
     return run_stdlib(options, ready_file, int(lifetime))
 
 

@@ -193,8 +193,13 @@ class Settings:
     workers: int = _setting(_cpu_count, "number of worker processes", check_integer(0, MAX_WORKERS),
                             factory=True, short="-w", default_text="the number of usable CPUs")
     mode: str = _setting("sync", "what runs inside each worker: sync (one request at a time), "
-                         "thread (a thread per request, at most `threads`), fork (a process per request)",
-                         check_one_of("sync", "thread", "fork"), kind=WORD)
+                         "thread (a thread per request, at most `threads`), fork (a process per request), "
+                         "asyncio (one event loop, async handlers)",
+                         check_one_of("sync", "thread", "fork", "asyncio"), kind=WORD)
+    loop: str = _setting("auto", "asyncio mode: the event loop; auto takes uvloop when it is installed",
+                         check_one_of("auto", "asyncio", "uvloop"), kind=WORD)
+    idle_timeout: float = _setting(0.0, "asyncio mode: close a connection after this many seconds without "
+                                   "a byte in or out; 0 means never", check_at_least(0, MAX_SECONDS))
     threads: int = _setting(16, "most concurrent request threads per worker in thread mode", check_integer(1))
     wsgi: bool = _setting(False, "APP is a WSGI callable (module:callable), served by the bundled "
                           "workers.wsgi", check_boolean,

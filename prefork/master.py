@@ -17,9 +17,11 @@ each worker serving all of them.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import inspect
 import logging
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -28,10 +30,12 @@ import types
 from typing import Any, Callable, Protocol, Sequence, cast
 
 from prefork import log as log_files
+from prefork.aio import async_kind, describe
+from prefork.aioworker import LoopOptions, event_loop_factory
 from prefork.arbiter import Arbiter, Hooks, Plan
 from prefork.config import Settings, format_value, held_on_reload, make_settings
 from prefork.errors import AppLoadError, ConfigError
-from prefork.handlers import DatagramRequestHandler, StreamRequestHandler
+from prefork.handlers import BaseRequestHandler, DatagramRequestHandler, StreamRequestHandler
 from prefork.handover import FDS_ENV
 from prefork.bindspec import parse_networks
 from prefork.listeners import (Listener, bind_all, inherited_listeners, listener_for_socket, parse_bind,
@@ -53,6 +57,10 @@ __all__ = [
 ]
 
 log = logging.getLogger("prefork.master")
+
+# mode = "asyncio" raises the soft limit of open files to the hard limit, or to this where the
+# hard limit is unlimited (the kernel's fs.nr_open default: a setrlimit above it fails).
+DESCRIPTOR_CEILING = 1 << 20
 
 # Hook names, in the order of a service's life.
 _HOOKS = ("on_starting", "when_ready", "pre_fork", "post_fork", "worker_exit", "on_exit")
@@ -162,6 +170,18 @@ def serve(app: Any, bind: Sequence[str] | str | None = None, *, settings: Settin
         builder.app = app = builder.service(app)
     service = _Service(builder, _app_name(app), reload_settings)
     return Arbiter(service.plan(settings, listeners), service.replan if reload_settings else None).run()
+
+
+def _prepare_asyncio(settings: Settings) -> None:
+    """Called in the master before forking a generation: uvloop is there if asked for, and the descriptor limit
+    is as high as allowed (one event-loop worker holds thousands of connections; workers inherit it)."""
+    if settings.loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        raise ConfigError("setting 'loop': uvloop is not installed (pip install 'prefork[uvloop]')")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = DESCRIPTOR_CEILING if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        log.info("mode asyncio: raised the open files limit (RLIMIT_NOFILE) from %d to %d", soft, target)
 
 
 def _run_on_starting(hook: Callable[..., Any], settings: Settings) -> None:
@@ -383,8 +403,14 @@ class _ServerBuilder:
         """Each listener has its handler in the app; an app named by a string is checked in the worker."""
         if isinstance(self.app, str):
             return
+        find = async_handler_for if self.mode == "asyncio" else handler_for
         for listener in listeners:
-            handler_for(self.app, listener)
+            find(self.app, listener)
+
+    def handlers(self, listeners: Sequence[Listener]) -> list[Any]:
+        """Called in an asyncio-mode worker: load the app (unless preloaded), its handler per listener."""
+        app = self.service(load_object(self.app)) if isinstance(self.app, str) else self.app
+        return [async_handler_for(app, listener) for listener in listeners]
 
     def _build(self, app: Any, listener: Listener) -> LoopServer:
         handler = handler_for(app, listener)
@@ -409,6 +435,7 @@ def _own_configure(loaded: Any) -> Callable[..., Any] | None:
 def handler_for(app: Any, listener: Listener) -> Any:
     """The request handler class that *app* offers for *listener*, or AppLoadError saying why not."""
     kind, attr = ("stream", "StreamHandler") if listener.is_stream else ("datagram", "DatagramHandler")
+    _refuse_asyncio_handler(app, getattr(app, attr, None), attr)
     if isinstance(app, type):
         wrong = DatagramRequestHandler if listener.is_stream else StreamRequestHandler
         if issubclass(app, wrong):
@@ -419,6 +446,48 @@ def handler_for(app: Any, listener: Listener) -> Any:
     if handler is None:
         raise AppLoadError(f"{_app_name(app)} has no {attr}, so it cannot serve the {kind} listener {listener.name}")
     return handler
+
+
+# The names under which a service offers its asyncio handlers (see prefork.aio).
+ASYNC_HANDLER_NAMES = {True: "AsyncStreamHandler", False: "AsyncDatagramHandler"}
+
+
+def async_handler_for(app: Any, listener: Listener) -> Any:
+    """mode = "asyncio": the asyncio handler *app* offers for *listener*, or AppLoadError saying
+    which kind of handler was found instead."""
+    kind = "stream" if listener.is_stream else "datagram"
+    attr, sync_attr = ASYNC_HANDLER_NAMES[listener.is_stream], "StreamHandler" if listener.is_stream else "DatagramHandler"
+    found, where = app, _app_name(app)
+    if async_kind(app) is None and (_is_sync_handler(app) or inspect.isfunction(app)):
+        raise AppLoadError(f"mode asyncio: {where} is {describe(app)}; serve it with mode sync, thread or fork, "
+                           f"or give an asyncio handler (see prefork.aio)")
+    if async_kind(app) is None:
+        found, where = getattr(app, attr, None), f"{_app_name(app)}.{attr}"
+        if found is None:
+            sync = getattr(app, sync_attr, None)
+            also = f" (its {sync_attr} is {describe(sync)}: serve that with mode sync, thread or fork)" if sync else ""
+            raise AppLoadError(f"mode asyncio: {_app_name(app)} has no {attr}, so it cannot serve the {kind} "
+                               f"listener {listener.name}{also}")
+    if async_kind(found) != kind:
+        raise AppLoadError(f"mode asyncio: {where} is {describe(found)}; it cannot serve the {kind} "
+                           f"listener {listener.name}")
+    return found
+
+
+def _is_sync_handler(app: Any) -> bool:
+    return isinstance(app, type) and issubclass(app, BaseRequestHandler)
+
+
+def _refuse_asyncio_handler(app: Any, offered: Any, attr: str) -> None:
+    """A synchronous mode given an asyncio handler: AppLoadError saying so."""
+    for candidate, where in ((app, _app_name(app)), (offered, f"{_app_name(app)}.{attr}")):
+        if candidate is not None and async_kind(candidate) is not None:
+            raise AppLoadError(f"{where} is {describe(candidate)}; serve it with mode asyncio")
+    if offered is None and not isinstance(app, type):
+        async_attr = "Async" + attr
+        if getattr(app, async_attr, None) is not None:
+            raise AppLoadError(f"{_app_name(app)} has no {attr}, only {async_attr} (an asyncio handler): "
+                               "serve it with mode asyncio")
 
 
 def _worker_spec(settings: Settings, listeners: Sequence[Listener], build: _Builder,
@@ -446,6 +515,7 @@ def _worker_spec(settings: Settings, listeners: Sequence[Listener], build: _Buil
         tls_context=_tls_context(settings, listeners),
         proxy_allow=() if settings.proxy_allow_ips == ["*"] else parse_networks(settings.proxy_allow_ips, "proxy_allow_ips"),
         handshake_timeout=settings.handshake_timeout,
+        event_loop=_event_loop(settings, listeners, build),
     )
 
 
@@ -470,6 +540,22 @@ def _tls_context(settings: Settings, listeners: Sequence[Listener]) -> ssl.SSLCo
     return build_context(settings.certfile, settings.keyfile, password, ca_certs=settings.ca_certs,
                          cert_reqs=settings.cert_reqs, min_version=settings.tls_min_version,
                          ciphers=settings.ciphers, alpn_protocols=settings.alpn_protocols)
+
+
+def _event_loop(settings: Settings, listeners: Sequence[Listener], build: _Builder) -> Any:
+    """mode = "asyncio": what builds each worker's event loop (prefork.aioworker); else None."""
+    if settings.mode != "asyncio":
+        return None
+    for listener in listeners:
+        if listener.spec.tls or listener.spec.proxy:
+            raise ConfigError(f"setting 'bind': {listener.spec.text}: ?tls and ?proxy are not served in mode "
+                              "asyncio yet; use mode sync, thread or fork for this listener's service")
+    if not isinstance(build, _ServerBuilder):
+        raise ConfigError("mode asyncio serves an app given to serve() or the command line, not a PreforkMixIn "
+                          "server: use mode sync, thread or fork")
+    _prepare_asyncio(settings)  # at start and on a reload to asyncio mode
+    options = LoopOptions(settings.loop, settings.idle_timeout, settings.timeout, settings.backlog)
+    return event_loop_factory(build.handlers, options)
 
 
 def _hooks(settings: Settings) -> Hooks:

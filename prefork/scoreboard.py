@@ -409,6 +409,27 @@ class SlotWriter:
     def exiting(self) -> None:
         self._slot.state = EXITING
 
+    # -- an event loop's slot (prefork.aioworker): many connections at once, one loop ----------
+    # Its "current request" is the loop's current turn: the loop writes turned() on each tick,
+    # BUSY while it holds connections. A loop blocked by a handler stops turning, so the
+    # request's age grows and the master's timeout aborts it as it does a hung request.
+
+    def turned(self, busy: bool) -> None:
+        """The event loop turned now; *busy*: it holds connections or running handlers."""
+        slot = self._slot
+        slot.last_tick = slot.request_started = time.monotonic()
+        slot.state = BUSY if busy else IDLE
+
+    def served(self, listener_index: int = 0) -> None:
+        """One more connection or datagram served; the state is left as it is."""
+        self._slot.requests += 1
+        self._by_listener[min(listener_index, MAX_LISTENERS - 1)] += 1
+
+    def describe(self, client: bytes, listener: bytes) -> None:
+        """Name the client and listener the loop is on (the watchdog: the task that blocks it)."""
+        self._slot.client = client[:_CLIENT_BYTES]
+        self._slot.listener = listener[:_LISTENER_BYTES]
+
     @property
     def requests(self) -> int:
         return int(self._slot.requests)

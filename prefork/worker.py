@@ -35,7 +35,7 @@ import ssl
 import sys
 import time
 import traceback
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Any, Callable, NoReturn, Protocol, Sequence
 
 from prefork.accounting import accept_queue_length, instrument
 from prefork.allowlist import guard
@@ -53,7 +53,7 @@ from prefork.scoreboard import STOP_SHUTDOWN, SlotWriter
 from prefork.servers import LoopServer, Poller, TCPServer
 from prefork.signals import MASTER_SIGNALS, WORKER_SIGNALS, SignalQueue, reset_to_defaults
 
-__all__ = ["WorkerSpec", "run_worker", "flush_std_streams"]
+__all__ = ["WorkerSpec", "WorkerLoop", "run_worker", "flush_std_streams"]
 
 log = logging.getLogger("prefork.worker")
 
@@ -98,6 +98,19 @@ class WorkerSpec:
     tls_context: ssl.SSLContext | None = None
     proxy_allow: Sequence[Network] = ()
     handshake_timeout: float = 5.0
+    # mode = "asyncio": builds the worker's event loop (prefork.aioworker), which loads the app
+    # itself and serves in place of build_servers and the synchronous _Loop. Called in the worker.
+    event_loop: Callable[[WorkerSpec, WorkerIdentity, Sequence[Listener]], WorkerLoop] | None = None
+
+
+class WorkerLoop(Protocol):
+    """A worker's loop over its listeners: the synchronous _Loop here, or an event loop.
+
+    Either speaks to the master only through the worker's scoreboard slot (state, loop tick,
+    requests begin and end); ``run()`` serves until a requested stop and returns the exit status.
+    """
+
+    def run(self) -> int: ...
 
 
 @dataclasses.dataclass
@@ -162,10 +175,20 @@ def _live(spec: WorkerSpec, identity: WorkerIdentity, inherited_signals: SignalQ
     if spec.post_fork is not None:
         spec.post_fork(identity)
     identity.stage = "loading the app"
+    if spec.event_loop is not None:
+        return _run_event_loop(spec, identity, listeners)
     servers = _build_servers(spec, listeners, app_file)
     identity.stage = "starting to serve"
     with SignalQueue(WORKER_SIGNALS) as signals:
         return _Loop(spec, identity, servers, listeners, signals).run()
+
+
+def _run_event_loop(spec: WorkerSpec, identity: WorkerIdentity, listeners: Sequence[Listener]) -> int:
+    """mode = "asyncio": the event loop serves, with its own signal handlers (see prefork.aioworker)."""
+    assert spec.event_loop is not None
+    loop = spec.event_loop(spec, identity, listeners)
+    identity.stage = "starting to serve"
+    return loop.run()
 
 
 def _build_servers(spec: WorkerSpec, listeners: Sequence[Listener], app_file: str | None) -> list[LoopServer]:

@@ -6,7 +6,8 @@ under ``if TYPE_CHECKING``):
 1. A module imports only from its own layer or the layers below it. From the bottom up:
 
    - **core**: the compatible ``socketserver`` (servers, mixins, handlers, the socketserver
-     facade). It imports nothing else of prefork. What other layers need of it is its public
+     facade), and aio, the asyncio handlers' counterpart of handlers. It imports nothing else
+     of prefork. What other layers need of it is its public
      extension interface in ``prefork.servers``: ``Poller``, ``LoopServer`` and the additions
      to ``TCPServer`` (``adopt_socket``, ``from_socket``, ``prepare_listener``,
      ``serve_ready``, ``take_request``, ``dispatch_request``).
@@ -52,7 +53,7 @@ CORE, SUPPORT, BIND, MASTER, FACE, SERVICES = "core", "support", "bind", "master
 ORDER = (CORE, SUPPORT, BIND, MASTER, FACE, SERVICES)
 
 LAYERS = {
-    CORE: ("servers", "mixins", "handlers", "socketserver"),
+    CORE: ("servers", "mixins", "handlers", "aio", "socketserver"),
     SUPPORT: ("errors", "privileges", "log", "loader"),
     BIND: ("bindspec", "listeners", "handover"),
     MASTER: ("arbiter", "pool", "worker", "signals", "scoreboard", "pidfile", "procstats", "notify",
@@ -61,6 +62,8 @@ LAYERS = {
     FACE: ("master", "config", "setting_types", "settings_docs", "cli", "control", "top", "runpaths", "__init__",
            "__main__"),
 }
+# The event-loop worker (issue 15) runs in the worker beside prefork.worker.
+LAYERS[MASTER] += ("aioworker",)
 
 # Where each module's code runs: the master process, a worker, both, the prefork CLI's own
 # process (status and control commands) or the metrics process.

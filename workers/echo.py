@@ -25,18 +25,24 @@ What it does:
   cheap liveness probe). A Unix datagram from an unbound socket has no return address and
   gets no reply. ``datagram_server_class`` reads datagrams of up to 64 KiB (socketserver's
   default reads 8 KiB and truncates larger ones).
+- ``--mode asyncio`` (prefork.aio): ``AsyncStreamHandler`` and ``AsyncDatagramHandler`` do the
+  same in the worker's event loop, where an idle connection costs a few KiB and no worker
+  (close idle ones with the ``idle_timeout`` setting).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from typing import Any
 
 from prefork.accounting import stricter_timeout
+from prefork.aio import AsyncStreamRequestHandler
 from prefork.handlers import DatagramRequestHandler, StreamRequestHandler
 from prefork.servers import UDPServer
 
 __all__ = ["DEFAULT_BIND", "MAX_LINE", "IDLE_TIMEOUT", "StreamHandler", "DatagramHandler",
-           "EchoDatagramServer", "datagram_server_class"]
+           "EchoDatagramServer", "datagram_server_class", "AsyncStreamHandler", "AsyncDatagramHandler"]
 
 DEFAULT_BIND = ["tcp://127.0.0.1:9000", "udp://127.0.0.1:9000"]
 
@@ -100,3 +106,40 @@ class EchoDatagramServer(UDPServer):
 
 # The server class for datagram listeners, as ``server_class`` is for stream listeners.
 datagram_server_class = EchoDatagramServer
+
+
+class AsyncStreamHandler(AsyncStreamRequestHandler):
+    """asyncio mode: echoes each line (or MAX_LINE piece of a longer one) until the client closes."""
+
+    async def handle(self) -> None:
+        try:
+            while piece := await read_piece(self.reader):
+                self.writer.write(piece)
+                await self.writer.drain()
+        except ConnectionError as exc:
+            log.debug("client %s went away: %s", self.client_address or "unix peer", exc)
+
+
+async def read_piece(reader: asyncio.StreamReader) -> bytes:
+    """The next line, or the next MAX_LINE bytes of a longer one; b"" at the end."""
+    try:
+        return await reader.readuntil(b"\n")
+    except asyncio.IncompleteReadError as exc:
+        return exc.partial  # the last line, without its newline (or b"")
+    except asyncio.LimitOverrunError:
+        return await reader.read(MAX_LINE)  # a piece of what the buffer holds
+
+
+class AsyncDatagramHandler(asyncio.DatagramProtocol):
+    """asyncio mode: sends each datagram back unchanged, in the loop (no task per datagram)."""
+
+    transport: asyncio.DatagramTransport
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        if not addr:
+            log.debug("datagram of %d bytes from an unbound peer: no reply possible", len(data))
+            return
+        self.transport.sendto(data, addr)

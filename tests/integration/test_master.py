@@ -291,8 +291,9 @@ def test_winch_stops_the_workers_and_keeps_the_master(start_master):
     assert master.request(b"back") == b"back"
 
 
-def test_usr2_upgrades_in_place_under_load(start_master, load):
-    master = start_master(workers=2)
+@pytest.mark.parametrize("app", [{}, {"app": "tests.integration.aio_apps", "mode": "asyncio"}], ids=["sync", "asyncio"])
+def test_usr2_upgrades_in_place_under_load(start_master, load, app):
+    master = start_master(workers=2, **app)
     old_pid, old_workers = master.pid, master.wait_workers(2)
     running = load(master, clients=3)
     running.wait_requests(30)

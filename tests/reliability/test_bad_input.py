@@ -156,7 +156,7 @@ CASES: list[Any] = [
                  "setting 'timeout': 'soon' is not allowed; expected a number (environment variable "
                  "PREFORK_TIMEOUT)", True, id="type-env-float"),
     pytest.param(["workers.echo"], {"PREFORK_MODE": "turbo"}, EXIT_USAGE,
-                 "setting 'mode': 'turbo' is not allowed; expected one of: sync, thread, fork (environment "
+                 "setting 'mode': 'turbo' is not allowed; expected one of: sync, thread, fork, asyncio (environment "
                  "variable PREFORK_MODE)", True, id="type-env-choice"),
     pytest.param(["workers.echo", "--loglevel", "loud"], {}, EXIT_USAGE,
                  "setting 'loglevel': 'loud' is not allowed; expected one of: debug, info, warning, error, "

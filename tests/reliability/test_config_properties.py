@@ -56,7 +56,7 @@ INT_RANGES = {
 }
 # The least value of a size setting, where it is not 0.
 SIZE_MINIMUM = {"max_header_bytes": 1}
-CHOICES = {"mode": ("sync", "thread", "fork"), "loglevel": ("debug", "info", "warning", "error", "critical"),
+CHOICES = {"mode": ("sync", "thread", "fork", "asyncio"), "loop": ("auto", "asyncio", "uvloop"), "loglevel": ("debug", "info", "warning", "error", "critical"),
            "log_format": ("text", "json"), "cert_reqs": ("none", "optional", "required"),
            "tls_min_version": ("tlsv1.2", "tlsv1.3")}
 # Lists that are not bind specs: networks in canonical CIDR form, and ALPN protocol names.

@@ -1,0 +1,153 @@
+"""asyncio mode against a bare uvloop server and prefork's sync and thread modes. Runs in: bench.
+
+Run from the repository root, on Linux, with uvloop installed (``pip install -e '.[load,uvloop]'``)::
+
+    .venv/bin/python -m loadtests.bench asyncio
+
+It prints the tables and writes ``docs/benchmarks-asyncio.md`` (``--output -``: none; ``--quick``:
+small counts, no file). Rules (beside the harness's, ``loadtests/harness.py``):
+
+1. Every row is measured as the ``compare`` suite measures its raw rows (``compare.measure``: a
+   fresh server, a warm-up, then the same ``loadtests.load.EchoLoad`` for the same time, the same
+   requests in flight): keep-alive echo (persistent TCP connections), UDP echo, short TCP
+   (connect, one line, close). Server CPU is the whole server tree's user + system time.
+2. The rows, as data below: prefork ``--mode asyncio`` with 2 workers, serving ``workers.echo``
+   (a StreamReader/StreamWriter handler class, and a DatagramProtocol) and serving the bare
+   server's own Protocol classes (the same handler code as the reference), the bare uvloop Protocol server
+   of ``loadtests/uvloop_echo.py`` in 1 process and in 2 with SO_REUSEPORT, prefork sync and
+   thread (``loadtests.servers``' echo, as in the ``compare`` suite).
+3. Idle connections: a fresh asyncio master with 2 workers holds IDLE idle connections (the
+   bench raises its own open-files limit to the hard limit; the master raises the workers');
+   memory per idle connection is the workers' USS growth divided by IDLE; then an active
+   client's sequential short requests give its p99 beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import resource
+import tempfile
+from pathlib import Path
+
+import psutil
+
+from loadtests.harness import ROOT, positive, prefork_master, progress, report_head, wait_for, write_report
+from loadtests.load import REQUEST_TIMEOUT, bad_clients, good_client_latencies, p99
+from loadtests.suites import compare
+
+OUTPUT = ROOT / "docs" / "benchmarks-asyncio.md"
+WORKERS = 2
+# The groups of the compare suite that this one runs (its load, concurrency and measure()).
+GROUP_TITLES = {"tcp-persistent": "Keep-alive echo (persistent TCP connections)", "udp": "UDP echo",
+                "tcp-short": "Short TCP (connect, one line, echo, close)"}
+# Issue 15's bounds.
+CPU_BOUND = 1.15  # keep-alive and UDP CPU per request, against the bare uvloop server (1 process)
+MEMORY_BOUND = 10 * 1024  # bytes per idle connection
+P99_BOUND = 0.005  # an active client's p99 beside the idle connections
+# Connections opened and held before the measurement: their one-time allocations are not counted.
+WARM = 20
+# Deadline for the workers to hold every idle connection.
+SETTLE_TIMEOUT = 60.0
+
+_ECHO = ("run", "--bind", "tcp://127.0.0.1:0", "--bind", "udp://127.0.0.1:0", "--workers", str(WORKERS))
+
+
+# The rows, as data: (name, loadtests.servers' role, its arguments, processes to wait for besides the first).
+RAW: list[tuple[str, str, tuple[str, ...], int]] = [
+    ("prefork asyncio (2 workers)", "prefork-cli", (*_ECHO[:1], "workers.echo", *_ECHO[1:], "--mode", "asyncio"),
+     WORKERS),
+    ("prefork asyncio, the bare server's Protocols (2 workers)", "prefork-cli",
+     (*_ECHO[:1], "loadtests.uvloop_echo", *_ECHO[1:], "--mode", "asyncio"), WORKERS),
+    ("bare uvloop Protocol, 1 process", "uvloop", (json.dumps({"processes": 1}),), 0),
+    ("bare uvloop Protocol, 2 processes (SO_REUSEPORT)", "uvloop", (json.dumps({"processes": 2}),), 1),
+    ("prefork sync (2 workers)", "prefork-cli", (*_ECHO[:1], "loadtests.servers", *_ECHO[1:], "--mode", "sync"),
+     WORKERS),
+    ("prefork thread (2 workers)", "prefork-cli", (*_ECHO[:1], "loadtests.servers", *_ECHO[1:], "--mode", "thread"),
+     WORKERS),
+]
+ROWS = [compare.Row(group, *row) for group in GROUP_TITLES for row in RAW]
+REFERENCE = RAW[2][0]
+
+
+@dataclasses.dataclass
+class IdleResult:
+    connections: int
+    bytes_each: float
+    latencies: list[float]
+
+
+def measure_idle(directory: Path, count: int, requests: int) -> IdleResult:
+    _raise_open_files(count + 1000)
+    with prefork_master(directory, WORKERS, app="workers.echo", mode="asyncio") as master:
+        pids = master.worker_pids()
+        with bad_clients(master.address, WARM, 0):  # the first connections' one-time allocations
+            wait_for(lambda: sum(view.active for view in master.slots()) >= WARM, SETTLE_TIMEOUT, "warm-up")
+            before = _uss(pids)
+            with bad_clients(master.address, count, 0):
+                wait_for(lambda: sum(view.active for view in master.slots()) >= WARM + count, SETTLE_TIMEOUT,
+                         f"the workers to hold {count} connections")
+                after = _uss(pids)
+                latencies = good_client_latencies(master.address, requests, REQUEST_TIMEOUT)
+    return IdleResult(count, (after - before) / count, latencies)
+
+
+def _uss(pids: list[int]) -> int:
+    return sum(psutil.Process(pid).memory_full_info().uss for pid in pids)
+
+
+def _raise_open_files(needed: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def render(results: list[compare.Result], idle: IdleResult, argv: list[str], args: argparse.Namespace) -> str:
+    lines = [*report_head("asyncio mode: prefork's event-loop workers against a bare uvloop server", argv),
+             (f"Every row: a fresh server, {args.warmup:g} s of warm-up, {args.seconds:g} s measured. "
+              f"Server CPU per request is the whole server tree's; the target of issue 15 is at most "
+              f"{CPU_BOUND:g}× the bare uvloop server's (1 process) for keep-alive and UDP."), ""]
+    for group, title in GROUP_TITLES.items():
+        rows = [r for r in results if r.row.group == group]
+        reference = next((r for r in rows if r.row.name == REFERENCE), None)
+        lines += [f"## {title}", "", f"{compare.ECHO_MODES[group][1]} requests in flight.", "",
+                  "| server | req/s | p50 ms | p99 ms | errors | **CPU µs/req** | × bare uvloop |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            ratio = f"{r.cpu_us / reference.cpu_us:.2f}" if reference and reference.cpu_us else "-"
+            lines.append(f"| {r.row.name} | {r.rps:,.0f} | {r.load.p50 * 1000:.2f} | {r.load.p99 * 1000:.2f} | "
+                         f"{r.load.errors} | **{r.cpu_us:.1f}** | {ratio} |")
+        lines.append("")
+    lines += ["## Idle connections", "",
+              f"A fresh `workers.echo` master, `--mode asyncio`, {WORKERS} workers, holding {idle.connections:,} idle "
+              f"connections; then {len(idle.latencies)} sequential short requests of an active client. Bounds: "
+              f"{MEMORY_BOUND // 1024} KiB per idle connection, p99 {P99_BOUND * 1000:g} ms.", "",
+              "| idle connections | KiB per idle connection (workers' USS) | active client p50 ms | **p99 ms** |",
+              "|---:|---:|---:|---:|",
+              f"| {idle.connections:,} | {idle.bytes_each / 1024:.1f} | {sorted(idle.latencies)[len(idle.latencies) // 2] * 1000:.2f} "
+              f"| **{p99(idle.latencies) * 1000:.2f}** |", ""]
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser, quick: bool) -> None:
+    add = parser.add_argument
+    add("--seconds", type=float, default=0.5 if quick else 5.0, help="measured seconds per row")
+    add("--warmup", type=float, default=0.2 if quick else 1.0, help="warm-up seconds per row")
+    add("--idle", type=positive, default=500 if quick else 10_000, help="idle connections held by the workers")
+    add("--requests", type=positive, default=100 if quick else 1000, help="the active client's requests")
+    add("--load-processes", type=positive, default=1, help="processes of the echo load generator")
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> None:
+    results: list[compare.Result] = []
+    with tempfile.TemporaryDirectory(prefix="bench-asyncio-") as tmp:
+        for index, row in enumerate(ROWS):
+            progress(f"{row.group}: {row.name}")
+            result = compare.measure(row, Path(tmp) / str(index), args, pinned=False)
+            progress(f"  {result.rps:,.0f} req/s, {result.cpu_us:.1f} µs CPU/req, {result.load.errors} errors")
+            results.append(result)
+        progress(f"idle: {args.idle} connections")
+        idle = measure_idle(Path(tmp) / "idle", args.idle, args.requests)
+    write_report(render(results, idle, argv, args), args.output)
+

@@ -1,0 +1,708 @@
+"""mode = "asyncio": a worker's one event loop over all its listeners. Runs in: worker.
+
+Rules:
+
+1. Built and run in the child by ``prefork.worker`` (``WorkerSpec.event_loop``), after all that
+   precedes serving there: death with the master, signals reset, privileges dropped. One loop
+   (asyncio's, or uvloop's) serves every listener with the sockets the master bound:
+   ``create_server(sock=)`` for stream listeners, ``create_datagram_endpoint(sock=)`` for
+   datagram ones. The app's handlers are found by ``prefork.master`` (see ``prefork.aio``).
+2. It speaks to the master only through its scoreboard slot, as the synchronous loop does.
+   Every TICK the loop writes ``turned()``: BUSY while it holds connections or running
+   handlers, with the turn as the "current request". Each connection (stream) or datagram
+   served counts one request (``max_requests`` counts those); open connections are the slot's
+   ``active``. A handler that blocks the loop (time.sleep, CPU-bound code) stops the turns:
+   the master's ``timeout`` sees a request as old as the block and aborts the worker
+   (SIGABRT, and faulthandler dumps every thread's stack), exactly as a hung synchronous
+   request. Before that, the watchdog thread logs which task blocks the loop, with the main
+   thread's stack, and names its client in the slot, where the master's abort line reads it.
+3. Signals: TERM stops accepting; on a stop of the whole service (or for listeners a reload
+   removed) the connections and datagrams already queued on the listeners are served; open
+   connections may finish until CANCEL_MARGIN before the stop's deadline (the master's
+   SIGKILL), then their handlers are cancelled. QUIT and INT leave at once; USR1 reopens logs.
+4. A handler's exception is logged with its traceback and its connection closed; the worker
+   goes on. A connection silent both ways for ``idle_timeout`` seconds is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Callable, Sequence, cast
+
+from prefork.accounting import client_text
+from prefork.aio import DATAGRAM, AsyncStreamRequestHandler, Endpoint, async_kind
+from prefork.allowlist import guard
+from prefork.errors import AppLoadError
+from prefork.listeners import Listener
+from prefork.scoreboard import STOP_SHUTDOWN
+from prefork.worker import DRAIN_LIMIT, WorkerIdentity, WorkerSpec, flush_std_streams, queued_requests
+
+__all__ = ["LoopOptions", "EventLoopWorker", "event_loop_factory", "new_event_loop"]
+
+log = logging.getLogger("prefork.worker")
+
+# Seconds between two turned() writes: the age of the master's "current request" while the
+# loop runs freely. Small beside any sensible timeout; a memory store and a timer each time.
+TICK = 0.25
+# The watchdog looks at the loop this often (a thread that sleeps on an Event in between).
+WATCH_INTERVAL = 0.25
+# A loop late by this much is reported by the watchdog (by half the master's timeout if that
+# is shorter, so the report comes before the abort).
+BLOCKED_REPORT = 1.0
+# Open connections are cancelled this long before the stop's deadline, when the master's
+# SIGKILL comes: time for the handlers' cleanup and the access log.
+CANCEL_MARGIN = 0.5
+# Turns of the loop a stopping worker lets pass after closing its servers: asyncio's loop makes a
+# connection it accepted in two more turns (a task creates its transport, which then calls
+# connection_made()), uvloop's in one; from then on the connection is counted and waited for.
+SETTLE_TURNS = 4
+# A stopping worker whose open connections are Protocols looks at them this often.
+STOP_POLL = 0.05
+# How long cancelled handlers get to finish.
+CANCEL_GRACE = 0.25
+# A StreamReader buffers at most this much before a readline() fails (asyncio's default).
+STREAM_LIMIT = 64 * 1024
+# The watchdog's report shows this many of the innermost frames of the blocked thread.
+STACK_FRAMES = 12
+# The largest datagram read while draining a datagram listener (the largest UDP payload fits).
+MAX_DATAGRAM = 65536
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopOptions:
+    """The settings an event-loop worker takes, besides its WorkerSpec."""
+
+    loop: str = "auto"  # auto | asyncio | uvloop
+    idle_timeout: float = 0.0
+    timeout: float = 0.0  # the master's request timeout: the watchdog reports before it
+    backlog: int = 0  # the listeners' backlog (0: as large as the OS allows)
+
+
+def event_loop_factory(handlers: Callable[[Sequence[Listener]], list[Any]], options: LoopOptions
+                       ) -> Callable[[WorkerSpec, WorkerIdentity, Sequence[Listener]], EventLoopWorker]:
+    """What WorkerSpec.event_loop holds: called in the worker, it loads the app's handlers
+    (*handlers* raises AppLoadError when the app has none for a listener) and builds the loop."""
+    def make(spec: WorkerSpec, identity: WorkerIdentity, listeners: Sequence[Listener]) -> EventLoopWorker:
+        return EventLoopWorker(spec, identity, listeners, handlers(listeners), options)
+    return make
+
+
+def new_event_loop(choice: str) -> asyncio.AbstractEventLoop:
+    """A new loop of the kind *choice* names: uvloop's for uvloop, and for auto if it is installed."""
+    if choice in ("auto", "uvloop"):
+        try:
+            import uvloop  # type: ignore[import-not-found,unused-ignore]  # an optional extra
+        except ImportError:
+            if choice == "uvloop":
+                raise AppLoadError("loop = uvloop, but uvloop is not installed: pip install 'prefork[uvloop]'") from None
+        else:
+            loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+            return loop
+    return asyncio.new_event_loop()
+
+
+class EventLoopWorker:
+    """The worker's event loop: the asyncio counterpart of prefork.worker's synchronous loop."""
+
+    def __init__(self, spec: WorkerSpec, identity: WorkerIdentity, listeners: Sequence[Listener],
+                 handlers: list[Any], options: LoopOptions) -> None:
+        self.spec = spec
+        self.identity = identity
+        self.slot = identity.slot
+        self.options = options
+        self.access = spec.access_log
+        self.pid = os.getpid()
+        self.endpoints = [_endpoint(self, listener, index, handler, spec)
+                          for index, (listener, handler) in enumerate(zip(listeners, handlers))]
+        self.tasks: dict[asyncio.Task[None], _Connection | None] = {}  # running handlers, each with its connection
+        self.connections: set[_Connection | _ProtocolConnection] = set()  # open stream connections
+        self.unmade = 0  # connections accepted whose connection_made() has not come yet
+        self.busy = False
+        self.turned_at = time.monotonic()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.stop_requested: asyncio.Future[None] | None = None
+        self.main_thread = threading.get_ident()
+
+    def run(self) -> int:
+        """Serve until TERM; 0 after a requested stop."""
+        loop = new_event_loop(self.options.loop)
+        asyncio.set_event_loop(loop)
+        try:
+            return loop.run_until_complete(self._main(loop))
+        finally:
+            loop.close()
+
+    async def _main(self, loop: asyncio.AbstractEventLoop) -> int:
+        self.loop = loop
+        self.stop_requested = loop.create_future()
+        for signum, action in ((signal.SIGTERM, self.stop), (signal.SIGQUIT, _leave_now), (signal.SIGINT, _leave_now),
+                               (signal.SIGUSR1, self._reopen_logs)):
+            loop.add_signal_handler(signum, action, *((self,) if action is _leave_now else ()))
+        for endpoint in self.endpoints:
+            await endpoint.start(loop)
+        self.slot.booted(self.pid)
+        self.identity.booted = True
+        self._tick()
+        watchdog = _Watchdog(self, _report_after(self.options.timeout))
+        watchdog.start()
+        try:
+            await self.stop_requested
+            self.slot.exiting()
+            await self._finish()
+        finally:
+            watchdog.stop()
+        return 0
+
+    # -- what connections and handlers report ---------------------------------------------------
+
+    def started(self, task: asyncio.Task[None] | None, connection: _Connection | _ProtocolConnection | None) -> None:
+        if task is not None:
+            self.tasks[task] = connection if isinstance(connection, _Connection) else None
+        if connection is not None:
+            self.connections.add(connection)
+            self.slot.add_active(1)
+        self.mark_busy()
+
+    def mark_busy(self) -> None:
+        """A handler runs now: the slot says BUSY from this turn, so a block is timed from here."""
+        if not self.busy:
+            self.busy = True
+            self.slot.turned(True)
+
+    def finished(self, task: asyncio.Task[None] | None, connection: _Connection | _ProtocolConnection | None,
+                 counter: int) -> None:
+        if task is not None:
+            self.tasks.pop(task, None)
+        if connection is not None:
+            self.connections.discard(connection)
+            self.slot.add_active(-1)
+        self.slot.served(counter)
+
+    def stop(self) -> None:
+        """TERM: stop accepting and finish (see rule 3)."""
+        if self.stop_requested is not None and not self.stop_requested.done():
+            self.stop_requested.set_result(None)
+
+    # -- the loop's own work --------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        now = self.turned_at = time.monotonic()
+        self.busy = bool(self.tasks or self.connections)
+        self.slot.turned(self.busy)
+        if self.options.idle_timeout:
+            self._close_idle(now - self.options.idle_timeout)
+        if self.access is not None:
+            self.access.flush()  # at most a write per tick: lines never wait for an idle moment
+        if os.getppid() != self.spec.master_pid:
+            log.warning("worker %d: master %d is gone, leaving", self.pid, self.spec.master_pid)
+            self.stop()
+        assert self.loop is not None
+        self.loop.call_later(TICK, self._tick)
+
+    def _close_idle(self, silent_since: float) -> None:
+        for connection in [c for c in self.connections if c.last_active < silent_since]:
+            log.info("closing %s: idle for %gs (idle_timeout)", client_text(connection.peer), self.options.idle_timeout)
+            connection.close()
+
+    def _reopen_logs(self) -> None:
+        if self.spec.on_reopen_logs is not None:
+            self.spec.on_reopen_logs()
+
+    async def _finish(self) -> None:
+        """Stop accepting, serve what is queued where asked, wait for the handlers, cancel the rest."""
+        slot = self.slot
+        mask = -1 if slot.stop_mode == STOP_SHUTDOWN else slot.drain_mask
+        deadline = slot.stop_deadline or time.monotonic() + self.spec.graceful_timeout
+        for endpoint in self.endpoints:
+            endpoint.stop_accepting()
+        for _ in range(SETTLE_TURNS):  # connections the loop has accepted get their connection_made()
+            await asyncio.sleep(0)
+        for index, endpoint in enumerate(self.endpoints):
+            if mask >> index & 1:
+                await endpoint.drain(deadline)
+        for endpoint in self.endpoints:
+            endpoint.close()  # datagram listeners stop reading: what is queued stays for the other workers
+        await self._wait_handlers(deadline - min(CANCEL_MARGIN, self.spec.graceful_timeout / 4))
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks or self.connections:
+            log.info("worker %d: cancelled %d handlers at the stop's deadline", self.pid,
+                     len(self.tasks.keys() | {c for c in self.connections if isinstance(c, _ProtocolConnection)}))
+        for connection in list(self.connections):
+            connection.close()  # a Protocol's: connection_lost(); a task's: closed by the cancelled task too
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=CANCEL_GRACE)
+        if self.access is not None:
+            self.access.flush()
+
+    async def _wait_handlers(self, until: float) -> None:
+        while (self.tasks or self.connections or self.unmade) and (left := until - time.monotonic()) > 0:
+            if self.tasks:
+                await asyncio.wait(list(self.tasks), timeout=min(left, STOP_POLL))
+            else:  # only Protocol connections: nothing to wait on but their closing
+                await asyncio.sleep(min(left, STOP_POLL))
+
+    # -- the watchdog's view (called from its thread) ---------------------------------------------
+
+    def blocked(self, late: float) -> None:
+        """Log which task holds the loop, with the main thread's stack; name its client in the slot."""
+        assert self.loop is not None
+        task = asyncio.current_task(self.loop)
+        connection = self.tasks.get(task) if task is not None else None
+        frame = sys._current_frames().get(self.main_thread)
+        stack = "".join(traceback.format_stack(frame, STACK_FRAMES)) if frame is not None else "(no stack)\n"
+        what = "a callback, not a task"
+        if task is not None:
+            handler = connection.endpoint.handler if connection else None
+            what = f"task {task.get_name()} in handler {_name_of(handler)}" if handler else f"task {task.get_name()}"
+        client, listener = (client_text(connection.peer), connection.endpoint.name) if connection else ("-", "-")
+        self.slot.describe(client.encode(errors="replace"), listener.encode(errors="replace"))
+        log.error("worker %d: the event loop has not turned for %.1fs: %s, client %s on %s; main thread:\n%s",
+                  self.pid, late, what, client, listener, stack.rstrip("\n"))
+
+
+def _name_of(handler: Any) -> str:
+    return f"{getattr(handler, '__module__', '?')}.{getattr(handler, '__qualname__', repr(handler))}"
+
+
+def _leave_now(worker: EventLoopWorker) -> None:
+    """QUIT, INT: leave at once (no drain), as the synchronous worker does."""
+    if worker.access is not None:
+        worker.access.flush()
+    flush_std_streams()
+    os._exit(0)
+
+
+def _report_after(timeout: float) -> float:
+    return min(BLOCKED_REPORT, timeout / 2) if timeout else BLOCKED_REPORT
+
+
+class _Watchdog(threading.Thread):
+    """Watches the loop's turns from a thread: a late loop is reported once per block."""
+
+    def __init__(self, worker: EventLoopWorker, threshold: float) -> None:
+        super().__init__(name="prefork-loop-watchdog", daemon=True)
+        self.worker = worker
+        self.threshold = threshold
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        reported = False
+        while not self.done.wait(WATCH_INTERVAL):
+            late = time.monotonic() - self.worker.turned_at - TICK
+            if late > self.threshold and not reported:
+                reported = True
+                self.worker.blocked(late)
+            elif late <= 0 and reported:
+                reported = False
+                log.warning("worker %d: the event loop turns again", self.worker.pid)
+
+    def stop(self) -> None:
+        self.done.set()
+
+
+# -- listeners --------------------------------------------------------------------------------
+
+
+class _Gate:
+    """The allow-list of a listener (prefork.allowlist.guard wraps its verify_request)."""
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        return True
+
+
+class _Endpoint:
+    """One listener of the worker: its socket, its handler, its scoreboard counter."""
+
+    def __init__(self, worker: EventLoopWorker, listener: Listener, index: int, handler: Any,
+                 spec: WorkerSpec) -> None:
+        self.worker = worker
+        self.sock = listener.sock
+        self.name = listener.name
+        self.counter = spec.counter_indexes[index] if spec.counter_indexes else index
+        self.handler = handler
+        self.info = Endpoint(listener.name, listener.sock)
+        self.gate: _Gate | None = None
+        if listener.spec.allow:
+            self.gate = _Gate()
+            guard(self.gate, listener.spec.allow, listener.name)
+
+    def admits(self, peer: Any) -> bool:
+        """The allow-list's verdict on *peer*; a refusal is logged (rate-limited) and in the access log."""
+        if self.gate is None or self.gate.verify_request(None, peer):
+            return True
+        if self.worker.access is not None:
+            self.worker.access.record(client_text(peer), self.name, self.worker.pid, 0.0, None, None, "refused")
+        return False
+
+    def record(self, peer: Any, started: float, bytes_in: int, bytes_out: int, outcome: str) -> None:
+        access = self.worker.access
+        if access is not None:
+            access.record(client_text(peer), self.name, self.worker.pid, time.monotonic() - started,
+                          bytes_in, bytes_out, outcome)
+
+    async def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        raise NotImplementedError
+
+    def stop_accepting(self) -> None:
+        pass
+
+    async def drain(self, deadline: float) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _endpoint(worker: EventLoopWorker, listener: Listener, index: int, handler: Any, spec: WorkerSpec) -> _Endpoint:
+    if listener.is_stream:
+        return _StreamEndpoint(worker, listener, index, handler, spec)
+    return _DatagramEndpoint(worker, listener, index, handler, spec)
+
+
+class _StreamEndpoint(_Endpoint):
+    """A stream listener: a server over a copy of the master's socket, a task per connection."""
+
+    server: asyncio.AbstractServer | None = None
+
+    async def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        # A copy: the server closes it when it stops, and the drain accepts from the original.
+        backlog = self.worker.options.backlog or 65535  # capped by the kernel at somaxconn
+        self.server = await loop.create_server(self.connection, sock=self.sock.dup(), backlog=backlog)
+
+    def connection(self) -> _Connection | _ProtocolConnection:
+        """The protocol factory: called for each connection accepted, before its connection_made()."""
+        self.worker.unmade += 1
+        if isinstance(self.handler, type) and issubclass(self.handler, asyncio.Protocol):
+            return _ProtocolConnection(self)
+        assert self.worker.loop is not None
+        return _Connection(self, self.worker.loop)
+
+    def accepted(self, connection: _Connection) -> None:
+        """Called by a connection once it is made: the allow-list, then its handler's task."""
+        self.worker.unmade -= 1
+        if not self.admits(connection.peer):
+            connection.close()
+            return
+        assert self.worker.loop is not None
+        task = self.worker.loop.create_task(self.serve(connection))
+        self.worker.started(task, connection)
+
+    async def serve(self, connection: _Connection) -> None:
+        started, outcome = time.monotonic(), "error"
+        try:
+            if isinstance(self.handler, type) and issubclass(self.handler, AsyncStreamRequestHandler):
+                await self.handler(connection.reader, connection.writer, connection.peer, self.info).run()
+            else:
+                await self.handler(connection.reader, connection.writer)
+            outcome = "ok"
+        except asyncio.CancelledError:
+            pass  # the stop's deadline: the connection is closed below
+        except Exception:
+            log.exception("worker %d: handler failed on %s from %s; connection closed", self.worker.pid,
+                          self.name, client_text(connection.peer))
+        finally:
+            connection.close()
+            self.worker.finished(asyncio.current_task(), connection, self.counter)
+            self.record(connection.peer, started, connection.bytes_in, connection.writer.bytes_out, outcome)
+
+    def stop_accepting(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    async def drain(self, deadline: float) -> None:
+        """Serve the connections queued on the listener now (a TCP queue's length, else up to DRAIN_LIMIT)."""
+        assert self.worker.loop is not None
+        budget = queued_requests(self.sock)
+        self.sock.setblocking(False)
+        while budget > 0 and time.monotonic() < deadline:
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return  # empty, or another worker took the rest
+            except OSError as exc:
+                log.warning("worker %d: draining %s: %s", self.worker.pid, self.name, exc)
+                return
+            budget -= 1
+            conn.setblocking(False)
+            await self.worker.loop.connect_accepted_socket(self.connection, conn)
+
+
+class _DatagramEndpoint(_Endpoint):
+    """A datagram listener: the app's DatagramProtocol, or a task per datagram for a coroutine function."""
+
+    transport: asyncio.DatagramTransport | None = None
+    app: asyncio.DatagramProtocol | None = None
+    replies: _CountingTransport | None = None
+
+    async def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        await loop.create_datagram_endpoint(lambda: _Datagrams(self), sock=self.sock.dup())
+
+    def made(self, transport: asyncio.DatagramTransport) -> None:
+        self.transport = transport
+        self.replies = _CountingTransport(transport, self.sock)
+        if isinstance(self.handler, type):
+            self.app = self.handler()
+            self.app.connection_made(self.replies)  # type: ignore[arg-type]
+
+    def received(self, data: bytes, peer: Any) -> None:
+        if not self.admits(peer):
+            return
+        if self.app is None:
+            assert self.worker.loop is not None
+            task = self.worker.loop.create_task(self.serve(data, peer))
+            self.worker.started(task, None)
+            return
+        self.worker.mark_busy()
+        assert self.replies is not None
+        started, sent, outcome = time.monotonic(), self.replies.sent, "error"
+        try:
+            self.app.datagram_received(data, peer)
+            outcome = "ok"
+        except Exception:
+            log.exception("worker %d: datagram handler failed on %s from %s", self.worker.pid, self.name,
+                          client_text(peer))
+        finally:
+            self.worker.finished(None, None, self.counter)
+            self.record(peer, started, len(data), self.replies.sent - sent, outcome)
+
+    async def serve(self, data: bytes, peer: Any) -> None:
+        assert self.replies is not None
+        started, sent, outcome = time.monotonic(), self.replies.sent, "error"
+        try:
+            await self.handler(data, peer, self.replies)
+            outcome = "ok"
+        except asyncio.CancelledError:
+            pass  # the stop's deadline: the datagram is not answered
+        except Exception:
+            log.exception("worker %d: datagram handler failed on %s from %s", self.worker.pid, self.name,
+                          client_text(peer))
+        finally:
+            self.worker.finished(asyncio.current_task(), None, self.counter)
+            self.record(peer, started, len(data), self.replies.sent - sent, outcome)
+
+    async def drain(self, deadline: float) -> None:
+        """Serve the datagrams queued now (at most DRAIN_LIMIT), read here rather than by the loop."""
+        for _ in range(DRAIN_LIMIT):
+            if time.monotonic() >= deadline:
+                return
+            try:
+                data, peer = self.sock.recvfrom(MAX_DATAGRAM, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("worker %d: draining %s: %s", self.worker.pid, self.name, exc)
+                return
+            self.received(data, peer)
+            await asyncio.sleep(0)  # let the loop send the reply
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class _Datagrams(asyncio.DatagramProtocol):
+    def __init__(self, endpoint: _DatagramEndpoint) -> None:
+        self.endpoint = endpoint
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.endpoint.made(cast(asyncio.DatagramTransport, transport))  # uvloop's is not a subclass
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.endpoint.received(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        app = self.endpoint.app
+        if app is not None:
+            app.error_received(exc)
+        else:
+            log.debug("worker %d: %s: %s", self.endpoint.worker.pid, self.endpoint.name, exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        app = self.endpoint.app
+        if app is not None:
+            app.connection_lost(exc)
+
+
+class _CountingTransport:
+    """The datagram transport a handler gets: counts the bytes of its replies.
+
+    A stopping worker closes its datagram transports at once, so that the datagrams queued
+    on the shared socket go to the other workers; a handler still running then replies
+    through the listener's own socket.
+    """
+
+    __slots__ = ("_transport", "_sock", "sent")
+
+    def __init__(self, transport: asyncio.DatagramTransport, sock: socket.socket) -> None:
+        self._transport = transport
+        self._sock = sock
+        self.sent = 0
+
+    def sendto(self, data: Any, addr: Any = None) -> None:
+        self.sent += len(data)
+        if not self._transport.is_closing():
+            self._transport.sendto(data, addr)
+            return
+        try:
+            self._sock.sendto(data, socket.MSG_DONTWAIT, addr)
+        except OSError as exc:  # a full buffer or a gone peer: a datagram's reply may be lost
+            log.debug("reply to %s after the stop not sent: %s", client_text(addr), exc)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+# -- stream connections -----------------------------------------------------------------------
+
+
+class _ProtocolConnection(asyncio.Protocol):
+    """A connection served by the app's asyncio.Protocol: no task, the app's callbacks in the loop.
+
+    Counts bytes, notes activity, reports to the worker, logs an exception of the app's
+    callbacks with its traceback and closes the connection.
+    """
+
+    def __init__(self, endpoint: _StreamEndpoint) -> None:
+        self.endpoint = endpoint
+        self.app: asyncio.Protocol = endpoint.handler()
+        self.transport: asyncio.BaseTransport | None = None
+        self.peer: Any = None
+        self.started = self.last_active = time.monotonic()
+        self.bytes_in = 0
+        self.outcome = "ok"
+        self.replies: _CountingStreamTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.peer = transport.get_extra_info("peername")
+        endpoint = self.endpoint
+        endpoint.worker.unmade -= 1
+        if not endpoint.admits(self.peer):
+            self.app = None  # type: ignore[assignment]
+            transport.close()
+            return
+        endpoint.worker.started(None, self)
+        self.replies = _CountingStreamTransport(transport, self)
+        self._call(self.app.connection_made, self.replies)
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        self.last_active = time.monotonic()
+        self._call(self.app.data_received, data)
+
+    def eof_received(self) -> bool | None:
+        try:
+            return self.app.eof_received()
+        except Exception:
+            self._failed()
+            return None
+
+    def pause_writing(self) -> None:
+        self.app.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.app.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.app is None:
+            return  # refused by the allow-list
+        self._call(self.app.connection_lost, exc)
+        endpoint = self.endpoint
+        endpoint.worker.finished(None, self, endpoint.counter)
+        sent = self.replies.sent if self.replies is not None else 0
+        endpoint.record(self.peer, self.started, self.bytes_in, sent, self.outcome)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def _call(self, callback: Callable[[Any], object], argument: Any) -> None:
+        try:
+            callback(argument)
+        except Exception:
+            self._failed()
+
+    def _failed(self) -> None:
+        self.outcome = "error"
+        log.exception("worker %d: handler failed on %s from %s; connection closed", self.endpoint.worker.pid,
+                      self.endpoint.name, client_text(self.peer))
+        self.close()
+
+
+class _CountingStreamTransport:
+    """The transport an app's Protocol gets: counts what it writes and notes it as activity."""
+
+    __slots__ = ("_transport", "_connection", "sent")
+
+    def __init__(self, transport: asyncio.BaseTransport, connection: _ProtocolConnection) -> None:
+        self._transport: Any = transport
+        self._connection = connection
+        self.sent = 0
+
+    def write(self, data: Any) -> None:
+        self.sent += len(data)
+        self._connection.last_active = time.monotonic()
+        self._transport.write(data)
+
+    def writelines(self, lines: Any) -> None:
+        for data in lines:
+            self.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+class _Connection(asyncio.StreamReaderProtocol):
+    """One stream connection: asyncio's reader protocol, counting bytes and noting activity."""
+
+    def __init__(self, endpoint: _StreamEndpoint, loop: asyncio.AbstractEventLoop) -> None:
+        self.reader = asyncio.StreamReader(limit=STREAM_LIMIT, loop=loop)
+        super().__init__(self.reader, loop=loop)
+        self.endpoint = endpoint
+        self.loop = loop
+        self.bytes_in = 0
+        self.last_active = time.monotonic()
+        self.peer: Any = None
+        self.transport: asyncio.BaseTransport | None = None
+        self.writer: _CountingWriter
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.transport = transport
+        self.peer = transport.get_extra_info("peername")
+        self.writer = _CountingWriter(transport, self, self.reader, self.loop)
+        self.endpoint.accepted(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        self.last_active = time.monotonic()
+        super().data_received(data)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class _CountingWriter(asyncio.StreamWriter):
+    """asyncio's StreamWriter, counting what the handler writes and noting it as activity."""
+
+    def __init__(self, transport: asyncio.BaseTransport, connection: _Connection, reader: asyncio.StreamReader,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(transport, connection, reader, loop)  # type: ignore[arg-type]
+        self.connection = connection
+        self.bytes_out = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.bytes_out += len(data)
+        self.connection.last_active = time.monotonic()
+        super().write(data)

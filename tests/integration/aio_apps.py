@@ -1,0 +1,73 @@
+"""asyncio-mode apps that integration tests run in real masters. Each line a client sends is a command.
+
+``AsyncStreamHandler`` is a coroutine function (reader, writer); ``handlers`` offers the class
+form; ``AsyncDatagramHandler`` is a coroutine function of (data, address, transport).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import types
+from typing import Any
+
+from prefork.aio import AsyncStreamRequestHandler
+from tests.integration.apps import answer
+
+
+async def answer_async(command: bytes) -> bytes:
+    """As tests.integration.apps.answer, with "wait N" sleeping in the loop and "block N" blocking it."""
+    verb, _, arg = command.partition(b" ")
+    if verb == b"wait":
+        await asyncio.sleep(float(arg))
+        return b"waited"
+    if verb == b"block":
+        time.sleep(float(arg))  # blocks the event loop: the watchdog's case
+        return b"blocked"
+    if verb == b"loop":
+        return type(asyncio.get_running_loop()).__module__.partition(".")[0].encode()
+    if verb == b"task":
+        task = asyncio.current_task()
+        return task.get_name().encode() if task is not None else b"-"
+    return answer(command)
+
+
+async def AsyncStreamHandler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers each line until the client closes."""
+    while line := await reader.readline():
+        writer.write(await answer_async(line.rstrip(b"\n")) + b"\n")
+        await writer.drain()
+
+
+async def AsyncDatagramHandler(data: bytes, address: Any, transport: asyncio.DatagramTransport) -> None:
+    transport.sendto(await answer_async(data.rstrip(b"\n")), address)
+
+
+class ClassHandler(AsyncStreamRequestHandler):
+    """The class form: says who it serves, then answers lines."""
+
+    async def handle(self) -> None:
+        self.writer.write(f"{os.getpid()} {self.server.name}\n".encode())
+        while line := await self.reader.readline():
+            self.writer.write(await answer_async(line.rstrip(b"\n")) + b"\n")
+            await self.writer.drain()
+
+
+# An app object, as a module would be: its stream handler is the class form.
+handlers = types.SimpleNamespace(AsyncStreamHandler=ClassHandler)
+
+
+class EchoProtocol(asyncio.Protocol):
+    """The Protocol form: echoes what arrives; a chunk "raise" raises in data_received."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: Any = transport
+
+    def data_received(self, data: bytes) -> None:
+        if data.startswith(b"raise"):
+            raise RuntimeError("the protocol failed on purpose")
+        self.transport.write(data)
+
+
+protocols = types.SimpleNamespace(AsyncStreamHandler=EchoProtocol)

@@ -1,0 +1,272 @@
+"""mode = "asyncio" (issue 15): event-loop workers under the same master, in real processes."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import resource
+import signal
+import socket
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from prefork.errors import EXIT_APP_LOAD, EXIT_OK, EXIT_USAGE
+from prefork.scoreboard import Scoreboard
+from tests.integration.conftest import _read_line, wait_pid_gone
+from tests.support import SOCKET_TIMEOUT, datagram_request, stream_request, wait_until
+
+pytestmark = pytest.mark.integration
+
+AIO_APPS = "tests.integration.aio_apps"
+
+
+def connect(address: object) -> socket.socket:
+    return socket.create_connection(address, timeout=SOCKET_TIMEOUT)  # type: ignore[arg-type]
+
+
+def ask(sock: socket.socket, line: bytes) -> bytes:
+    sock.sendall(line + b"\n")
+    return _read_line(sock)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_echo_serves_every_kind_of_listener_in_asyncio_mode(start_master, sock_dir: Path, loop: str) -> None:
+    stream, datagrams = sock_dir / "s", sock_dir / "d"
+    master = start_master(app="workers.echo", mode="asyncio", loop=loop,
+                          bind=["tcp://127.0.0.1:0", "udp://127.0.0.1:0", f"unix:{stream}", f"unix-dgram:{datagrams}"])
+    assert master.request(b"hello") == b"hello"
+    assert datagram_request(master.address(1), b"ping") == b"ping"
+    assert stream_request(str(stream), b"one\ntwo", socket.AF_UNIX) == b"one\ntwo"
+    assert datagram_request(str(datagrams), b"dgram", socket.AF_UNIX, bind=str(sock_dir / "c")) == b"dgram"
+    long_line = bytes(range(1, 251)) * 1000 + b"\n"  # 250 kB: several MAX_LINE pieces
+    assert stream_request(master.address(0), long_line) == long_line
+
+
+@pytest.mark.parametrize("loop, expected", [("uvloop", b"uvloop"), ("asyncio", b"asyncio")])
+def test_the_class_form_gets_reader_writer_and_server_on_the_chosen_loop(start_master, loop: str,
+                                                                        expected: bytes) -> None:
+    master = start_master(app=f"{AIO_APPS}:handlers", mode="asyncio", workers=1, loop=loop)
+    with connect(master.address()) as sock:
+        pid, listener = _read_line(sock).split()
+        assert listener.decode() == master.info["listeners"][0]
+        assert ask(sock, b"pid") == pid
+        assert ask(sock, b"loop") == expected
+
+
+def test_a_failing_handler_is_logged_its_connection_closed_and_the_worker_goes_on(start_master) -> None:
+    master = start_master(app=AIO_APPS, mode="asyncio", workers=1)
+    with connect(master.address()) as sock:
+        pid = ask(sock, b"pid")
+        sock.sendall(b"raise\n")
+        assert sock.recv(100) == b""  # closed
+    wait_until(lambda: "RuntimeError: the handler failed on purpose" in master.log(), 10)
+    assert "Traceback" in master.log()
+    assert master.request(b"pid") == pid
+
+
+def test_a_protocol_class_serves_each_connection_and_a_failing_one_is_closed(start_master) -> None:
+    master = start_master(app=f"{AIO_APPS}:protocols", mode="asyncio", workers=1)
+    with connect(master.address()) as sock:
+        assert ask(sock, b"echo") == b"echo"
+        sock.sendall(b"raise\n")
+        assert sock.recv(100) == b""
+    assert master.request(b"again") == b"again"
+    wait_until(lambda: "RuntimeError: the protocol failed on purpose" in master.log(), 10)
+    wait_until(lambda: master.workers()[0].requests == 2, 5, message=str(master.workers()))
+
+
+def test_a_synchronous_handler_is_refused_in_asyncio_mode(start_master) -> None:
+    master = start_master(app="tests.integration.apps", mode="asyncio", ready=False)
+    assert master.wait_exit() == EXIT_APP_LOAD
+    assert "has no AsyncStreamHandler" in master.log()
+    assert "StreamHandler is a synchronous handler" in master.log()
+
+
+def test_an_asyncio_handler_is_refused_in_sync_mode(start_master) -> None:
+    master = start_master(app=f"{AIO_APPS}:AsyncStreamHandler", mode="sync", ready=False)
+    assert master.wait_exit() == EXIT_APP_LOAD
+    assert "is an asyncio stream handler; serve it with mode asyncio" in master.log()
+
+
+def test_a_proxy_or_tls_listener_is_refused_in_asyncio_mode_not_served_in_plaintext(start_master) -> None:
+    master = start_master(app=AIO_APPS, mode="asyncio", bind=["tcp://127.0.0.1:0?proxy"], ready=False)
+    assert master.wait_exit() == EXIT_USAGE
+    assert "?tls and ?proxy are not served in mode asyncio yet" in master.log()
+
+
+# -- the same promises as synchronous mode -------------------------------------------------------
+
+
+def test_term_serves_the_backlog_lets_open_connections_finish_then_cancels_the_rest(start_master) -> None:
+    master = start_master(app=AIO_APPS, mode="asyncio", workers=1, graceful_timeout=4,
+                          bind=["tcp://127.0.0.1:0", "udp://127.0.0.1:0"])
+    port = master.address()[1]
+    with connect(master.address()) as idle, connect(master.address()) as stuck, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as datagram, \
+            concurrent.futures.ThreadPoolExecutor(9) as pool:
+        datagram.settimeout(SOCKET_TIMEOUT)
+        ask(idle, b"ready?")
+        stuck.sendall(b"wait 30\n")  # still running at the deadline: cancelled
+        blocking = pool.submit(master.request, b"block 3")  # holds the loop: the next ones queue
+        wait_until(lambda: time.monotonic() - master.workers()[0].last_tick > 0.4, 10)
+        queued = [pool.submit(master.request, b"queued %d" % i) for i in range(8)]
+        wait_until(lambda: accept_queue(port) == 8, 5)
+        stopped = time.monotonic()
+        master.signal(signal.SIGTERM)
+        datagram.sendto(b"wait 0.3", master.address(1))  # read at the stop, answered after it
+        assert blocking.result() == b"blocked"
+        assert sorted(f.result() for f in queued) == sorted(b"queued %d" % i for i in range(8))
+        assert ask(idle, b"still here") == b"still here"  # an open connection may finish
+        assert datagram.recv(100) == b"waited"
+        assert stuck.recv(100) == b""  # cancelled shortly before graceful_timeout
+        assert 3.0 < time.monotonic() - stopped < 5.5  # cancelled at graceful_timeout - 0.5 s
+    assert master.wait_exit() == EXIT_OK
+    assert "cancelled 2 handlers" in master.log() and "SIGKILL" not in master.log(), master.log()
+
+
+def target_of(master) -> int:
+    """The pool size the master aims at, from its scoreboard."""
+    board = Scoreboard.open(f"{master.pidfile}.scoreboard")
+    try:
+        return board.master().target
+    finally:
+        board.close()
+
+
+def accept_queue(port: int) -> int:
+    """How many connections wait in the accept queue of the TCP listener on *port* (Linux)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and int(fields[1].rpartition(":")[2], 16) == port:  # 0A: LISTEN
+            return int(fields[4].rpartition(":")[2], 16)  # rx_queue of a listener: its queue
+    return 0
+
+
+def test_hup_ttin_ttou_and_recycling_under_load_fail_no_request(start_master, load) -> None:
+    # max_requests counts connections: 3 clients make a connection per request (about 1,000 a
+    # second on loopback), so workers are recycled all along.
+    master = start_master(app=AIO_APPS, mode="asyncio", workers=2, max_requests=300)
+    first = master.wait_workers(2, generation=1)
+    running = load(master, clients=3)
+    wait_until(lambda: first - master.worker_pids(), 30, message=f"not recycled: {master.workers()}")
+    # Workers recycle all along: the pool's size is read from its target, not from a moment
+    # when exactly that many workers run.
+    master.signal(signal.SIGHUP)
+    wait_until(lambda: len(master.ready_pids(generation=2)) >= 2, 10, message=str(master.workers()))
+    for signum, size in ((signal.SIGTTIN, 3), (signal.SIGTTOU, 2)):
+        master.signal(signum)
+        wait_until(lambda: target_of(master) == size and len(master.ready_pids()) >= size, 10,
+                   message=str(master.workers()))
+    running.wait_requests(30)
+    running.stop()
+    assert running.failures == []
+    assert "max_requests 300" in master.log()
+
+
+# USR2 under load: tests/integration/test_master.py::test_usr2_upgrades_in_place_under_load[asyncio].
+
+
+def test_the_scoreboard_shows_connections_requests_and_busy_state(start_master) -> None:
+    master = start_master(app=AIO_APPS, mode="asyncio", workers=1)
+    sockets = [connect(master.address()) for _ in range(3)]
+    try:
+        for sock in sockets:
+            ask(sock, b"hi")
+        wait_until(lambda: (master.workers()[0].active, master.workers()[0].state_name) == (3, "busy"), 5,
+                   message=str(master.workers()))
+    finally:
+        for sock in sockets:
+            sock.close()
+    wait_until(lambda: (master.workers()[0].active, master.workers()[0].state_name, master.workers()[0].requests)
+               == (0, "idle", 3), 5, message=str(master.workers()))
+
+
+def test_allow_lists_and_the_access_log(start_master, tmp_path: Path) -> None:
+    access = tmp_path / "access.log"
+    master = start_master(app=AIO_APPS, mode="asyncio", workers=1, access_log=str(access),
+                          bind=["tcp://127.0.0.1:0", "tcp://127.0.0.1:0?allow=10.0.0.0/8", "udp://127.0.0.1:0"])
+    assert master.request(b"one") == b"one"
+    with connect(master.address(1)) as refused:
+        assert refused.recv(100) == b""  # closed unanswered
+    assert datagram_request(master.address(2), b"three") == b"three"
+    lines = lambda: access.read_text().splitlines() if access.exists() else []  # noqa: E731
+    wait_until(lambda: len(lines()) == 3, 5, message=str(lines()))
+    outcomes = sorted(line.split()[-1] for line in lines())
+    assert outcomes == ["ok", "ok", "refused"], lines()
+    assert any("in=4 out=4 ok" in line for line in lines()) and any("in=5 out=5 ok" in line for line in lines())
+
+
+# -- the blocked-loop watchdog and the idle timeout -------------------------------------------------
+
+
+def test_a_blocked_loop_is_reported_with_its_task_then_aborted_and_replaced(start_master) -> None:
+    master = start_master(app=AIO_APPS, mode="asyncio", workers=1, timeout=1.5)
+    (pid,) = master.wait_workers(1)
+    with connect(master.address()) as sock:
+        sock.sendall(b"block 30\n")
+        wait_pid_gone(pid, timeout=15)
+        assert sock.recv(100) == b""
+    wait_until(lambda: master.ready_pids() - {pid}, message=str(master.workers()))
+    log = master.log()
+    assert "the event loop has not turned for" in log and "in handler tests.integration.aio_apps.AsyncStreamHandler" in log, log
+    assert "SIGABRT" in log and "(timeout)" in log and "request from 127.0.0.1:" in log
+    assert 'File "' in log and "answer_async" in log, "the worker's stack was not dumped"
+    assert master.request(b"ok") == b"ok"
+
+
+def test_idle_connections_are_closed_after_idle_timeout(start_master) -> None:
+    master = start_master(app=AIO_APPS, mode="asyncio", workers=1, idle_timeout=0.5)
+    with connect(master.address()) as quiet, connect(master.address()) as talking:
+        started = time.monotonic()
+        ask(quiet, b"hello")
+        while time.monotonic() - started < 1.5:
+            ask(talking, b"wait 0.1")  # busy both ways: kept
+        assert quiet.recv(100) == b""
+        assert ask(talking, b"still") == b"still"
+    assert "idle for 0.5s (idle_timeout)" in master.log()
+
+
+# -- many idle connections -------------------------------------------------------------------------
+
+IDLE_CONNECTIONS = 2000
+
+
+def test_two_workers_hold_2000_idle_connections_while_an_active_client_is_answered(start_master, record_property):
+    """Memory per idle connection, reported (USS of both workers, before and after), not timed."""
+    _allow_descriptors(IDLE_CONNECTIONS + 100)
+    master = start_master(app="workers.echo", mode="asyncio", workers=2)
+    pids = master.wait_workers(2)
+    warm = [connect(master.address()) for _ in range(20)]  # the first connections' allocations
+    wait_until(lambda: sum(v.active for v in master.workers()) == len(warm), 10)
+    before = sum(psutil.Process(pid).memory_full_info().uss for pid in pids)
+    idle = [connect(master.address()) for _ in range(IDLE_CONNECTIONS)]
+    try:
+        wait_until(lambda: sum(v.active for v in master.workers()) == len(warm) + IDLE_CONNECTIONS, 20,
+                   message=str(master.workers()))
+        after = sum(psutil.Process(pid).memory_full_info().uss for pid in pids)
+        latencies = []
+        with connect(master.address()) as active:
+            for _ in range(50):
+                started = time.perf_counter()
+                assert ask(active, b"still answered") == b"still answered"
+                latencies.append(time.perf_counter() - started)
+    finally:
+        for sock in idle + warm:
+            sock.close()
+    per_connection = (after - before) / IDLE_CONNECTIONS
+    p99 = sorted(latencies)[int(len(latencies) * 0.99) - 1]
+    record_property("bytes_per_idle_connection", per_connection)
+    print(f"\n{IDLE_CONNECTIONS} idle connections on 2 workers: {per_connection / 1024:.1f} KiB each (USS); "
+          f"active client p99 {p99 * 1000:.2f} ms")
+    assert per_connection < 64 * 1024, "far above the 10 KiB target: something is held per connection"
+
+
+def _allow_descriptors(count: int) -> None:
+    """This test process opens *count* sockets: raise its soft limit (up to the hard one) if needed."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < count:
+        if hard != resource.RLIM_INFINITY and hard < count:
+            pytest.skip(f"the open files limit ({hard}) is below {count}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (count, hard))
