@@ -182,7 +182,7 @@ def hold_every_worker(master: Any, count: int) -> tuple[list[socket.socket], lis
 def wait_replaced(master: Any, size: int, gone: int) -> set[int]:
     """Wait until the pool has *size* ready workers again and *gone* is no longer among them."""
     def back() -> set[int] | None:
-        ready, pids = master.ready_pids(), master.worker_pids()
+        ready, pids = master.pids_now()  # one reading: two could pair a stale slot with its successor
         return ready if gone not in pids and len(ready) == len(pids) == size else None
     return wait_for(back, RECOVERY_TIMEOUT,
                     lambda: f"pool not back to {size} workers without {gone}: {master.workers()}")
