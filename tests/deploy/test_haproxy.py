@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.deploy.conftest import DEPLOY, Master, Proc, clean_env, gone, load_yaml, prefork, render, run, tool
-from tests.support import SOCKET_TIMEOUT, wait_until
+from tests.support import SOCKET_TIMEOUT, heavy, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -141,6 +141,7 @@ def echo_master(directory: Path, port: int = 0) -> Master:
                               "workers.echo"])
 
 
+@heavy
 def test_two_instances_behind_haproxy_reload_upgrade_stop_and_restart_without_a_failed_request(
         tmp_path, sock_dir, processes, load_through):
     a, b = echo_master(tmp_path / "a"), echo_master(tmp_path / "b")

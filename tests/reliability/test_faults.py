@@ -27,7 +27,7 @@ import pytest
 from prefork.errors import EXIT_OK
 from prefork.pool import Pool, Spawn
 from tests.integration.conftest import wait_pid_gone
-from tests.support import SOCKET_TIMEOUT, pool_config, wait_until
+from tests.support import SOCKET_TIMEOUT, heavy, pool_config, wait_until
 
 pytestmark = pytest.mark.reliability
 
@@ -202,6 +202,7 @@ def slot_of(master: Any, pid: int) -> Any:
 # -- 1. workers killed at random under load ------------------------------------------------------
 
 
+@heavy
 def test_a_storm_of_worker_kills_loses_only_the_requests_in_flight(start_master):
     """SIGKILL a random worker every 0.5-1 s for 20 s under load: the only requests that fail
     are those the victim had accepted (a sync worker holds one at a time), each with its
