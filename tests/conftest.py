@@ -12,7 +12,7 @@ from typing import Iterator
 
 import psutil
 import pytest
-from hypothesis import settings as hypothesis_settings
+from hypothesis import HealthCheck, settings as hypothesis_settings
 
 from tests.support import Certs, wait_until
 
@@ -21,8 +21,12 @@ _LEAK_GRACE = 5.0
 
 # Property tests draw the same examples on every run, so that CI is reproducible and a red run
 # can be replayed. A wider random search: `pytest --hypothesis-profile=explore -m reliability`.
-hypothesis_settings.register_profile("reproducible", derandomize=True, database=None)
-hypothesis_settings.register_profile("explore", max_examples=1000)
+# Neither times an example (hypothesis' default: 200 ms, and a health check on slow data): they
+# check what the code does, and on a shared, busy machine (CI's two cores run two pytest workers)
+# a fast example can take longer; a hang is still ended by pytest-timeout.
+_UNTIMED = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
+hypothesis_settings.register_profile("reproducible", derandomize=True, database=None, **_UNTIMED)
+hypothesis_settings.register_profile("explore", max_examples=1000, **_UNTIMED)
 hypothesis_settings.load_profile("reproducible")  # --hypothesis-profile, if given, wins
 
 

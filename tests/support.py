@@ -13,11 +13,18 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import pytest
+
 from prefork.config import Settings
 from prefork.pool import PoolConfig
 
 # Every socket a test opens gets this timeout, so no test can hang on the network.
 SOCKET_TIMEOUT = 10.0
+
+# The tests that load both cores on their own for seconds (a soak, a kill storm, locust, a race
+# repeated): the suite runs on two xdist workers with --dist loadgroup, which runs every test so
+# marked on one worker, one after another, so that two of them never overlap.
+heavy = pytest.mark.xdist_group("heavy")
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01,
@@ -90,8 +97,6 @@ def require_tool(name: str) -> str:
     import os
     import shutil
 
-    import pytest
-
     path = shutil.which(name)
     if path is None:
         if os.environ.get("CI_REQUIRE_TOOLS") == "1":
@@ -104,8 +109,6 @@ def skip_or_fail(reason: str) -> None:
     """Skip the test for *reason*; under CI_REQUIRE_TOOLS=1 (CI) fail instead: nothing passes
     in CI by not running."""
     import os
-
-    import pytest
 
     if os.environ.get("CI_REQUIRE_TOOLS") == "1":
         pytest.fail(f"{reason}; CI_REQUIRE_TOOLS=1 forbids skipping it")

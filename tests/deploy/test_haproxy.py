@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.deploy.conftest import DEPLOY, Master, Proc, clean_env, gone, load_yaml, prefork, render, run, tool
-from tests.support import SOCKET_TIMEOUT, wait_until
+from tests.support import SOCKET_TIMEOUT, heavy, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -155,6 +155,7 @@ def client_hosts(master: Master) -> set[str]:
     return {line.split()[1].rpartition(":")[0] for line in lines if " ok" in line}
 
 
+@heavy
 def test_two_instances_behind_haproxy_reload_upgrade_stop_and_restart_without_a_failed_request(
         tmp_path, sock_dir, processes, load_through):
     a, b = echo_master(tmp_path / "a", proxy=True), echo_master(tmp_path / "b", proxy=True)

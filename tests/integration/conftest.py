@@ -101,14 +101,24 @@ class Master:
         return {view.pid for view in self.workers()}
 
     def ready_pids(self, generation: int | None = None) -> set[int]:
-        return {v.pid for v in self.workers()
-                if v.state_name in ("idle", "busy") and (generation is None or v.generation == generation)}
+        return self.pids_now(generation)[0]
+
+    def pids_now(self, generation: int | None = None) -> tuple[set[int], set[int]]:
+        """(the ready workers' pids, of *generation* if given; every worker's pid), from one
+        reading of the scoreboard. Two readings disagree while the master replaces a worker: a
+        killed worker's slot still says idle until it is reaped, then names its successor."""
+        views = self.workers()
+        ready = {v.pid for v in views
+                 if v.state_name in ("idle", "busy") and (generation is None or v.generation == generation)}
+        return ready, {v.pid for v in views}
 
     def wait_workers(self, count: int, generation: int | None = None, timeout: float = START_TIMEOUT) -> set[int]:
-        wait_until(lambda: len(self.ready_pids(generation)) == count and
-                   len(self.worker_pids()) == count, timeout,
-                   message=f"expected {count} ready workers (generation {generation}): {self.workers()}")
-        return self.ready_pids(generation)
+        """The pids of *count* ready workers, once they are all the workers there are."""
+        def settled() -> set[int] | None:
+            ready, every = self.pids_now(generation)
+            return ready if len(ready) == len(every) == count else None
+        return wait_until(settled, timeout,
+                          message=f"expected {count} ready workers (generation {generation}): {self.workers()}")
 
     def request(self, line: bytes, index: int = 0, timeout: float = SOCKET_TIMEOUT) -> bytes:
         with socket.create_connection(self.address(index), timeout=timeout) as sock:

@@ -15,7 +15,7 @@ import pytest
 from prefork.errors import EXIT_APP_LOAD, EXIT_OK, EXIT_USAGE
 from prefork.scoreboard import Scoreboard
 from tests.integration.conftest import _read_line, wait_pid_gone
-from tests.support import SOCKET_TIMEOUT, datagram_request, stream_request, wait_until
+from tests.support import SOCKET_TIMEOUT, datagram_request, heavy, stream_request, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -233,6 +233,7 @@ def test_idle_connections_are_closed_after_idle_timeout(start_master) -> None:
 IDLE_CONNECTIONS = 2000
 
 
+@heavy  # 2,000 connections opened as fast as the machine allows
 def test_two_workers_hold_2000_idle_connections_while_an_active_client_is_answered(start_master, record_property):
     """Memory per idle connection, reported (USS of both workers, before and after), not timed."""
     _allow_descriptors(IDLE_CONNECTIONS + 100)

@@ -112,6 +112,18 @@ def test_inherited_fd(start_master):
     assert line_request(address, b"pid") in {str(p).encode() for p in master.wait_workers(1)}
 
 
+# /proc/net/unix's flag of a listening socket (__SO_ACCEPTCON in the kernel's net.h).
+_UNIX_LISTENING = 0x10000
+
+
+def unix_listening(path: Path) -> bool:
+    """Whether a socket bound to *path* listens, seen in /proc/net/unix without connecting to it."""
+    with open("/proc/net/unix") as table:
+        next(table)  # Num RefCount Protocol Flags Type St Inode Path
+        rows = [line.split() for line in table]
+    return any(len(row) == 8 and row[7] == str(path) and int(row[3], 16) & _UNIX_LISTENING for row in rows)
+
+
 def test_systemd_socket_activation(tmp_path):
     tool = require_tool("systemd-socket-activate")
     path = tmp_path / "act.sock"
@@ -124,7 +136,8 @@ def test_systemd_socket_activation(tmp_path):
                              json.dumps(options)], cwd=ROOT, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_until(path.exists, 10)
+        # Not path.exists(): the tool binds, then listens; a connection in between is refused.
+        wait_until(lambda: unix_listening(path), 10, message=f"nothing listens on {path}")
         # The tool starts the service on the first connection and hands it the socket.
         assert line_request(str(path), b"activated", socket.AF_UNIX) == b"activated"
         wait_until(ready.exists, 30)

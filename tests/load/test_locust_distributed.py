@@ -20,8 +20,9 @@ import pytest
 
 from tests.integration.test_master import free_port_for_tcp_and_udp
 from tests.load.conftest import ROOT, Group, LoadMaster, require_locust
+from tests.support import heavy
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, heavy]  # a locust master, two workers and a prefork master
 
 README = ROOT / "loadtests" / "README.md"
 # The README's run time is 3 s and the master waits at most 30 s for its workers; past this the

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-pytestmark = pytest.mark.integration
+from tests.support import heavy
+
+pytestmark = [pytest.mark.integration, heavy]
 
 WORKERS = 2
 USERS = 8

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -17,9 +18,11 @@ DOC = ROOT / "docs" / "reliability.md"
 REFERENCE = re.compile(r"`(?:(?:tests/)?([\w/]*test_\w+\.py))?::(\w+)(…)?(?:\[[^\]]*\])?`")
 
 
-def defined_tests(path: Path) -> set[str]:
+@functools.cache  # each file once: the document names hundreds of tests in a few files
+def defined_tests(path: Path) -> frozenset[str]:
     tree = ast.parse(path.read_text())
-    return {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")}
+    return frozenset(node.name for node in ast.walk(tree)
+                     if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"))
 
 
 def resolve(name: str) -> Path:

@@ -27,7 +27,7 @@ import pytest
 from prefork.errors import EXIT_OK
 from prefork.pool import Pool, Spawn
 from tests.integration.conftest import wait_pid_gone
-from tests.support import SOCKET_TIMEOUT, pool_config, wait_until
+from tests.support import SOCKET_TIMEOUT, heavy, pool_config, wait_until
 
 pytestmark = pytest.mark.reliability
 
@@ -182,9 +182,7 @@ def hold_every_worker(master: Any, count: int) -> tuple[list[socket.socket], lis
 def wait_replaced(master: Any, size: int, gone: int) -> set[int]:
     """Wait until the pool has *size* ready workers again and *gone* is no longer among them."""
     def back() -> set[int] | None:
-        workers = master.workers()  # one reading: the master may replace a worker between two
-        pids = {view.pid for view in workers}
-        ready = {view.pid for view in workers if view.state_name in ("idle", "busy")}
+        ready, pids = master.pids_now()  # one reading: two could pair a stale slot with its successor
         return ready if gone not in pids and len(ready) == len(pids) == size else None
     return wait_for(back, RECOVERY_TIMEOUT,
                     lambda: f"pool not back to {size} workers without {gone}: {master.workers()}")
@@ -204,6 +202,7 @@ def slot_of(master: Any, pid: int) -> Any:
 # -- 1. workers killed at random under load ------------------------------------------------------
 
 
+@heavy
 def test_a_storm_of_worker_kills_loses_only_the_requests_in_flight(start_master):
     """SIGKILL a random worker every 0.5-1 s for 20 s under load: the only requests that fail
     are those the victim had accepted (a sync worker holds one at a time), each with its

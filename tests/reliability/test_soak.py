@@ -26,9 +26,9 @@ import pytest
 from prefork import servers
 from tests.integration.conftest import ROOT, wait_pid_gone
 from tests.reliability.soak_app import LOW_NOFILE
-from tests.support import SOCKET_TIMEOUT, kill_process_group, wait_until
+from tests.support import SOCKET_TIMEOUT, heavy, kill_process_group, wait_until
 
-pytestmark = pytest.mark.reliability
+pytestmark = [pytest.mark.reliability, heavy]
 
 SOAK_APP = "tests.reliability.soak_app"
 WORKERS = 2

@@ -15,8 +15,10 @@ import time
 import pytest
 
 from prefork.errors import EXIT_OK
+from tests.support import heavy
 
-pytestmark = pytest.mark.reliability
+# heavy: forty masters in a row, and the race wants a master that gets a CPU when it asks.
+pytestmark = [pytest.mark.reliability, heavy]
 
 # Rounds of HUP+TERM, each against a fresh master: the race window is a fraction of a
 # millisecond, so several rounds give it many chances to show.
