@@ -711,10 +711,21 @@ def _accept_plain(listener: socket.socket) -> tuple[socket.socket, Any]:
     properties that turn the C integers into AddressFamily/SocketKind members through
     Enum.__call__ each time; the constructor takes the plain integers just as well.
     """
-    fd, address = listener._accept()  # type: ignore[attr-defined]
+    timeout = listener.gettimeout()
+    if timeout:
+        # The application gave the listener a timeout: with one, Python's accept() waits in poll()
+        # for up to that long when nothing is queued (a batch's last try, a connection another
+        # worker took), holding the whole loop. Accept without it; the application's value stays.
+        listener.settimeout(0.0)
+        try:
+            fd, address = listener._accept()  # type: ignore[attr-defined]
+        finally:
+            listener.settimeout(timeout)
+    else:
+        fd, address = listener._accept()  # type: ignore[attr-defined]
     c_level = super(socket.socket, listener)
     conn = socket.socket(c_level.family, c_level.type, listener.proto, fd)  # type: ignore[attr-defined]
-    if listener.gettimeout() and socket.getdefaulttimeout() is None:
+    if timeout and socket.getdefaulttimeout() is None:
         conn.setblocking(True)  # what socket.accept() does (bpo-7995)
     return conn, address
 

@@ -46,6 +46,22 @@ def test_accepted_sockets_are_blocking(family, listener_timeout, sock_dir):
     assert answer == b"None True"
 
 
+@pytest.mark.parametrize("family", ["TCP", "UnixStream"])
+def test_get_request_never_waits_out_a_timeout_the_application_gave_the_listener(family, sock_dir):
+    """Nothing queued: EAGAIN at once, not the listener's timeout spent in poll() (a worker's loop
+    would stand still that long after every batch of accepts)."""
+    if family == "TCP":
+        server = socketserver.TCPServer(LOCALHOST, SocketState)
+    else:
+        server = socketserver.UnixStreamServer(str(sock_dir / "t.sock"), SocketState)
+    with server:
+        server.socket.settimeout(30.0)
+        server.prepare_listener()
+        with pytest.raises(BlockingIOError):
+            server.get_request()
+        assert server.socket.gettimeout() == 30.0
+
+
 def test_listener_is_non_blocking_under_an_unchanged_timeout():
     with socketserver.TCPServer(LOCALHOST, SocketState) as server:
         with serving(server):
