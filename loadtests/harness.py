@@ -158,7 +158,8 @@ class Server:
         if not self.ready_file.exists():
             return False
         ready = json.loads(self.ready_file.read_text())
-        self.tcp_port, self.udp_port = ready["port"], ready["udp_port"]
+        self.tcp_port = ready["port"]
+        self.udp_port = ready.get("udp_port", self.tcp_port)  # servers of one port (stdlib, uvloop) say only "port"
         return True
 
     def _port_listened_on(self) -> bool:
