@@ -7,6 +7,7 @@ for most tests; mutual TLS over HTTP, the reload rotation and a refused start ha
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import socket
@@ -240,6 +241,18 @@ def test_curl_over_mutual_tls_to_workers_http(start_master: Any, certs: Certs) -
     refused = subprocess.run([*curl, url], capture_output=True, text=True, timeout=30)
     assert refused.returncode != 0, refused.stdout
     wait_log(master, "TLS handshake failed", "PEER_DID_NOT_RETURN_A_CERTIFICATE")
+
+
+def test_a_wsgi_app_over_tls_sees_https_in_its_environ(start_master: Any, certs: Certs) -> None:
+    """curl through a ?tls listener served by workers.wsgi: wsgi.url_scheme is https, HTTPS is on."""
+    master = start_master("workers.wsgi", ["tcp://127.0.0.1:0?tls"], workers=1, certfile=str(certs.server[0]),
+                          keyfile=str(certs.server[1]), service_options={"app": "tests.test_http_corpus:report_app"})
+    host, port = master.address()
+    done = subprocess.run([require_tool("curl"), "-sS", "--max-time", str(SOCKET_TIMEOUT), "--cacert", str(certs.ca),
+                           f"https://{host}:{port}/where?x=1"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert (seen["wsgi.url_scheme"], seen["HTTPS"], seen["QUERY_STRING"]) == ("https", "on", "x=1")
 
 
 # -- certificates checked at start and rotated by a reload -----------------------------------------
