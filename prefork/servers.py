@@ -711,19 +711,23 @@ def _accept_plain(listener: socket.socket) -> tuple[socket.socket, Any]:
     properties that turn the C integers into AddressFamily/SocketKind members through
     Enum.__call__ each time; the constructor takes the plain integers just as well.
     """
+    c_level = super(socket.socket, listener)
     timeout = listener.gettimeout()
     if timeout:
         # The application gave the listener a timeout: with one, Python's accept() waits in poll()
         # for up to that long when nothing is queued (a batch's last try, a connection another
-        # worker took), holding the whole loop. Accept without it; the application's value stays.
-        listener.settimeout(0.0)
+        # worker took), holding the whole loop. Accept through a second socket object on the same
+        # (non-blocking) descriptor, which has no timeout; the listener's own is never touched,
+        # so another thread reading it never sees it change.
+        shadow = socket.socket(c_level.family, c_level.type, listener.proto,  # type: ignore[attr-defined]
+                               listener.fileno())
         try:
-            fd, address = listener._accept()  # type: ignore[attr-defined]
+            shadow.setblocking(False)  # no timeout, even under socket.setdefaulttimeout()
+            fd, address = shadow._accept()  # type: ignore[attr-defined]
         finally:
-            listener.settimeout(timeout)
+            shadow.detach()
     else:
         fd, address = listener._accept()  # type: ignore[attr-defined]
-    c_level = super(socket.socket, listener)
     conn = socket.socket(c_level.family, c_level.type, listener.proto, fd)  # type: ignore[attr-defined]
     if timeout and socket.getdefaulttimeout() is None:
         conn.setblocking(True)  # what socket.accept() does (bpo-7995)
