@@ -30,7 +30,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import ipaddress
 import socket
 import time
 from email.utils import formatdate
@@ -38,6 +37,9 @@ from http import HTTPStatus
 from typing import Any, Iterable
 
 import httptools
+
+from prefork.allowlist import AllowList
+from prefork.bindspec import parse_networks
 
 __all__ = ["Limits", "Request", "BadRequest", "Connection", "response_head", "http_date", "body_allowed", "is_trusted",
            "MAX_DISCARD",
@@ -396,15 +398,17 @@ def body_allowed(status_code: int, method: str) -> bool:
     return method != "HEAD" and status_code >= 200 and status_code not in _NO_BODY_STATUSES
 
 
-@functools.lru_cache(maxsize=256)
 def is_trusted(peer: str, allowed: tuple[str, ...]) -> bool:
     """Whether *peer* (an IP address, or "" for a Unix socket) may speak for clients behind it.
 
-    Cached: a worker sees the same few peers (its proxies) on every request."""
-    if "*" in allowed or not peer:
+    The same network test as ``?allow=`` and ``proxy_allow_ips`` (prefork.allowlist)."""
+    if not peer:
         return True
-    try:
-        address = ipaddress.ip_address(peer)
-    except ValueError:
-        return False
-    return any(address in ipaddress.ip_network(net, strict=False) for net in allowed)
+    trusted = _allow_list(allowed)
+    return trusted is None or trusted.admits((peer, 0))
+
+
+@functools.lru_cache(maxsize=8)
+def _allow_list(allowed: tuple[str, ...]) -> AllowList | None:
+    """The networks of forwarded_allow_ips, parsed once per worker; None for ``*``: any peer."""
+    return None if "*" in allowed else AllowList(parse_networks(allowed, "setting 'forwarded_allow_ips'"))
