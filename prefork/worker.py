@@ -44,7 +44,7 @@ from prefork.listeners import Listener
 from prefork.loader import locate
 from prefork.log import AccessLog, error_stream
 from prefork.bindspec import Network
-from prefork.parking import ACCEPT_BATCH, FirstMessage, ParkingLot, Stage, defer_accept, parking_limit
+from prefork.parking import FirstMessage, ParkingLot, Stage, defer_accept, parking_limit
 from prefork.proxy import ProxyStage
 from prefork.tls import HandshakeStage
 from prefork.pool import WORKER_BOOT_FAILED
@@ -312,17 +312,22 @@ class _Loop:
 
     def _taker(self, server: LoopServer) -> Callable[[Callable[[], bool]], object]:
         """What the loop calls when *server*'s listener is ready: the lot's take, or the server's own loop."""
-        rule = self.rules.get(server)
-        if rule is not None and self.lot is not None and isinstance(server, TCPServer):
+        rule = self._parked_rule(server)
+        if rule is not None and self.lot is not None:
             return functools.partial(self.lot.take, server, rule)
         return server.serve_ready
 
     def _take_one(self, server: LoopServer) -> bool:
         """Take one request from *server*'s ready listener (a drain); True if there was one."""
-        rule = self.rules.get(server)
-        if rule is not None and self.lot is not None and isinstance(server, TCPServer):
+        rule = self._parked_rule(server)
+        if rule is not None and self.lot is not None:
             return self.lot.take(server, rule, _never, batch=1) > 0
         return _serve_one(server)
+
+    def _parked_rule(self, server: LoopServer) -> FirstMessage | None:
+        """The first-message rule of *server*'s connections if they go through the lot; else None."""
+        rule = self.rules.get(server)
+        return rule if self.lot is not None and isinstance(server, TCPServer) else None
 
     def _handle_signals(self) -> None:
         for signum in self.signals.pop_all():
