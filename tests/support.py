@@ -23,9 +23,9 @@ SOCKET_TIMEOUT = 10.0
 
 # The tests that load both cores on their own for seconds (a soak, a kill storm, locust, a race
 # repeated): the suite runs on two xdist workers with --dist loadgroup, which runs every test so
-# marked on one worker, one after another, so that two of them never overlap. Not in effect with
-# pytest 9.2 and pytest-xdist 3.8 (two tests of one group were seen on both workers): the suite
-# must not depend on it.
+# marked on one worker, one after another, so that two of them never overlap.
+# tests/test_suite_grouping.py checks that the group takes effect (pytest 9.2 broke it, hence
+# the bound on pytest in pyproject.toml).
 heavy = pytest.mark.xdist_group("heavy")
 
 
