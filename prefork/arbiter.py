@@ -83,6 +83,11 @@ class MasterSettings(Protocol):
     def metrics_bind(self) -> str | None: ...
 
 
+# What the metrics process serves: its address (metrics_bind), the service's name and its
+# listeners' counter names; a change of any restarts it.
+MetricsServes = tuple[str | None, str, tuple[str, ...]]
+
+
 @dataclasses.dataclass
 class Plan:
     """What one generation of workers is made of, prepared in the master before it forks them."""
@@ -126,7 +131,7 @@ class Arbiter:
         self.metrics: Child | None = None
         self.reloads_refused = 0
         self._metrics_due = 0.0  # when to restart a metrics process that died
-        self._metrics_serves: tuple[Any, ...] = ()  # (address, service name, listener names) it serves
+        self._metrics_serves: MetricsServes | None = None  # what the metrics process serves
         self.upgrade_parent = upgrade_parent(os.environ)  # ConfigError for a value that is no pid
         os.environ.pop(UPGRADE_PARENT_ENV, None)
         self._exit: policy.Halt | None = None
@@ -573,7 +578,7 @@ class Arbiter:
         A new address that cannot be bound raises ListenerError (the reload is refused, and the
         process of the running configuration is started again on its address).
         """
-        wanted = (self.settings.metrics_bind, self.spec.name, tuple(self.counter_names))
+        wanted: MetricsServes = (self.settings.metrics_bind, self.spec.name, tuple(self.counter_names))
         if wanted == self._metrics_serves and (self.metrics is not None or self._metrics_due):
             return
         self._stop_metrics()
