@@ -155,20 +155,30 @@ def start_master(tmp_path):
         master.kill_group()
 
 
+@pytest.fixture(scope="session")
+def open_dirs() -> Iterator[list[Path]]:
+    """The open directories of the session, removed when it ends (see open_dir)."""
+    made: list[Path] = []
+    yield made
+    for directory in made:
+        shutil.rmtree(directory)
+
+
 @pytest.fixture
-def open_dir() -> Iterator[Path]:
+def open_dir(open_dirs: list[Path]) -> Path:
     """A fresh directory under the temporary directory that every user may enter and read.
 
     Workers that switch to another user (nobody) import the app as that user, and the checkout
     may sit under a directory that user cannot enter (any home directory, mode 0700).
+    Removed at the end of the session, not of the test: a test's masters are stopped after its
+    own fixtures are torn down, and one of them (running as root) may still be writing the
+    app's bytecode into the directory while it is removed ("Directory not empty").
     """
     directory = Path(tempfile.mkdtemp(prefix="prefork-open-"))
-    try:
-        directory.chmod(0o755)
-        _require_reachable(directory)
-        yield directory
-    finally:
-        shutil.rmtree(directory)
+    open_dirs.append(directory)
+    directory.chmod(0o755)
+    _require_reachable(directory)
+    return directory
 
 
 @pytest.fixture

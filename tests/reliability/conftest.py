@@ -6,6 +6,6 @@ the masters, loads and teardown are the integration suite's.
 
 from __future__ import annotations
 
-from tests.integration.conftest import Load, Master, load, open_dir, readable_app, start_master
+from tests.integration.conftest import Load, Master, load, open_dir, open_dirs, readable_app, start_master
 
-__all__ = ["Load", "Master", "load", "open_dir", "readable_app", "start_master"]
+__all__ = ["Load", "Master", "load", "open_dir", "open_dirs", "readable_app", "start_master"]
