@@ -10,8 +10,9 @@ Rules:
 2. It speaks to the master only through its scoreboard slot, as the synchronous loop does.
    Every TICK the loop writes ``turned()``: BUSY while it holds connections or running
    handlers, with the turn as the "current request". Each connection (stream) or datagram
-   served counts one request (``max_requests`` counts those); open connections are the slot's
-   ``active``. A handler that blocks the loop (time.sleep, CPU-bound code) stops the turns:
+   served counts one request (``max_requests`` counts those) and is timed into the listener's
+   latency histogram: a connection's whole life, from its handler's start to its close, or a
+   datagram's handling; open connections are the slot's ``active``. A handler that blocks the loop (time.sleep, CPU-bound code) stops the turns:
    the master's ``timeout`` sees a request as old as the block and aborts the worker
    (SIGABRT, and faulthandler dumps every thread's stack), exactly as a hung synchronous
    request. Before that, the watchdog thread logs which task blocks the loop, with the main
@@ -345,10 +346,13 @@ class _Endpoint:
         return False
 
     def record(self, peer: Any, started: float, bytes_in: int, bytes_out: int, outcome: str) -> None:
+        """A connection closed or a datagram handled: its time (one clock read, for both) in the
+        listener's latency histogram and, with an access log, its line."""
+        seconds = time.monotonic() - started
+        self.worker.slot.observe(self.counter, seconds)
         access = self.worker.access
         if access is not None:
-            access.record(client_text(peer), self.name, self.worker.pid, time.monotonic() - started,
-                          bytes_in, bytes_out, outcome)
+            access.record(client_text(peer), self.name, self.worker.pid, seconds, bytes_in, bytes_out, outcome)
 
     async def start(self, loop: asyncio.AbstractEventLoop) -> None:
         raise NotImplementedError

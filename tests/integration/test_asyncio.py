@@ -196,6 +196,17 @@ def test_allow_lists_and_the_access_log(start_master, tmp_path: Path) -> None:
     outcomes = sorted(line.split()[-1] for line in lines())
     assert outcomes == ["ok", "ok", "refused"], lines()
     assert any("in=4 out=4 ok" in line for line in lines()) and any("in=5 out=5 ok" in line for line in lines())
+    # The latency histograms count what the access log says was served: the refusal is no request.
+    assert [histogram.count for histogram in latency_of(master)[:3]] == [1, 0, 1]
+
+
+def latency_of(master) -> list:
+    """The latency histograms per listener counter, from the master's scoreboard."""
+    board = Scoreboard.open(f"{master.pidfile}.scoreboard")
+    try:
+        return board.latency()
+    finally:
+        board.close()
 
 
 # -- the blocked-loop watchdog and the idle timeout -------------------------------------------------
