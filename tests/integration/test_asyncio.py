@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import re
 import resource
 import signal
 import socket
@@ -13,7 +14,7 @@ import psutil
 import pytest
 
 from prefork.errors import EXIT_APP_LOAD, EXIT_OK, EXIT_USAGE
-from prefork.scoreboard import Scoreboard
+from prefork.scoreboard import MasterView, Scoreboard, SlotView
 from tests.integration.conftest import _read_line, wait_pid_gone
 from tests.support import SOCKET_TIMEOUT, datagram_request, heavy, stream_request, wait_until
 
@@ -128,9 +129,14 @@ def test_term_serves_the_backlog_lets_open_connections_finish_then_cancels_the_r
 
 def target_of(master) -> int:
     """The pool size the master aims at, from its scoreboard."""
+    return master_view(master).target
+
+
+def master_view(master) -> MasterView:
+    """What the master publishes in its scoreboard."""
     board = Scoreboard.open(f"{master.pidfile}.scoreboard")
     try:
-        return board.master().target
+        return board.master()
     finally:
         board.close()
 
@@ -225,6 +231,47 @@ def test_a_blocked_loop_is_reported_with_its_task_then_aborted_and_replaced(star
     assert "SIGABRT" in log and "(timeout)" in log and "request from 127.0.0.1:" in log
     assert 'File "' in log and "answer_async" in log, "the worker's stack was not dumped"
     assert master.request(b"ok") == b"ok"
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_loop_blocked_while_idle_is_reported_aborted_and_replaced(start_master, loop: str) -> None:
+    """No connection open, no handler running: a callback blocks the loop (issue 15)."""
+    master = start_master(app=f"{AIO_APPS}:block_later", mode="asyncio", loop=loop, workers=1, timeout=1.5,
+                          bind=["udp://127.0.0.1:0"])
+    (pid,) = master.wait_workers(1)
+    assert datagram_request(master.address(), b"block 3600") == b"scheduled"
+    blocked = wait_until(lambda: stalled_slot(master, pid, 0.5), 10, message=str(master.workers()))
+    assert (blocked.state_name, blocked.active) == ("idle", 0), blocked  # what the request timeout never looked at
+    wait_pid_gone(pid, timeout=15)
+    wait_until(lambda: master.ready_pids() - {pid}, message=str(master.workers()))
+    log = master.log()
+    assert "the event loop has not turned for" in log and "a callback, not a task, client - on -" in log, log
+    assert re.search(rf"sending SIGABRT to worker 1 \(pid {pid}\): the event loop has not turned for [\d.]+s, "
+                     r"blocked outside any connection's handler, by a callback or a task the worker's log names "
+                     r"\(timeout\)", log), log
+    assert "Fatal Python error: Aborted" in log and "Current thread" in log, "no stack dump at SIGABRT"
+    assert datagram_request(master.address(), b"ping") == b"ping"
+
+
+def stalled_slot(master, pid: int, stalled: float) -> SlotView | None:
+    """The slot of worker *pid* once its loop has not turned for *stalled* seconds."""
+    now = time.monotonic()
+    return next((v for v in master.workers() if v.pid == pid and v.event_loop and v.loop_stalled(now) > stalled), None)
+
+
+def test_an_idle_loop_keeps_turning_and_outlives_timeout(start_master) -> None:
+    master = start_master(app=AIO_APPS, mode="asyncio", workers=1, timeout=1,
+                          bind=["tcp://127.0.0.1:0", "udp://127.0.0.1:0"])
+    (pid,) = master.wait_workers(1)
+    assert master.request(b"hello") == b"hello"
+    idle_since = time.monotonic()
+    # The master looks at the slots at least once a second: once it has looked at an idle worker
+    # three timeouts later, any verdict on it is in.
+    wait_until(lambda: master_view(master).health.tick > idle_since + 3, 15)
+    (view,) = master.workers()
+    assert (view.pid, view.state_name, view.event_loop) == (pid, "idle", True)
+    assert "SIGABRT" not in master.log() and "has not turned" not in master.log(), master.log()
+    assert master.request(b"still here") == b"still here"
 
 
 def test_idle_connections_are_closed_after_idle_timeout(start_master) -> None:
