@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 from prefork.errors import EXIT_APP_LOAD, EXIT_OK, EXIT_USAGE
+from prefork.master import DESCRIPTOR_CEILING
 from prefork.scoreboard import MasterView, Scoreboard, SlotView
 from tests.integration.conftest import _read_line, wait_pid_gone
 from tests.support import SOCKET_TIMEOUT, datagram_request, heavy, stream_request, wait_until
@@ -320,6 +321,57 @@ def test_two_workers_hold_2000_idle_connections_while_an_active_client_is_answer
     print(f"\n{IDLE_CONNECTIONS} idle connections on 2 workers: {per_connection / 1024:.1f} KiB each (USS); "
           f"active client p99 {p99 * 1000:.2f} ms")
     assert per_connection < 64 * 1024, "far above the 10 KiB target: something is held per connection"
+
+
+# The soft limit of open files the masters of the descriptor tests start with, and the idle
+# connections one asyncio worker then holds: more than that limit would allow.
+LOWERED_SOFT_LIMIT = 256
+BEYOND_LOWERED_LIMIT = 600
+
+
+def _lower_soft_limit() -> None:
+    """preexec_fn of the master's Popen: its soft limit of open files is LOWERED_SOFT_LIMIT, the hard one stays."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (LOWERED_SOFT_LIMIT, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+
+def soft_open_files(pid: int) -> int:
+    """The soft "Max open files" of process *pid*, as /proc/PID/limits shows it."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft = line.split()[3]
+            return resource.RLIM_INFINITY if soft == "unlimited" else int(soft)
+    raise AssertionError(f"no 'Max open files' in /proc/{pid}/limits")
+
+
+def test_asyncio_mode_raises_the_descriptor_limit_so_a_worker_holds_more_connections_than_it_allowed(start_master):
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    raised = DESCRIPTOR_CEILING if hard == resource.RLIM_INFINITY else hard
+    if raised <= BEYOND_LOWERED_LIMIT + 100:
+        pytest.skip(f"the hard limit of open files ({hard}) leaves nothing to raise to")
+    _allow_descriptors(BEYOND_LOWERED_LIMIT + 100)  # this test process's own client sockets
+    master = start_master(app="workers.echo", mode="asyncio", workers=1, preexec_fn=_lower_soft_limit)
+    (pid,) = master.wait_workers(1)
+    assert (f"mode asyncio: raised the open files limit (RLIMIT_NOFILE) from {LOWERED_SOFT_LIMIT} to {raised}"
+            in master.log()), master.log()
+    assert soft_open_files(master.pid) == soft_open_files(pid) == raised
+    idle = []
+    try:
+        for _ in range(BEYOND_LOWERED_LIMIT):
+            idle.append(connect(master.address()))
+        wait_until(lambda: master.workers()[0].active == BEYOND_LOWERED_LIMIT, 20, message=str(master.workers()))
+        with connect(master.address()) as active:
+            assert ask(active, b"still answered") == b"still answered"
+        assert master.worker_pids() == {pid} and "Too many open files" not in master.log()
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_sync_mode_leaves_the_descriptor_limit_as_the_master_started_with(start_master):
+    master = start_master(app="workers.echo", mode="sync", workers=1, preexec_fn=_lower_soft_limit)
+    (pid,) = master.wait_workers(1)
+    assert soft_open_files(master.pid) == soft_open_files(pid) == LOWERED_SOFT_LIMIT
+    assert "RLIMIT_NOFILE" not in master.log() and master.request(b"hello") == b"hello"
 
 
 def _allow_descriptors(count: int) -> None:
