@@ -15,7 +15,7 @@ import pytest
 
 from prefork.errors import EXIT_APP_LOAD, EXIT_OK, EXIT_USAGE
 from prefork.master import DESCRIPTOR_CEILING
-from prefork.scoreboard import MasterView, Scoreboard, SlotView
+from prefork.scoreboard import Health, MasterView, Scoreboard, SlotView
 from tests.integration.conftest import _read_line, wait_pid_gone
 from tests.support import SOCKET_TIMEOUT, datagram_request, heavy, stream_request, wait_until
 
@@ -254,6 +254,12 @@ def test_a_loop_blocked_while_idle_is_reported_aborted_and_replaced(start_master
     assert datagram_request(master.address(), b"ping") == b"ping"
 
 
+def _health(master) -> Health:
+    health = master_view(master).health
+    assert health is not None
+    return health
+
+
 def stalled_slot(master, pid: int, stalled: float) -> SlotView | None:
     """The slot of worker *pid* once its loop has not turned for *stalled* seconds."""
     now = time.monotonic()
@@ -261,14 +267,15 @@ def stalled_slot(master, pid: int, stalled: float) -> SlotView | None:
 
 
 def test_an_idle_loop_keeps_turning_and_outlives_timeout(start_master) -> None:
-    master = start_master(app=AIO_APPS, mode="asyncio", workers=1, timeout=1,
+    timeout = 2.0  # eight ticks: a loop descheduled on a loaded machine is not mistaken for a blocked one
+    master = start_master(app=AIO_APPS, mode="asyncio", workers=1, timeout=timeout,
                           bind=["tcp://127.0.0.1:0", "udp://127.0.0.1:0"])
     (pid,) = master.wait_workers(1)
     assert master.request(b"hello") == b"hello"
     idle_since = time.monotonic()
     # The master looks at the slots at least once a second: once it has looked at an idle worker
-    # three timeouts later, any verdict on it is in.
-    wait_until(lambda: master_view(master).health.tick > idle_since + 3, 15)
+    # two timeouts later, any verdict on it is in.
+    wait_until(lambda: _health(master).tick > idle_since + 2 * timeout, 20)
     (view,) = master.workers()
     assert (view.pid, view.state_name, view.event_loop) == (pid, "idle", True)
     assert "SIGABRT" not in master.log() and "has not turned" not in master.log(), master.log()
