@@ -12,7 +12,7 @@ from prefork import pool as policy
 from prefork.arbiter import SCOREBOARD_CAPACITY
 from prefork.config import MAX_WORKERS
 from prefork.pool import TRANSITIONS, Halt, Kill, Notify, Phase, Pool, Spawn, Stop, WorkerRecord
-from prefork.scoreboard import BOOTING, BUSY, IDLE, STOP_RETIRE, STOP_SHUTDOWN, SlotView
+from prefork.scoreboard import BOOTING, BUSY, EXITING, IDLE, STOP_RETIRE, STOP_SHUTDOWN, SlotView
 from tests.support import pool_config
 
 
@@ -227,6 +227,17 @@ def test_an_event_loop_blocked_by_a_connection_names_the_client_the_watchdog_wro
     h.set_state(worker, BUSY, request_started=h.now, event_loop=True, client="10.0.0.5:4242")
     (abort,) = h.tick(12)
     assert abort.reason == "the event loop has not turned for 12.0s, blocked by a request from 10.0.0.5:4242 on l (timeout)"
+
+
+def test_a_stopping_event_loop_that_stalls_while_it_drains_is_aborted_before_graceful_timeout():
+    h = Harness(workers=1, timeout=5, graceful_timeout=30)
+    h.start(); h.boot_all()
+    (worker,) = h.pool.workers.values()
+    h.run(h.pool.stop(h.now))
+    h.set_state(worker, EXITING, event_loop=True)  # draining: its loop turned last now
+    abort, = h.tick(6)
+    assert (worker.phase, abort.signum) == (Phase.ABORTED, signal.SIGABRT)
+    assert "the event loop has not turned for 6.0s" in abort.reason
 
 
 @pytest.mark.parametrize("state", [IDLE, BUSY], ids=["idle", "busy"])
