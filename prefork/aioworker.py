@@ -10,17 +10,22 @@ Rules:
 2. It speaks to the master only through its scoreboard slot, as the synchronous loop does.
    Every TICK the loop writes ``turned()``: BUSY while it holds connections or running
    handlers, with the turn as the "current request". Each connection (stream) or datagram
-   served counts one request (``max_requests`` counts those); open connections are the slot's
-   ``active``. A handler that blocks the loop (time.sleep, CPU-bound code) stops the turns:
-   the master's ``timeout`` sees a request as old as the block and aborts the worker
-   (SIGABRT, and faulthandler dumps every thread's stack), exactly as a hung synchronous
-   request. Before that, the watchdog thread logs which task blocks the loop, with the main
-   thread's stack, and names its client in the slot, where the master's abort line reads it.
-3. Signals: TERM stops accepting; on a stop of the whole service (or for listeners a reload
+   served counts one request (``max_requests`` counts those) and is timed into the listener's
+   latency histogram: a connection's whole life, from its handler's start to its close, or a
+   datagram's handling; open connections are the slot's ``active``.
+3. The slot says an event loop serves (``event_loop``) from boot until the loop ends, so the
+   master judges the worker by its tick, busy or idle: whatever blocks the loop (a handler's
+   time.sleep, CPU-bound code in a callback or a background task, with or without a
+   connection open) stops the turns, and after ``timeout`` the master aborts the worker
+   (SIGABRT, and faulthandler dumps every thread's stack), as a hung synchronous request.
+   Before that, the watchdog thread logs which task or callback blocks the loop, with the main
+   thread's stack, and names its client (if a connection's) in the slot, where the master's
+   abort line reads it; the name is cleared when the loop turns again.
+4. Signals: TERM stops accepting; on a stop of the whole service (or for listeners a reload
    removed) the connections and datagrams already queued on the listeners are served; open
    connections may finish until CANCEL_MARGIN before the stop's deadline (the master's
    SIGKILL), then their handlers are cancelled. QUIT and INT leave at once; USR1 reopens logs.
-4. A handler's exception is logged with its traceback and its connection closed; the worker
+5. A handler's exception is logged with its traceback and its connection closed; the worker
    goes on. A connection silent both ways for ``idle_timeout`` seconds is closed.
 """
 
@@ -139,6 +144,7 @@ class EventLoopWorker:
         try:
             return loop.run_until_complete(self._main(loop))
         finally:
+            self.slot.event_loop(False)  # what follows (exit hooks) is no loop's turn: not timed by the tick
             loop.close()
 
     async def _main(self, loop: asyncio.AbstractEventLoop) -> int:
@@ -150,6 +156,7 @@ class EventLoopWorker:
         for endpoint in self.endpoints:
             await endpoint.start(loop)
         self.slot.booted(self.pid)
+        self.slot.event_loop(True)  # after booted(): the master never sees the flag with a boot-time tick
         self.identity.booted = True
         self._tick()
         watchdog = _Watchdog(self, _report_after(self.options.timeout))
@@ -188,7 +195,7 @@ class EventLoopWorker:
         self.slot.served(counter)
 
     def stop(self) -> None:
-        """TERM: stop accepting and finish (see rule 3)."""
+        """TERM: stop accepting and finish (see rule 4)."""
         if self.stop_requested is not None and not self.stop_requested.done():
             self.stop_requested.set_result(None)
 
@@ -253,6 +260,11 @@ class EventLoopWorker:
 
     # -- the watchdog's view (called from its thread) ---------------------------------------------
 
+    def turns_again(self) -> None:
+        """The block is over: the slot no longer names the client of a block (rule 3)."""
+        self.slot.describe(b"", b"")
+        log.warning("worker %d: the event loop turns again", self.pid)
+
     def blocked(self, late: float) -> None:
         """Log which task holds the loop, with the main thread's stack; name its client in the slot."""
         assert self.loop is not None
@@ -265,7 +277,8 @@ class EventLoopWorker:
             handler = connection.endpoint.handler if connection else None
             what = f"task {task.get_name()} in handler {_name_of(handler)}" if handler else f"task {task.get_name()}"
         client, listener = (client_text(connection.peer), connection.endpoint.name) if connection else ("-", "-")
-        self.slot.describe(client.encode(errors="replace"), listener.encode(errors="replace"))
+        if connection is not None:
+            self.slot.describe(client.encode(errors="replace"), listener.encode(errors="replace"))
         log.error("worker %d: the event loop has not turned for %.1fs: %s, client %s on %s; main thread:\n%s",
                   self.pid, late, what, client, listener, stack.rstrip("\n"))
 
@@ -304,7 +317,7 @@ class _Watchdog(threading.Thread):
                 self.worker.blocked(late)
             elif late <= 0 and reported:
                 reported = False
-                log.warning("worker %d: the event loop turns again", self.worker.pid)
+                self.worker.turns_again()
 
     def stop(self) -> None:
         self.done.set()
@@ -345,10 +358,13 @@ class _Endpoint:
         return False
 
     def record(self, peer: Any, started: float, bytes_in: int, bytes_out: int, outcome: str) -> None:
+        """A connection closed or a datagram handled: its time (one clock read, for both) in the
+        listener's latency histogram and, with an access log, its line."""
+        seconds = time.monotonic() - started
+        self.worker.slot.observe(self.counter, seconds)
         access = self.worker.access
         if access is not None:
-            access.record(client_text(peer), self.name, self.worker.pid, time.monotonic() - started,
-                          bytes_in, bytes_out, outcome)
+            access.record(client_text(peer), self.name, self.worker.pid, seconds, bytes_in, bytes_out, outcome)
 
     async def start(self, loop: asyncio.AbstractEventLoop) -> None:
         raise NotImplementedError

@@ -231,8 +231,9 @@ class Settings:
                                               default_text="127.0.0.1/32, ::1/128 (loopback)",
                                               sample=["10.0.0.0/8"])
     # -- supervision
-    timeout: float = _setting(30.0, "seconds a worker may spend on one request before it is killed "
-                              "(its traceback logged first); 0 disables", check_at_least(0, MAX_SECONDS),
+    timeout: float = _setting(30.0, "seconds a worker may spend on one request (asyncio mode: its event "
+                              "loop may stand still) before it is killed (its traceback logged first); "
+                              "0 disables", check_at_least(0, MAX_SECONDS),
                               short="-t", section="supervision")
     graceful_timeout: float = _setting(30.0, "seconds a stopping worker gets to finish before SIGKILL",
                                        check_at_least(0, MAX_SECONDS), section="supervision")

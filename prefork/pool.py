@@ -17,8 +17,11 @@ Rules:
    it accepts cancels the reload instead: the older generation, its configuration and its
    pool size stay. A worker that served is proof the app runs: its death (a poison request,
    the OOM killer, an operator's kill) is replaced at once, so such deaths cannot empty the pool.
-4. Idle workers are never killed for the request timeout; busy ones are first sent SIGABRT
-   (their tracebacks are dumped), then SIGKILL after a short grace.
+4. ``timeout``: a synchronous worker busy on one request for longer, or an event-loop worker
+   (its slot says so) whose loop has not turned for longer, busy or idle (a loop blocked by a
+   callback or a background task, with no connection open, is as stuck), is first sent SIGABRT
+   (its tracebacks are dumped), then SIGKILL after a short grace. Idle synchronous workers are
+   never killed for it: they wait in the kernel and have no request to be late on.
 5. A worker's life is a ``Phase``; every step it takes is in ``TRANSITIONS`` (a step outside it
    raises). Two facts outlive the phase that set them: whether it ever accepted (its death is
    then no boot failure) and why it is to be replaced (still so once aborted, until stopped).
@@ -401,9 +404,10 @@ class Pool:
             waited = now - worker.abort_sent_at if worker.abort_sent_at is not None else 0.0
             return [_kill(worker, "did not exit after SIGABRT")] if waited >= ABORT_GRACE else []
         timeout = self.config.timeout
-        if timeout and view.state == BUSY and view.request_age(now) > timeout:
+        overdue = _overdue(view, now, timeout) if timeout else ""
+        if overdue:
             self.restarts["timeout"] += 1
-            return [_abort(worker, now, _timeout_reason(view, now))]
+            return [_abort(worker, now, overdue)]
         if timeout and not worker.accepted and now - worker.spawned_at > max(timeout, YOUNG_AGE):
             return [_abort(worker, now, f"still booting after {now - worker.spawned_at:.1f}s")]
         if worker.phase is Phase.SERVING:
@@ -566,7 +570,22 @@ def _state(slots: Mapping[int, SlotView], worker: WorkerRecord) -> int:
     return view.state if view is not None and view.pid == worker.pid else BOOTING
 
 
+def _overdue(view: SlotView, now: float, timeout: float) -> str:
+    """Why the worker is past *timeout* (rule 4), or "" if it is not."""
+    if view.event_loop:
+        stalled = view.loop_stalled(now)
+        return _stalled_reason(view, stalled) if stalled > timeout else ""
+    return _timeout_reason(view, now) if view.state == BUSY and view.request_age(now) > timeout else ""
+
+
 def _timeout_reason(view: SlotView, now: float) -> str:
     return (f"request from {view.client or '?'} on {view.listener or '?'} "
             f"running for {view.request_age(now):.1f}s (timeout)")
+
+
+def _stalled_reason(view: SlotView, stalled: float) -> str:
+    """The client is the one the worker's watchdog found on the blocking task, if it found one."""
+    where = (f"blocked by a request from {view.client} on {view.listener or '?'}" if view.client
+             else "blocked outside any connection's handler, by a callback or a task the worker's log names")
+    return f"the event loop has not turned for {stalled:.1f}s, {where} (timeout)"
 

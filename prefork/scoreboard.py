@@ -56,9 +56,10 @@ _CAUSE_BYTES = 240
 MAX_LISTENERS = 8
 
 # The file starts with a magic word and the layout version, so a reader never misreads a map
-# written by another version of prefork. 0003: latency histograms, listener names, queue depths.
+# written by another version of prefork. 0003: latency histograms, listener names, queue depths;
+# 0004: the event-loop flag of a slot.
 _MAGIC_PREFIX = b"PFSB"
-_MAGIC = b"PFSB0003"
+_MAGIC = b"PFSB0004"
 # Latency counts per slot (and per header, for departed workers): BUCKETS per listener counter.
 _LATENCY_COUNTS = MAX_LISTENERS * BUCKETS
 # A listen-queue depth the master could not read (a datagram or reuse_port listener, no TCP_INFO).
@@ -86,6 +87,8 @@ class _Slot(ctypes.Structure):
         ("started", ctypes.c_double),
         ("request_started", ctypes.c_double),
         ("last_tick", ctypes.c_double),
+        # 1 while an event loop serves in the worker: its last_tick is its liveness, whatever its state.
+        ("event_loop", ctypes.c_int64),
         ("drain_mask", ctypes.c_int64),  # listeners to drain fully on a retiring stop (bit = index)
         ("stop_deadline", ctypes.c_double),  # when a stopping worker must be gone (graceful_timeout)
         ("by_listener", ctypes.c_int64 * MAX_LISTENERS),
@@ -174,6 +177,7 @@ class SlotView:
     client: str
     listener: str
     by_listener: tuple[int, ...] = ()
+    event_loop: bool = False  # an event loop serves: last_tick is when it last turned
 
     @property
     def state_name(self) -> str:
@@ -182,6 +186,10 @@ class SlotView:
     def request_age(self, now: float) -> float:
         """Seconds spent on the current request (0 when idle)."""
         return now - self.request_started if self.state == BUSY else 0.0
+
+    def loop_stalled(self, now: float) -> float:
+        """Seconds since an event loop last turned, busy or idle (0 for a synchronous worker)."""
+        return now - self.last_tick if self.event_loop else 0.0
 
 
 class Scoreboard:
@@ -331,7 +339,7 @@ class Scoreboard:
             index, slot.pid, slot.generation, slot.number, slot.state, slot.requests, slot.active,
             _finite(slot.started), _finite(slot.request_started), _finite(slot.last_tick),
             slot.client.decode(errors="replace"), slot.listener.decode(errors="replace"),
-            tuple(slot.by_listener),
+            tuple(slot.by_listener), bool(slot.event_loop),
         )
 
     def slot_latency(self, index: int) -> list[Histogram]:
@@ -411,8 +419,14 @@ class SlotWriter:
 
     # -- an event loop's slot (prefork.aioworker): many connections at once, one loop ----------
     # Its "current request" is the loop's current turn: the loop writes turned() on each tick,
-    # BUSY while it holds connections. A loop blocked by a handler stops turning, so the
-    # request's age grows and the master's timeout aborts it as it does a hung request.
+    # BUSY while it holds connections. The slot says it is an event loop's (event_loop()), so
+    # the master judges it by its tick, busy or idle: a loop blocked by a handler, a callback or
+    # a background task stops turning, and the master's timeout aborts it as it does a hung request.
+
+    def event_loop(self, running: bool) -> None:
+        """An event loop serves in this worker from now (*running*), or no longer: its tick is the
+        worker's liveness while it does."""
+        self._slot.event_loop = int(running)
 
     def turned(self, busy: bool) -> None:
         """The event loop turned now; *busy*: it holds connections or running handlers."""

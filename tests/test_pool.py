@@ -12,7 +12,7 @@ from prefork import pool as policy
 from prefork.arbiter import SCOREBOARD_CAPACITY
 from prefork.config import MAX_WORKERS
 from prefork.pool import TRANSITIONS, Halt, Kill, Notify, Phase, Pool, Spawn, Stop, WorkerRecord
-from prefork.scoreboard import BOOTING, BUSY, IDLE, STOP_RETIRE, STOP_SHUTDOWN, SlotView
+from prefork.scoreboard import BOOTING, BUSY, EXITING, IDLE, STOP_RETIRE, STOP_SHUTDOWN, SlotView
 from tests.support import pool_config
 
 
@@ -38,9 +38,11 @@ class Harness:
     def start(self):
         return self.run(self.pool.start(self.now))
 
-    def set_state(self, worker, state, requests=0, request_started=0.0):
+    def set_state(self, worker, state, requests=0, request_started=0.0, event_loop=False, client="c"):
+        """The worker's slot as of now (its tick is now)."""
         self.slots[worker.slot] = SlotView(worker.slot, worker.pid, worker.generation, worker.number, state,
-                                           requests, 0, worker.spawned_at, request_started, self.now, "c", "l")
+                                           requests, 0, worker.spawned_at, request_started, self.now, client, "l",
+                                           event_loop=event_loop)
 
     def boot_all(self):
         for worker in self.pool.workers.values():
@@ -201,6 +203,53 @@ def test_idle_workers_are_never_killed_for_timeout():
     h = Harness(workers=1, timeout=1)
     h.start(); h.boot_all()
     assert h.tick(3600) == []
+
+
+@pytest.mark.parametrize("state", [IDLE, BUSY], ids=["idle", "busy"])
+def test_an_event_loop_that_has_not_turned_for_timeout_is_aborted_busy_or_idle(state):
+    h = Harness(workers=1, timeout=10)
+    h.start(); h.boot_all()
+    (worker,) = h.pool.workers.values()
+    h.set_state(worker, state, request_started=h.now, event_loop=True, client="")  # its last turn: now
+    assert h.tick(9) == []
+    actions = h.tick(2)
+    assert [(a.worker.pid, a.signum) for a in actions] == [(worker.pid, signal.SIGABRT)]
+    assert actions[0].reason == ("the event loop has not turned for 11.0s, blocked outside any connection's "
+                                 "handler, by a callback or a task the worker's log names (timeout)")
+    assert h.tick(policy.ABORT_GRACE)[0].signum == signal.SIGKILL
+    assert h.pool.restarts["timeout"] == 1
+
+
+def test_an_event_loop_blocked_by_a_connection_names_the_client_the_watchdog_wrote():
+    h = Harness(workers=1, timeout=10)
+    h.start(); h.boot_all()
+    (worker,) = h.pool.workers.values()
+    h.set_state(worker, BUSY, request_started=h.now, event_loop=True, client="10.0.0.5:4242")
+    (abort,) = h.tick(12)
+    assert abort.reason == "the event loop has not turned for 12.0s, blocked by a request from 10.0.0.5:4242 on l (timeout)"
+
+
+def test_a_stopping_event_loop_that_stalls_while_it_drains_is_aborted_before_graceful_timeout():
+    h = Harness(workers=1, timeout=5, graceful_timeout=30)
+    h.start(); h.boot_all()
+    (worker,) = h.pool.workers.values()
+    h.run(h.pool.stop(h.now))
+    h.set_state(worker, EXITING, event_loop=True)  # draining: its loop turned last now
+    abort, = h.tick(6)
+    assert (worker.phase, abort.signum) == (Phase.ABORTED, signal.SIGABRT)
+    assert "the event loop has not turned for 6.0s" in abort.reason
+
+
+@pytest.mark.parametrize("state", [IDLE, BUSY], ids=["idle", "busy"])
+def test_an_event_loop_that_turns_is_never_aborted_however_long_it_is_idle_or_holds_connections(state):
+    h = Harness(workers=1, timeout=1)
+    h.start(); h.boot_all()
+    (worker,) = h.pool.workers.values()
+    opened = h.now  # BUSY since: a long poll holds its connection for an hour
+    for _ in range(3600):
+        h.now += 1.0
+        h.set_state(worker, state, request_started=opened, event_loop=True)  # it turned just now
+        assert h.tick(0.5) == []
 
 
 @pytest.mark.parametrize("config,reading", [

@@ -44,6 +44,29 @@ def test_a_scoreboard_of_another_version_is_named_as_such(tmp_path: Path) -> Non
         Scoreboard.open(str(path))
 
 
+def test_an_event_loops_slot_says_so_until_its_loop_ends_and_reads_its_stall() -> None:
+    board = Scoreboard.create(1)
+    try:
+        board.claim(0, 1, 1)
+        writer = board.writer(0)
+        writer.booted(1234)
+        assert not board.read(0).event_loop and board.read(0).loop_stalled(1e9) == 0.0  # a synchronous worker's
+        writer.event_loop(True)
+        writer.turned(False)
+        view = board.read(0)
+        assert view.event_loop and view.state == scoreboard.IDLE
+        assert view.loop_stalled(view.last_tick + 7.5) == 7.5
+        writer.event_loop(False)
+        assert not board.read(0).event_loop
+        writer.event_loop(True)
+        del writer  # its views of the map would keep close() from unmapping it
+        board.release(0)
+        board.claim(0, 1, 2)
+        assert not board.read(0).event_loop  # the next worker of the slot starts as no loop's
+    finally:
+        board.close()
+
+
 def test_latency_counts_survive_the_release_of_a_slot(tmp_path: Path) -> None:
     board = Scoreboard.create(2)
     try:

@@ -71,3 +71,30 @@ class EchoProtocol(asyncio.Protocol):
 
 
 protocols = types.SimpleNamespace(AsyncStreamHandler=EchoProtocol)
+
+
+# How long the loop stays free after a "block N" datagram before BlockLater blocks it: several of
+# its ticks (0.25 s), so the slot reads idle when the block starts (no connection, no handler).
+BLOCK_AFTER = 1.0
+
+
+class BlockLater(asyncio.DatagramProtocol):
+    """A datagram "block N" is answered "scheduled", then a callback blocks the loop N seconds.
+
+    The idle-block case of the watchdog: no connection is open and no handler runs, the loop
+    is stuck in a plain callback (as one an app schedules, or its CPU-bound background work).
+    """
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: Any = transport
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        verb, _, seconds = data.strip().partition(b" ")
+        if verb == b"block":
+            asyncio.get_running_loop().call_later(BLOCK_AFTER, time.sleep, float(seconds))
+            self.transport.sendto(b"scheduled", addr)
+        else:
+            self.transport.sendto(data, addr)
+
+
+block_later = types.SimpleNamespace(AsyncDatagramHandler=BlockLater)

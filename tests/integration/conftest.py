@@ -13,7 +13,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import psutil
 import pytest
@@ -33,7 +33,7 @@ class Master:
 
     def __init__(self, directory: Path, app: str, bind: list[str], pythonpath: Path | None = None,
                  env: dict[str, str] | None = None, pass_fds: tuple[int, ...] = (), cwd: Path = ROOT,
-                 **settings: Any) -> None:
+                 preexec_fn: Callable[[], None] | None = None, **settings: Any) -> None:
         self.dir = directory
         self.ready_file = directory / "ready.json"
         self.pidfile = directory / "master.pid"
@@ -46,7 +46,7 @@ class Master:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.integration.runner", json.dumps(options)],
             cwd=cwd, env=full_env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-            pass_fds=pass_fds)
+            pass_fds=pass_fds, preexec_fn=preexec_fn)  # preexec_fn: e.g. a resource limit the master starts with
         self.pgid = self.proc.pid
         self.info: dict[str, Any] = {}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import re
 import resource
 import signal
 import socket
@@ -13,7 +14,8 @@ import psutil
 import pytest
 
 from prefork.errors import EXIT_APP_LOAD, EXIT_OK, EXIT_USAGE
-from prefork.scoreboard import Scoreboard
+from prefork.master import DESCRIPTOR_CEILING
+from prefork.scoreboard import Health, MasterView, Scoreboard, SlotView
 from tests.integration.conftest import _read_line, wait_pid_gone
 from tests.support import SOCKET_TIMEOUT, datagram_request, heavy, stream_request, wait_until
 
@@ -128,9 +130,14 @@ def test_term_serves_the_backlog_lets_open_connections_finish_then_cancels_the_r
 
 def target_of(master) -> int:
     """The pool size the master aims at, from its scoreboard."""
+    return master_view(master).target
+
+
+def master_view(master) -> MasterView:
+    """What the master publishes in its scoreboard."""
     board = Scoreboard.open(f"{master.pidfile}.scoreboard")
     try:
-        return board.master().target
+        return board.master()
     finally:
         board.close()
 
@@ -196,6 +203,17 @@ def test_allow_lists_and_the_access_log(start_master, tmp_path: Path) -> None:
     outcomes = sorted(line.split()[-1] for line in lines())
     assert outcomes == ["ok", "ok", "refused"], lines()
     assert any("in=4 out=4 ok" in line for line in lines()) and any("in=5 out=5 ok" in line for line in lines())
+    # The latency histograms count what the access log says was served: the refusal is no request.
+    assert [histogram.count for histogram in latency_of(master)[:3]] == [1, 0, 1]
+
+
+def latency_of(master) -> list:
+    """The latency histograms per listener counter, from the master's scoreboard."""
+    board = Scoreboard.open(f"{master.pidfile}.scoreboard")
+    try:
+        return board.latency()
+    finally:
+        board.close()
 
 
 # -- the blocked-loop watchdog and the idle timeout -------------------------------------------------
@@ -214,6 +232,54 @@ def test_a_blocked_loop_is_reported_with_its_task_then_aborted_and_replaced(star
     assert "SIGABRT" in log and "(timeout)" in log and "request from 127.0.0.1:" in log
     assert 'File "' in log and "answer_async" in log, "the worker's stack was not dumped"
     assert master.request(b"ok") == b"ok"
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_loop_blocked_while_idle_is_reported_aborted_and_replaced(start_master, loop: str) -> None:
+    """No connection open, no handler running: a callback blocks the loop (issue 15)."""
+    master = start_master(app=f"{AIO_APPS}:block_later", mode="asyncio", loop=loop, workers=1, timeout=1.5,
+                          bind=["udp://127.0.0.1:0"])
+    (pid,) = master.wait_workers(1)
+    assert datagram_request(master.address(), b"block 3600") == b"scheduled"
+    blocked = wait_until(lambda: stalled_slot(master, pid, 0.5), 10, message=str(master.workers()))
+    assert (blocked.state_name, blocked.active) == ("idle", 0), blocked  # what the request timeout never looked at
+    wait_pid_gone(pid, timeout=15)
+    wait_until(lambda: master.ready_pids() - {pid}, message=str(master.workers()))
+    log = master.log()
+    assert "the event loop has not turned for" in log and "a callback, not a task, client - on -" in log, log
+    assert re.search(rf"sending SIGABRT to worker 1 \(pid {pid}\): the event loop has not turned for [\d.]+s, "
+                     r"blocked outside any connection's handler, by a callback or a task the worker's log names "
+                     r"\(timeout\)", log), log
+    assert "Fatal Python error: Aborted" in log and "Current thread" in log, "no stack dump at SIGABRT"
+    assert datagram_request(master.address(), b"ping") == b"ping"
+
+
+def _health(master) -> Health:
+    health = master_view(master).health
+    assert health is not None
+    return health
+
+
+def stalled_slot(master, pid: int, stalled: float) -> SlotView | None:
+    """The slot of worker *pid* once its loop has not turned for *stalled* seconds."""
+    now = time.monotonic()
+    return next((v for v in master.workers() if v.pid == pid and v.event_loop and v.loop_stalled(now) > stalled), None)
+
+
+def test_an_idle_loop_keeps_turning_and_outlives_timeout(start_master) -> None:
+    timeout = 2.0  # eight ticks: a loop descheduled on a loaded machine is not mistaken for a blocked one
+    master = start_master(app=AIO_APPS, mode="asyncio", workers=1, timeout=timeout,
+                          bind=["tcp://127.0.0.1:0", "udp://127.0.0.1:0"])
+    (pid,) = master.wait_workers(1)
+    assert master.request(b"hello") == b"hello"
+    idle_since = time.monotonic()
+    # The master looks at the slots at least once a second: once it has looked at an idle worker
+    # two timeouts later, any verdict on it is in.
+    wait_until(lambda: _health(master).tick > idle_since + 2 * timeout, 20)
+    (view,) = master.workers()
+    assert (view.pid, view.state_name, view.event_loop) == (pid, "idle", True)
+    assert "SIGABRT" not in master.log() and "has not turned" not in master.log(), master.log()
+    assert master.request(b"still here") == b"still here"
 
 
 def test_idle_connections_are_closed_after_idle_timeout(start_master) -> None:
@@ -262,6 +328,57 @@ def test_two_workers_hold_2000_idle_connections_while_an_active_client_is_answer
     print(f"\n{IDLE_CONNECTIONS} idle connections on 2 workers: {per_connection / 1024:.1f} KiB each (USS); "
           f"active client p99 {p99 * 1000:.2f} ms")
     assert per_connection < 64 * 1024, "far above the 10 KiB target: something is held per connection"
+
+
+# The soft limit of open files the masters of the descriptor tests start with, and the idle
+# connections one asyncio worker then holds: more than that limit would allow.
+LOWERED_SOFT_LIMIT = 256
+BEYOND_LOWERED_LIMIT = 600
+
+
+def _lower_soft_limit() -> None:
+    """preexec_fn of the master's Popen: its soft limit of open files is LOWERED_SOFT_LIMIT, the hard one stays."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (LOWERED_SOFT_LIMIT, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+
+def soft_open_files(pid: int) -> int:
+    """The soft "Max open files" of process *pid*, as /proc/PID/limits shows it."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft = line.split()[3]
+            return resource.RLIM_INFINITY if soft == "unlimited" else int(soft)
+    raise AssertionError(f"no 'Max open files' in /proc/{pid}/limits")
+
+
+def test_asyncio_mode_raises_the_descriptor_limit_so_a_worker_holds_more_connections_than_it_allowed(start_master):
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    raised = DESCRIPTOR_CEILING if hard == resource.RLIM_INFINITY else hard
+    if raised <= BEYOND_LOWERED_LIMIT + 100:
+        pytest.skip(f"the hard limit of open files ({hard}) leaves nothing to raise to")
+    _allow_descriptors(BEYOND_LOWERED_LIMIT + 100)  # this test process's own client sockets
+    master = start_master(app="workers.echo", mode="asyncio", workers=1, preexec_fn=_lower_soft_limit)
+    (pid,) = master.wait_workers(1)
+    assert (f"mode asyncio: raised the open files limit (RLIMIT_NOFILE) from {LOWERED_SOFT_LIMIT} to {raised}"
+            in master.log()), master.log()
+    assert soft_open_files(master.pid) == soft_open_files(pid) == raised
+    idle = []
+    try:
+        for _ in range(BEYOND_LOWERED_LIMIT):
+            idle.append(connect(master.address()))
+        wait_until(lambda: master.workers()[0].active == BEYOND_LOWERED_LIMIT, 20, message=str(master.workers()))
+        with connect(master.address()) as active:
+            assert ask(active, b"still answered") == b"still answered"
+        assert master.worker_pids() == {pid} and "Too many open files" not in master.log()
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_sync_mode_leaves_the_descriptor_limit_as_the_master_started_with(start_master):
+    master = start_master(app="workers.echo", mode="sync", workers=1, preexec_fn=_lower_soft_limit)
+    (pid,) = master.wait_workers(1)
+    assert soft_open_files(master.pid) == soft_open_files(pid) == LOWERED_SOFT_LIMIT
+    assert "RLIMIT_NOFILE" not in master.log() and master.request(b"hello") == b"hello"
 
 
 def _allow_descriptors(count: int) -> None:

@@ -93,8 +93,10 @@ def test_listen_queue_depth_is_the_kernels(start_master, tmp_path):
     wait_until(lambda: [row["queue_depth"] for row in status(master)["listeners"]] == [0, 0])
 
 
-def test_status_and_metrics_agree_under_load(start_master, load):
-    master = start_master(workers=2, metrics_bind="tcp://127.0.0.1:0")
+@pytest.mark.parametrize("mode, app", [("sync", "tests.integration.apps"), ("asyncio", "tests.integration.aio_apps")],
+                         ids=["sync", "asyncio"])  # asyncio (issue 15): each request of the load is a connection
+def test_status_and_metrics_agree_under_load(start_master, load, mode, app):
+    master = start_master(app=app, mode=mode, workers=2, metrics_bind="tcp://127.0.0.1:0")
     url, tcp = metrics_url(master), master.info["listeners"][0]
     running = load(master, clients=3)
     running.wait_requests(50)
