@@ -338,15 +338,24 @@ def _problems(view: MasterView, slots: list[SlotView], now: float, grace: float)
         problems.append("the master is stopping")
     if now - health.tick > STALE_MASTER:
         problems.append(f"the master has not turned its loop for {now - health.tick:.0f} s")
-    serving = sum(1 for slot in slots if slot.pid and slot.state in _READY)
+    serving = _serving(slots, now)
     if view.target < 1:
         problems.append("no worker is meant to run (the pool was scaled to 0, e.g. by SIGWINCH)")
     elif serving < view.target and health.short_since and now - health.short_since > grace:
         problems.append(f"{serving} of {view.target} workers serving, for {now - health.short_since:.0f} s")
+    for slot in slots:
+        if slot.pid and slot.stalled(now) and slot.loop_stalled(now) > grace:
+            problems.append(f"worker {slot.number} (pid {slot.pid}): its event loop has not turned for "
+                            f"{slot.loop_stalled(now):.0f} s, so it serves nothing")
     if health.crash_streak >= CRASH_LOOP:
         problems.append(f"crash loop: {health.crash_streak} workers in a row died before serving; the last: "
                         f"{health.last_crash}")
     return problems
+
+
+def _serving(slots: list[SlotView], now: float) -> int:
+    """Workers whose slots say they accept: idle or busy, and not a stalled event loop."""
+    return sum(1 for slot in slots if slot.pid and slot.state in _READY and not slot.stalled(now))
 
 
 def _status_report(master: Master, grace: float = DEFAULT_GRACE) -> dict[str, Any]:
@@ -356,7 +365,7 @@ def _status_report(master: Master, grace: float = DEFAULT_GRACE) -> dict[str, An
     problems = _problems(view, slots, now, grace)
     return {
         "health": {"healthy": not problems, "problems": problems,
-                   "serving": sum(1 for slot in slots if slot.pid and slot.state in _READY)},
+                   "serving": _serving(slots, now)},
         "pidfile": master.pidfile,
         "master": {"pid": master.pid, "title": _title(master.pid), "generation": view.generation,
                    "target": view.target, "workers": len(slots), "uptime": round(now - view.started, 3),
@@ -385,8 +394,9 @@ def _sample(pids: list[int]) -> dict[int, ProcStats | None]:
 
 
 def _worker_row(slot: SlotView, reading: ProcStats | None, now: float) -> dict[str, Any]:
-    return {"pid": slot.pid, "number": slot.number, "generation": slot.generation, "state": slot.state_name,
-            "requests": slot.requests, "request_age": round(slot.request_age(now), 3),
+    return {"pid": slot.pid, "number": slot.number, "generation": slot.generation, "state": slot.shown_state(now),
+            "requests": slot.requests, "request_age": round(slot.shown_age(now), 3),
+            "loop_stalled": round(slot.loop_stalled(now), 3) if slot.event_loop else None,
             "client": slot.client, "listener": slot.listener, "uptime": round(now - slot.started, 3),
             **_usage(reading)}
 
@@ -417,7 +427,7 @@ def _format_status(report: dict[str, Any]) -> str:
             f"  restarts: {restarts}\n" + "".join(f"  {_listener_line(row)}\n" for row in report["listeners"]))
     rows = [("PID", "#", "GEN", "STATE", "REQUESTS", "REQ AGE", "RSS", "USS", "CPU", "UP")]
     for w in report["workers"]:
-        age = duration_text(w["request_age"]) if w["state"] == "busy" else "-"
+        age = duration_text(w["request_age"]) if w["state"] in ("busy", "stalled") else "-"
         rows.append((str(w["pid"]), str(w["number"]), str(w["generation"]), w["state"], str(w["requests"]),
                      age, size_text(w["rss"]), size_text(w["uss"]), percent_text(w["cpu_percent"]), duration_text(w["uptime"])))
     return head + "\n" + columns(rows)

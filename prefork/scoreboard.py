@@ -35,11 +35,15 @@ from typing import Any, Callable
 from prefork.latency import BUCKETS, LATENCY_BOUNDS, Histogram, from_counts
 
 __all__ = ["Scoreboard", "SlotView", "MasterView", "Health", "RESTART_CAUSES", "MAX_LISTENERS", "BOOTING", "IDLE", "BUSY",
-           "EXITING", "FREE", "STATE_NAMES", "NO_DEPTH"]
+           "EXITING", "FREE", "STATE_NAMES", "NO_DEPTH", "LOOP_STALLED"]
 
 # Slot states.
 FREE, BOOTING, IDLE, BUSY, EXITING = 0, 1, 2, 3, 4
 STATE_NAMES = {FREE: "free", BOOTING: "booting", IDLE: "idle", BUSY: "busy", EXITING: "exiting"}
+
+# An event loop writes its slot every quarter second (prefork.aioworker's TICK); one that has
+# not turned for this long serves nothing meanwhile: readers show it as "stalled", not idle or busy.
+LOOP_STALLED = 2.0
 
 # How the master wants a worker to stop (written before it sends SIGTERM).
 STOP_NONE, STOP_RETIRE, STOP_SHUTDOWN = 0, 1, 2
@@ -190,6 +194,18 @@ class SlotView:
     def loop_stalled(self, now: float) -> float:
         """Seconds since an event loop last turned, busy or idle (0 for a synchronous worker)."""
         return now - self.last_tick if self.event_loop else 0.0
+
+    def stalled(self, now: float) -> bool:
+        """An event loop that has not turned for LOOP_STALLED seconds: it serves nothing now."""
+        return self.loop_stalled(now) > LOOP_STALLED and self.state in (IDLE, BUSY)
+
+    def shown_state(self, now: float) -> str:
+        """The state as status and top show it: "stalled" for a stalled loop, else state_name."""
+        return "stalled" if self.stalled(now) else self.state_name
+
+    def shown_age(self, now: float) -> float:
+        """The age status and top show: a stalled loop's stall, a busy worker's request; else 0."""
+        return self.loop_stalled(now) if self.stalled(now) else self.request_age(now)
 
 
 class Scoreboard:

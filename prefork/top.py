@@ -53,14 +53,14 @@ class Row:
     state: str
     requests: int
     rate: float | None  # requests per second over the last interval; None: first seen
-    age: float  # seconds on the current request; 0 when idle
+    age: float  # seconds on the current request, or since a stalled loop last turned; 0 when idle
     client: str
     rss: int | None
     uss: int | None
     cpu: float | None
 
     def cells(self) -> tuple[str, ...]:
-        busy = self.state == "busy"
+        busy = self.state in ("busy", "stalled")
         return (str(self.number), str(self.pid), str(self.generation), self.state,
                 "-" if self.rate is None else f"{self.rate:.1f}", str(self.requests),
                 duration_text(self.age) if busy else "-", self.client if busy else "", size_text(self.rss),
@@ -104,7 +104,7 @@ class Watch:
         reading = stats(pid, with_uss=True, sampler=self._cpu)
         before = self._seen.get(pid)
         rate = (slot.requests - before[0]) / (now - before[1]) if before and now > before[1] else None
-        return Row(slot.number, pid, slot.generation, slot.state_name, slot.requests, rate, slot.request_age(now),
+        return Row(slot.number, pid, slot.generation, slot.shown_state(now), slot.requests, rate, slot.shown_age(now),
                    slot.client, reading.rss if reading else None, reading.uss if reading else None,
                    reading.cpu_percent if reading else None)
 

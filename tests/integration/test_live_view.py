@@ -9,14 +9,17 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from prefork.errors import EXIT_OK, EXIT_UNHEALTHY
+from prefork.scoreboard import LOOP_STALLED
 from tests.integration.conftest import ROOT
-from tests.support import SOCKET_TIMEOUT, require_tool, wait_until
+from tests.support import SOCKET_TIMEOUT, datagram_request, require_tool, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -189,3 +192,27 @@ def test_top_prints_plain_frames_when_not_a_terminal(start_master):
     assert all(set(rows_of(frame, pids)) == pids for frame in frames), done.stdout
     assert "\x1b" not in done.stdout, "escape sequences on a pipe"
     assert all(row[4] == "0.0" for row in rows_of(frames[1], pids).values())  # idle: 0 requests/s
+
+
+def test_status_calls_a_stalled_event_loop_by_its_name_and_the_pool_unhealthy(start_master):
+    """A loop blocked while idle, and no timeout to abort it: status must not call it serving."""
+    master = start_master(app="tests.integration.aio_apps:block_later", mode="asyncio", workers=1, timeout=0,
+                          bind=["udp://127.0.0.1:0"])
+    (pid,) = master.wait_workers(1)
+    before = prefork(master, "status", "--json", "--grace", "1")
+    assert before.returncode == EXIT_OK, before.stdout
+    assert json.loads(before.stdout)["workers"][0]["state"] == "idle"
+    assert datagram_request(master.address(), b"block 3600") == b"scheduled"
+    wait_until(lambda: any(v.pid == pid and v.loop_stalled(time.monotonic()) > LOOP_STALLED + 0.5
+                           for v in master.workers()), 15, message=str(master.workers()))
+    done = prefork(master, "status", "--json", "--grace", "1")
+    assert done.returncode == EXIT_UNHEALTHY, done.stdout
+    report = json.loads(done.stdout)
+    (worker,) = report["workers"]
+    assert (worker["pid"], worker["state"]) == (pid, "stalled") and worker["loop_stalled"] > LOOP_STALLED, worker
+    assert worker["request_age"] == pytest.approx(worker["loop_stalled"], abs=0.5)
+    assert report["health"]["serving"] == 0
+    assert any(re.fullmatch(rf"worker 1 \(pid {pid}\): its event loop has not turned for \d+ s, so it serves nothing",
+                            problem) for problem in report["health"]["problems"]), report["health"]
+    text = prefork(master, "status", "--grace", "1")
+    assert text.returncode == EXIT_UNHEALTHY and "stalled" in text.stdout and "0 of 1 workers serving" in text.stdout
