@@ -5,7 +5,8 @@ Started by the harness as ``loadtests.servers`` role ``uvloop`` with ``{"process
 each datagram on UDP, both on one 127.0.0.1 port. With N > 1 the process forks N - 1 copies
 and every process binds its own SO_REUSEPORT sockets (the kernel spreads connections and
 datagrams): the fastest multi-process shape there is, without supervision. The ready file gets
-``{"pid", "port"}`` once every process listens.
+``{"pid", "port"}`` once every process listens. With ``"streams": true`` the TCP side is a
+StreamReader/StreamWriter handler instead (``stream_echo``).
 
 The same two classes are a prefork service for ``--mode asyncio`` (``AsyncStreamHandler``,
 ``AsyncDatagramHandler``): the suite's row with the very handler code of the bare server.
@@ -17,6 +18,7 @@ import asyncio
 import json
 import os
 import socket
+import types
 from typing import Any
 
 import uvloop
@@ -38,9 +40,24 @@ class DatagramEcho(asyncio.DatagramProtocol):
         self.transport.sendto(data, addr)
 
 
-# As a prefork service (--mode asyncio): the same protocols.
+async def stream_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """``{"streams": true}``: asyncio's streams instead of a Protocol, as workers.echo's handler
+    uses them (a line read, written, drained), so that the streams' own cost has a bare row."""
+    try:
+        while line := await reader.readline():
+            writer.write(line)
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+# As a prefork service (--mode asyncio): the same protocols; ``loadtests.uvloop_echo:streams``
+# the streams handler instead.
 AsyncStreamHandler = Echo
 AsyncDatagramHandler = DatagramEcho
+streams = types.SimpleNamespace(AsyncStreamHandler=stream_echo, AsyncDatagramHandler=DatagramEcho)
 
 
 def bound(kind: int, port: int) -> socket.socket:
@@ -53,9 +70,12 @@ def bound(kind: int, port: int) -> socket.socket:
     return sock
 
 
-async def serve(tcp: socket.socket, udp: socket.socket) -> None:
+async def serve(tcp: socket.socket, udp: socket.socket, streams: bool) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(Echo, sock=tcp, backlog=4096)
+    if streams:
+        server = await asyncio.start_server(stream_echo, sock=tcp, backlog=4096)
+    else:
+        server = await loop.create_server(Echo, sock=tcp, backlog=4096)
     await loop.create_datagram_endpoint(DatagramEcho, sock=udp)
     await server.serve_forever()
 
@@ -73,5 +93,5 @@ def run_uvloop(options: dict[str, Any], ready_file: str) -> int:
         with open(tmp, "w") as f:
             json.dump({"pid": os.getpid(), "port": port}, f)
         os.replace(tmp, ready_file)
-    uvloop.run(serve(tcp, udp))
+    uvloop.run(serve(tcp, udp, bool(options.get("streams"))))
     return 0

@@ -11,11 +11,14 @@ small counts, no file). Rules (beside the harness's, ``loadtests/harness.py``):
    fresh server, a warm-up, then the same ``loadtests.load.EchoLoad`` for the same time, the same
    requests in flight): keep-alive echo (persistent TCP connections), UDP echo, short TCP
    (connect, one line, close). Server CPU is the whole server tree's user + system time.
-2. The rows, as data below: prefork ``--mode asyncio`` with 2 workers, serving ``workers.echo``
-   (a StreamReader/StreamWriter handler class, and a DatagramProtocol) and serving the bare
-   server's own Protocol classes (the same handler code as the reference), the bare uvloop Protocol server
-   of ``loadtests/uvloop_echo.py`` in 1 process and in 2 with SO_REUSEPORT, prefork sync and
-   thread (``loadtests.servers``' echo, as in the ``compare`` suite).
+2. The rows, as data below: prefork ``--mode asyncio`` serving ``workers.echo`` (a
+   StreamReader/StreamWriter handler class, and a DatagramProtocol) with 2 workers; serving the
+   bare server's own code (``loadtests/uvloop_echo.py``): its Protocols with 2 workers and with
+   1, its streams handler with 2; the bare uvloop server itself: Protocols in 1 process and in 2
+   with SO_REUSEPORT, the streams handler in 2; prefork sync and thread (``loadtests.servers``'
+   echo, as in the ``compare`` suite). Each row is set beside the 1-process bare server (the
+   issue's reference) and beside its bare counterpart: as many processes, the same handler
+   code (``SAME_PROCESSES``).
 3. Idle connections: a fresh asyncio master with 2 workers holds IDLE idle connections (the
    bench raises its own open-files limit to the hard limit; the master raises the workers');
    memory per idle connection is the workers' USS growth divided by IDLE; then an active
@@ -60,22 +63,33 @@ RAW: list[tuple[str, str, tuple[str, ...], int]] = [
      WORKERS),
     ("prefork asyncio, the bare server's Protocols (2 workers)", "prefork-cli",
      (*_ECHO[:1], "loadtests.uvloop_echo", *_ECHO[1:], "--mode", "asyncio"), WORKERS),
+    ("prefork asyncio, the bare server's streams handler (2 workers)", "prefork-cli",
+     (*_ECHO[:1], "loadtests.uvloop_echo:streams", *_ECHO[1:], "--mode", "asyncio"), WORKERS),
     ("prefork asyncio, the bare server's Protocols (1 worker)", "prefork-cli",
      (*_ECHO[:1], "loadtests.uvloop_echo", *_ECHO[1:-1], "1", "--mode", "asyncio"), 1),
     ("bare uvloop Protocol, 1 process", "uvloop", (json.dumps({"processes": 1}),), 0),
     ("bare uvloop Protocol, 2 processes (SO_REUSEPORT)", "uvloop", (json.dumps({"processes": 2}),), 1),
+    ("bare uvloop, asyncio streams handler, 2 processes (SO_REUSEPORT)", "uvloop",
+     (json.dumps({"processes": 2, "streams": True}),), 1),
     ("prefork sync (2 workers)", "prefork-cli", (*_ECHO[:1], "loadtests.servers", *_ECHO[1:], "--mode", "sync"),
      WORKERS),
     ("prefork thread (2 workers)", "prefork-cli", (*_ECHO[:1], "loadtests.servers", *_ECHO[1:], "--mode", "thread"),
      WORKERS),
 ]
 ROWS = [compare.Row(group, *row) for group in GROUP_TITLES for row in RAW]
-REFERENCE = RAW[3][0]
+REFERENCE = "bare uvloop Protocol, 1 process"
 # Each row beside the bare server with as many processes: what prefork itself costs per request.
 # (Two processes cost more per request than one on this two-core machine even for the bare
 # server: each takes fewer events per wake-up, and they share the cores with the load.)
-SAME_PROCESSES = {name: (REFERENCE if processes == 1 else RAW[4][0])
-                  for name, _, _, processes in RAW if not name.startswith("bare")}
+# workers.echo's own handler (a handler class reading pieces of lines) has no bare counterpart.
+SAME_PROCESSES = {
+    "prefork asyncio, the bare server's Protocols (2 workers)": "bare uvloop Protocol, 2 processes (SO_REUSEPORT)",
+    "prefork asyncio, the bare server's streams handler (2 workers)":
+        "bare uvloop, asyncio streams handler, 2 processes (SO_REUSEPORT)",
+    "prefork asyncio, the bare server's Protocols (1 worker)": REFERENCE,
+    "prefork sync (2 workers)": "bare uvloop Protocol, 2 processes (SO_REUSEPORT)",
+    "prefork thread (2 workers)": "bare uvloop Protocol, 2 processes (SO_REUSEPORT)",
+}
 
 
 @dataclasses.dataclass
@@ -115,15 +129,16 @@ def render(results: list[compare.Result], idle: IdleResult, argv: list[str], arg
              (f"Every row: a fresh server, {args.warmup:g} s of warm-up, {args.seconds:g} s measured. "
               f"Server CPU per request is the whole server tree's; the target of issue 15 is at most "
               f"{CPU_BOUND:g}× the bare uvloop server's for keep-alive and UDP. Each row is set beside the bare "
-              f"server in 1 process and beside the bare server with as many processes as the row has workers: "
-              f"the second ratio is what prefork costs, the first adds what a second process costs on this "
-              f"machine (the bare server's own 2-process row shows that part alone)."), ""]
+              f"server in 1 process and beside its bare counterpart: the bare server with as many processes as "
+              f"the row has workers and the same handler code (`workers.echo`'s own handler class has "
+              f"none). The second ratio is what prefork costs; the first adds what a second process "
+              f"and asyncio's streams cost on this machine (the bare rows show those parts alone)."), ""]
     for group, title in GROUP_TITLES.items():
         rows = [r for r in results if r.row.group == group]
         reference = next((r for r in rows if r.row.name == REFERENCE), None)
         lines += [f"## {title}", "", f"{compare.ECHO_MODES[group][1]} requests in flight.", "",
                   "| server | req/s | p50 ms | p99 ms | errors | **CPU µs/req** | × bare uvloop, 1 process "
-                  "| × bare uvloop, as many processes |",
+                  "| × its bare counterpart |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
         by_name = {r.row.name: r for r in rows}
         for r in rows:
