@@ -167,7 +167,8 @@ def handshake_failure(exc: OSError) -> StageFailed:
     if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
         return StageFailed("closed by the client", "before the handshake ended")
     if isinstance(exc, ssl.SSLError):
-        return StageFailed(str(exc.reason or exc.library or "TLS error"), _short(exc))
+        # reason and library are set by OpenSSL's errors only: an SSLError made in Python has neither.
+        return StageFailed(str(getattr(exc, "reason", None) or getattr(exc, "library", None) or "TLS error"), _short(exc))
     if isinstance(exc, (ConnectionResetError, BrokenPipeError)):
         return StageFailed("reset", str(exc), quiet=True)  # rule 4: nobody is left to tell
     return StageFailed("socket error", (exc.strerror or str(exc)).lower())

@@ -288,13 +288,14 @@ def test_a_bad_key_file_refuses_the_start_with_exit_2_naming_it(tmp_path: Path, 
         assert words in done.stderr and (keyfile if "read" not in words else certfile) in done.stderr, done.stderr
 
 
+@pytest.mark.parametrize("mode", ["sync", "asyncio"])
 def test_a_reload_rotates_the_certificate_under_load_without_a_failed_handshake(
-        cli_master: Any, capsys: pytest.CaptureFixture[str], tmp_path: Path, certs: Certs) -> None:
+        cli_master: Any, capsys: pytest.CaptureFixture[str], tmp_path: Path, certs: Certs, mode: str) -> None:
     cert, key = tmp_path / "m0" / "cert.pem", tmp_path / "m0" / "key.pem"
     config = Config(tmp_path / "m0")
     cert.write_bytes(certs.server[0].read_bytes())
     key.write_bytes(certs.server[1].read_bytes())
-    config.write(workers=2, bind=["tcp://127.0.0.1:0?tls"], certfile=str(cert), keyfile=str(key))
+    config.write(workers=2, bind=["tcp://127.0.0.1:0?tls"], certfile=str(cert), keyfile=str(key), mode=mode)
     master = cli_master("workers.echo", "-c", "prefork.toml", workers=2)
     [address] = master.listening()["tcp"]
     served: set[bytes] = set()
