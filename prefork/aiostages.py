@@ -39,7 +39,7 @@ import logging
 import socket
 import ssl
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from prefork.bindspec import Network
 from prefork.listeners import Listener
@@ -81,7 +81,7 @@ class Stages:
         self.report = Report(time.monotonic)
 
     @classmethod
-    def of(cls, listener: Listener, context: ssl.SSLContext | None, proxy_allow: tuple[Network, ...] | list[Network],
+    def of(cls, listener: Listener, context: ssl.SSLContext | None, proxy_allow: Sequence[Network],
            timeout: float) -> Stages | None:
         """The stages *listener*'s spec asks for; None for a listener without ?proxy or ?tls."""
         spec = listener.spec

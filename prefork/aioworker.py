@@ -385,7 +385,7 @@ class _StreamEndpoint(_Endpoint):
     def __init__(self, worker: EventLoopWorker, listener: Listener, index: int, handler: Any,
                  spec: WorkerSpec) -> None:
         super().__init__(worker, listener, index, handler, spec)
-        self.stages = Stages.of(listener, spec.tls_context, tuple(spec.proxy_allow), spec.handshake_timeout)
+        self.stages = Stages.of(listener, spec.tls_context, spec.proxy_allow, spec.handshake_timeout)
         self.staging: set[asyncio.Task[None]] = set()  # connections in their stages
 
     async def start(self, loop: asyncio.AbstractEventLoop) -> None:
