@@ -72,10 +72,13 @@ def test_a_header_in_pieces_is_taken_exactly_and_what_follows_reaches_the_protoc
         server, client = socket.socketpair()
         server.setblocking(False)
         made: list[Recorder] = []
+
+        def make(client_address: Any) -> Recorder:
+            made.append(Recorder(client_address))
+            return made[-1]
         with client:
             client.settimeout(SOCKET_TIMEOUT)
-            task = asyncio.ensure_future(proxy_stages().connect(loop, server, "", lambda c: made.append(Recorder(c))
-                                                                or made[-1]))
+            task = asyncio.ensure_future(proxy_stages().connect(loop, server, "", make))
             for piece in (HEADER[:5], HEADER[5:20]):  # each taken before the next comes: no second peek
                 client.sendall(piece)
                 await until(lambda: drained(server))

@@ -38,8 +38,8 @@ STRANGER_HOST = "127.0.0.3"
 
 # The worker loops that serve the edge: the synchronous one (its parking lot does the stages) and
 # asyncio mode on either event loop (prefork.aiostages does them): the same promises, the same words.
-EDGE_MODES = {"sync": {}, "asyncio": {"mode": "asyncio", "loop": "asyncio"},
-              "uvloop": {"mode": "asyncio", "loop": "uvloop"}}
+EDGE_MODES: dict[str, dict[str, Any]] = {"sync": {}, "asyncio": {"mode": "asyncio", "loop": "asyncio"},
+                                         "uvloop": {"mode": "asyncio", "loop": "uvloop"}}
 
 
 @pytest.fixture(scope="module", params=list(EDGE_MODES))
