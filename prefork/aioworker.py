@@ -7,6 +7,9 @@ Rules:
    (asyncio's, or uvloop's) serves every listener with the sockets the master bound:
    ``create_server(sock=)`` for stream listeners, ``create_datagram_endpoint(sock=)`` for
    datagram ones. The app's handlers are found by ``prefork.master`` (see ``prefork.aio``).
+   A ``?proxy`` or ``?tls`` listener's connections are accepted by the worker and pass their
+   stages, the PROXY header and the TLS handshake, before their protocol is made
+   (``prefork.aiostages``).
 2. It speaks to the master only through its scoreboard slot, as the synchronous loop does.
    Every TICK the loop writes ``turned()``: BUSY while it holds connections or running
    handlers, with the turn as the "current request". Each connection (stream) or datagram
