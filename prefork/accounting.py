@@ -73,8 +73,9 @@ def client_text(address: Any) -> str:
 
 
 def tls_text(request: Any) -> str | None:
-    """'TLSv1.3/TLS_AES_256_GCM_SHA384' for a TLS connection (the access log's tls field); else None."""
-    if not isinstance(request, ssl.SSLSocket):
+    """'TLSv1.3/TLS_AES_256_GCM_SHA384' for a TLS connection (the access log's tls field): its
+    ssl.SSLSocket, or the ssl.SSLObject of an asyncio transport; else None."""
+    if not isinstance(request, (ssl.SSLSocket, ssl.SSLObject)):
         return None
     cipher = request.cipher()
     return f"{request.version()}/{cipher[0]}" if cipher else None

@@ -7,6 +7,9 @@ Rules:
    (asyncio's, or uvloop's) serves every listener with the sockets the master bound:
    ``create_server(sock=)`` for stream listeners, ``create_datagram_endpoint(sock=)`` for
    datagram ones. The app's handlers are found by ``prefork.master`` (see ``prefork.aio``).
+   A ``?proxy`` or ``?tls`` listener's connections are accepted by the worker and pass their
+   stages, the PROXY header and the TLS handshake, before their protocol is made
+   (``prefork.aiostages``).
 2. It speaks to the master only through its scoreboard slot, as the synchronous loop does.
    Every TICK the loop writes ``turned()``: BUSY while it holds connections or running
    handlers, with the turn as the "current request". Each connection (stream) or datagram
@@ -43,13 +46,15 @@ import time
 import traceback
 from typing import Any, Callable, Sequence, cast
 
-from prefork.accounting import client_text
+from prefork.accounting import client_text, tls_text
 from prefork.aio import DATAGRAM, AsyncStreamRequestHandler, Endpoint, async_kind
+from prefork.aiostages import Acceptor, Stages, quiet_tls_errors
 from prefork.allowlist import guard
 from prefork.errors import AppLoadError
 from prefork.listeners import Listener
 from prefork.scoreboard import STOP_SHUTDOWN
-from prefork.worker import DRAIN_LIMIT, WorkerIdentity, WorkerSpec, flush_std_streams, queued_requests
+from prefork.worker import (DRAIN_LIMIT, DRAIN_PATIENCE, WorkerIdentity, WorkerSpec, flush_std_streams,
+                            queued_requests)
 
 __all__ = ["LoopOptions", "EventLoopWorker", "event_loop_factory", "new_event_loop"]
 
@@ -357,14 +362,15 @@ class _Endpoint:
             self.worker.access.record(client_text(peer), self.name, self.worker.pid, 0.0, None, None, "refused")
         return False
 
-    def record(self, peer: Any, started: float, bytes_in: int, bytes_out: int, outcome: str) -> None:
+    def record(self, peer: Any, started: float, bytes_in: int, bytes_out: int, outcome: str,
+               tls: str | None = None) -> None:
         """A connection closed or a datagram handled: its time (one clock read, for both) in the
-        listener's latency histogram and, with an access log, its line."""
+        listener's latency histogram and, with an access log, its line (*tls*: its version and cipher)."""
         seconds = time.monotonic() - started
         self.worker.slot.observe(self.counter, seconds)
         access = self.worker.access
         if access is not None:
-            access.record(client_text(peer), self.name, self.worker.pid, seconds, bytes_in, bytes_out, outcome)
+            access.record(client_text(peer), self.name, self.worker.pid, seconds, bytes_in, bytes_out, outcome, tls)
 
     async def start(self, loop: asyncio.AbstractEventLoop) -> None:
         raise NotImplementedError
@@ -386,22 +392,73 @@ def _endpoint(worker: EventLoopWorker, listener: Listener, index: int, handler: 
 
 
 class _StreamEndpoint(_Endpoint):
-    """A stream listener: a server over a copy of the master's socket, a task per connection."""
+    """A stream listener: a server over a copy of the master's socket, a task per connection.
+
+    A ?proxy or ?tls listener's connections are accepted here instead, and each passes its
+    stages (prefork.aiostages) before its protocol is made.
+    """
 
     server: asyncio.AbstractServer | None = None
+    acceptor: Acceptor | None = None
+
+    def __init__(self, worker: EventLoopWorker, listener: Listener, index: int, handler: Any,
+                 spec: WorkerSpec) -> None:
+        super().__init__(worker, listener, index, handler, spec)
+        self.stages = Stages.of(listener, spec.tls_context, spec.proxy_allow, spec.handshake_timeout)
+        self.staging: set[asyncio.Task[None]] = set()  # connections in their stages
 
     async def start(self, loop: asyncio.AbstractEventLoop) -> None:
         # A copy: the server closes it when it stops, and the drain accepts from the original.
         backlog = self.worker.options.backlog or 65535  # capped by the kernel at somaxconn
-        self.server = await loop.create_server(self.connection, sock=self.sock.dup(), backlog=backlog)
+        if self.stages is None:
+            self.server = await loop.create_server(self.connection, sock=self.sock.dup(), backlog=backlog)
+            return
+        if self.stages.context is not None:
+            quiet_tls_errors(loop)
+        listening = self.sock.dup()
+        listening.listen(backlog)
+        self.acceptor = Acceptor(loop, listening, self.admit)
+        self.acceptor.start()
 
     def connection(self) -> _Connection | _ProtocolConnection:
         """The protocol factory: called for each connection accepted, before its connection_made()."""
         self.worker.unmade += 1
+        return self.protocol(None)
+
+    def protocol(self, client: Any) -> _Connection | _ProtocolConnection:
+        """A connection's protocol; *client*: its address, None for the socket's peer."""
         if isinstance(self.handler, type) and issubclass(self.handler, asyncio.Protocol):
-            return _ProtocolConnection(self)
+            return _ProtocolConnection(self, client)
         assert self.worker.loop is not None
-        return _Connection(self, self.worker.loop)
+        return _Connection(self, self.worker.loop, client)
+
+    def admit(self, conn: socket.socket, peer: Any) -> None:
+        """A connection accepted on a staged listener: its stages in a task, then its protocol.
+        It counts as accepted (unmade) from now: a stopping worker waits for it."""
+        assert self.worker.loop is not None
+        self.worker.unmade += 1
+        task = self.worker.loop.create_task(self.open(conn, peer))
+        self.staging.add(task)
+        task.add_done_callback(self.staging.discard)
+
+    async def open(self, conn: socket.socket, peer: Any) -> None:
+        assert self.worker.loop is not None and self.stages is not None
+        made: list[_Connection | _ProtocolConnection] = []
+
+        def make(client: Any) -> _Connection | _ProtocolConnection:
+            made.append(self.protocol(client))
+            return made[0]
+        try:
+            await self.stages.connect(self.worker.loop, conn, peer, make)
+        finally:
+            if not made or made[0].transport is None:
+                self.worker.unmade -= 1  # refused, or cancelled, before its connection_made()
+
+    def tls_of(self, transport: asyncio.BaseTransport) -> str | None:
+        """The access log's tls field for a connection of this listener."""
+        if self.stages is None or self.stages.context is None:
+            return None
+        return tls_text(transport.get_extra_info("ssl_object"))
 
     def accepted(self, connection: _Connection) -> None:
         """Called by a connection once it is made: the allow-list, then its handler's task."""
@@ -429,11 +486,19 @@ class _StreamEndpoint(_Endpoint):
         finally:
             connection.close()
             self.worker.finished(asyncio.current_task(), connection, self.counter)
-            self.record(connection.peer, started, connection.bytes_in, connection.writer.bytes_out, outcome)
+            self.record(connection.peer, started, connection.bytes_in, connection.writer.bytes_out, outcome,
+                        connection.tls)
 
     def stop_accepting(self) -> None:
         if self.server is not None:
             self.server.close()
+        if self.acceptor is not None:
+            self.acceptor.stop()
+
+    def close(self) -> None:
+        """Connections still in their stages get DRAIN_PATIENCE more, as parked ones in sync mode."""
+        if self.staging and self.worker.loop is not None:
+            self.worker.loop.call_later(DRAIN_PATIENCE, _cancel_all, list(self.staging))
 
     async def drain(self, deadline: float) -> None:
         """Serve the connections queued on the listener now (a TCP queue's length, else up to DRAIN_LIMIT)."""
@@ -442,7 +507,7 @@ class _StreamEndpoint(_Endpoint):
         self.sock.setblocking(False)
         while budget > 0 and time.monotonic() < deadline:
             try:
-                conn, _ = self.sock.accept()
+                conn, peer = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return  # empty, or another worker took the rest
             except OSError as exc:
@@ -450,7 +515,15 @@ class _StreamEndpoint(_Endpoint):
                 return
             budget -= 1
             conn.setblocking(False)
-            await self.worker.loop.connect_accepted_socket(self.connection, conn)
+            if self.stages is not None:
+                self.admit(conn, peer)
+            else:
+                await self.worker.loop.connect_accepted_socket(self.connection, conn)
+
+
+def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
 
 
 class _DatagramEndpoint(_Endpoint):
@@ -588,11 +661,12 @@ class _ProtocolConnection(asyncio.Protocol):
     callbacks with its traceback and closes the connection.
     """
 
-    def __init__(self, endpoint: _StreamEndpoint) -> None:
+    def __init__(self, endpoint: _StreamEndpoint, client: Any = None) -> None:
         self.endpoint = endpoint
         self.app: asyncio.Protocol = endpoint.handler()
         self.transport: asyncio.BaseTransport | None = None
-        self.peer: Any = None
+        self.peer: Any = client  # the PROXY header's client; else the socket's peer, once made
+        self.tls: str | None = None
         self.started = self.last_active = time.monotonic()
         self.bytes_in = 0
         self.outcome = "ok"
@@ -600,8 +674,10 @@ class _ProtocolConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
-        self.peer = transport.get_extra_info("peername")
+        if self.peer is None:
+            self.peer = transport.get_extra_info("peername")
         endpoint = self.endpoint
+        self.tls = endpoint.tls_of(transport)
         endpoint.worker.unmade -= 1
         if not endpoint.admits(self.peer):
             self.app = None  # type: ignore[assignment]
@@ -636,7 +712,7 @@ class _ProtocolConnection(asyncio.Protocol):
         endpoint = self.endpoint
         endpoint.worker.finished(None, self, endpoint.counter)
         sent = self.replies.sent if self.replies is not None else 0
-        endpoint.record(self.peer, self.started, self.bytes_in, sent, self.outcome)
+        endpoint.record(self.peer, self.started, self.bytes_in, sent, self.outcome, self.tls)
 
     def close(self) -> None:
         if self.transport is not None:
@@ -681,21 +757,24 @@ class _CountingStreamTransport:
 class _Connection(asyncio.StreamReaderProtocol):
     """One stream connection: asyncio's reader protocol, counting bytes and noting activity."""
 
-    def __init__(self, endpoint: _StreamEndpoint, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, endpoint: _StreamEndpoint, loop: asyncio.AbstractEventLoop, client: Any = None) -> None:
         self.reader = asyncio.StreamReader(limit=STREAM_LIMIT, loop=loop)
         super().__init__(self.reader, loop=loop)
         self.endpoint = endpoint
         self.loop = loop
         self.bytes_in = 0
         self.last_active = time.monotonic()
-        self.peer: Any = None
+        self.peer: Any = client  # the PROXY header's client; else the socket's peer, once made
+        self.tls: str | None = None
         self.transport: asyncio.BaseTransport | None = None
         self.writer: _CountingWriter
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.transport = transport
-        self.peer = transport.get_extra_info("peername")
+        if self.peer is None:
+            self.peer = transport.get_extra_info("peername")
+        self.tls = self.endpoint.tls_of(transport)
         self.writer = _CountingWriter(transport, self, self.reader, self.loop)
         self.endpoint.accepted(self)
 

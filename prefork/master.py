@@ -546,10 +546,6 @@ def _event_loop(settings: Settings, listeners: Sequence[Listener], build: _Build
     """mode = "asyncio": what builds each worker's event loop (prefork.aioworker); else None."""
     if settings.mode != "asyncio":
         return None
-    for listener in listeners:
-        if listener.spec.tls or listener.spec.proxy:
-            raise ConfigError(f"setting 'bind': {listener.spec.text}: ?tls and ?proxy are not served in mode "
-                              "asyncio yet; use mode sync, thread or fork for this listener's service")
     if not isinstance(build, _ServerBuilder):
         raise ConfigError("mode asyncio serves an app given to serve() or the command line, not a PreforkMixIn "
                           "server: use mode sync, thread or fork")

@@ -50,7 +50,7 @@ from typing import Any, Callable, Protocol
 from prefork.accounting import client_text
 
 __all__ = ["StreamServer", "FirstMessage", "ParkingLot", "parking_limit", "defer_accept", "FIRST_MESSAGE_MAX",
-           "Stage", "StageFailed", "Waiting", "Connection"]
+           "Stage", "StageFailed", "Waiting", "Connection", "Report"]
 
 log = logging.getLogger("prefork.parking")
 
@@ -186,7 +186,7 @@ class ParkingLot:
         self._epoll = select.epoll()
         self._parked: dict[int, _Parked] = {}
         self._ready: collections.deque[_Parked] = collections.deque()
-        self._report = _Report(clock)
+        self._report = Report(clock)
         self._next_expiry = -math.inf
         _close_parked_in_forked_children(self)
 
@@ -235,8 +235,7 @@ class ParkingLot:
         for parked in [p for p in self._parked.values() if p.deadline <= now]:
             stages = parked.rule.stages
             if parked.stage < len(stages):
-                self._report.count(f"stalled:{stages[parked.stage].name}", stages[parked.stage].name,
-                                   parked.rule.stage_timeout)
+                self._report.stalled(stages[parked.stage].name, parked.rule.stage_timeout)
             else:
                 self._report.count("timeout", parked.rule.timeout)
             self._close(parked)
@@ -368,8 +367,11 @@ def _nothing() -> int:
     return 0
 
 
-class _Report:
-    """Rules 3 and 6's log lines: one per reason per REPORT_INTERVAL, counting the rest."""
+class Report:
+    """Rules 3 and 6's log lines: one per reason per REPORT_INTERVAL, counting the rest.
+
+    Also what asyncio mode's stages (prefork.aiostages) say, in the same words.
+    """
 
     _TEXT = {
         "stalled": "closed %d connection(s) stalled in their %s (not done within %gs)",
@@ -393,6 +395,10 @@ class _Report:
         kind = reason.partition(":")[0]
         level = logging.WARNING if kind in ("full", "failed") else logging.INFO
         log.log(level, "worker %d: " + self._TEXT[kind], os.getpid(), self.counts.pop(reason), *details)
+
+    def stalled(self, stage: str, timeout: float | None) -> None:
+        """A connection did not pass *stage* within *timeout* (rule 6)."""
+        self.count(f"stalled:{stage}", stage, timeout)
 
     def failed(self, stage: str, exc: StageFailed, address: Any) -> None:
         """A stage refused a connection: one line per stage and kind of failure (rule 6)."""

@@ -35,7 +35,7 @@ from prefork.allowlist import AllowList
 from prefork.bindspec import Network
 from prefork.parking import Connection, StageFailed, Waiting
 
-__all__ = ["Header", "ProxyError", "ProxyStage", "parse", "V1_MAX", "V2_MAX", "V2_SIGNATURE"]
+__all__ = ["Header", "ProxyError", "ProxyStage", "parse", "client_address", "V1_MAX", "V2_MAX", "V2_SIGNATURE"]
 
 # The longest v1 header (the spec's worst case: "PROXY UNKNOWN" and two IPv6 addresses, CRLF).
 V1_MAX = 107
@@ -170,13 +170,16 @@ class ProxyStage:
                 raise StageFailed("truncated", f"the peer stopped sending after {len(data)} bytes of a header")
             return Waiting.READ
         sock.recv(header.length, socket.MSG_DONTWAIT)  # the same bytes the peek saw: all buffered
-        if header.source is not None:
-            conn.address = _like_peer(header.source, conn.address)
+        conn.address = client_address(header, conn.address)
         return None
 
 
-def _like_peer(source: tuple[str, int], peer: Any) -> Any:
-    """The header's client in the shape the socket gives its peers (4 items on an IPv6 socket)."""
+def client_address(header: Header, peer: Any) -> Any:
+    """The client *header* names (rule 4), in the shape the socket gives its peers (4 items on an
+    IPv6 socket); *peer* itself where the header names none."""
+    source = header.source
+    if source is None:
+        return peer
     if isinstance(peer, tuple) and len(peer) == 4:
         return (source[0], source[1], 0, 0)
     return source

@@ -31,7 +31,7 @@ from typing import Mapping, Sequence
 from prefork.errors import ConfigError
 from prefork.parking import Connection, StageFailed, Waiting
 
-__all__ = ["HandshakeStage", "build_context", "key_password", "files_digest", "CERT_REQS", "MIN_VERSIONS"]
+__all__ = ["HandshakeStage", "handshake_failure", "build_context", "key_password", "files_digest", "CERT_REQS", "MIN_VERSIONS"]
 
 CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
 # TLS 1.0 and 1.1 are deprecated (RFC 8996) and refused by OpenSSL 3's default security level.
@@ -153,18 +153,25 @@ class HandshakeStage:
             return Waiting.READ
         except ssl.SSLWantWriteError:
             return Waiting.WRITE
-        except ssl.SSLCertVerificationError as exc:
-            raise StageFailed(f"client certificate refused: {exc.verify_message}") from None
-        except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
-            raise StageFailed("closed by the client", "before the handshake ended") from None
-        except ssl.SSLError as exc:
-            raise StageFailed(str(exc.reason or exc.library or "TLS error"), _short(exc)) from None
-        except (ConnectionResetError, BrokenPipeError) as exc:
-            raise StageFailed("reset", str(exc), quiet=True) from None  # rule 4: nobody is left to tell
         except OSError as exc:
-            raise StageFailed("socket error", (exc.strerror or str(exc)).lower()) from None
+            raise handshake_failure(exc) from None
         sock.setblocking(True)
         return None
+
+
+def handshake_failure(exc: OSError) -> StageFailed:
+    """What a failed handshake's exception says, as the stage's failure (rule 4): its kind is
+    OpenSSL's reason, or what happened to the socket."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return StageFailed(f"client certificate refused: {exc.verify_message}")
+    if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+        return StageFailed("closed by the client", "before the handshake ended")
+    if isinstance(exc, ssl.SSLError):
+        # reason and library are set by OpenSSL's errors only: an SSLError made in Python has neither.
+        return StageFailed(str(getattr(exc, "reason", None) or getattr(exc, "library", None) or "TLS error"), _short(exc))
+    if isinstance(exc, (ConnectionResetError, BrokenPipeError)):
+        return StageFailed("reset", str(exc), quiet=True)  # rule 4: nobody is left to tell
+    return StageFailed("socket error", (exc.strerror or str(exc)).lower())
 
 
 def _short(exc: ssl.SSLError) -> str:

@@ -63,7 +63,7 @@ LAYERS = {
            "__main__"),
 }
 # The event-loop worker (issue 15) runs in the worker beside prefork.worker.
-LAYERS[MASTER] += ("aioworker",)
+LAYERS[MASTER] += ("aioworker", "aiostages")
 
 # Where each module's code runs: the master process, a worker, both, the prefork CLI's own
 # process (status and control commands) or the metrics process.

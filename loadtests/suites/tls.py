@@ -12,7 +12,8 @@ The certificate (ECDSA P-256, trustme's default) is made at run time in a tempor
 
 Groups (data rows below):
 
-- ``tls-short``: a full handshake per connection, one echo line, close (``workers.echo``);
+- ``tls-short``: a full handshake per connection, one echo line, close (``workers.echo``, in
+  sync mode and in asyncio mode on uvloop and on asyncio's loop);
   ``tls-resumed``: the same with the client resuming its TLS session (a session ticket from a
   previous connection): what tickets save per connection. TLS 1.3 resumption (psk_dhe_ke)
   still does the ECDHE exchange, so it saves the certificate signature and chain, not the
@@ -62,7 +63,9 @@ _GUNICORN = ("-w", str(WORKERS), "--threads", str(THREADS), "-b", "127.0.0.1:0",
              "--certfile", "{cert}", "--keyfile", "{key}", "workers.wsgi:hello", "-k")
 _WSGI = "--wsgi workers.wsgi:hello"
 
-ECHO = [("prefork sync", "prefork-cli", _prefork("workers.echo"))]
+ECHO = [("prefork sync", "prefork-cli", _prefork("workers.echo")),
+        ("prefork asyncio uvloop", "prefork-cli", _prefork("workers.echo", "--mode", "asyncio", "--loop", "uvloop")),
+        ("prefork asyncio asyncio", "prefork-cli", _prefork("workers.echo", "--mode", "asyncio", "--loop", "asyncio"))]
 HTTPS = [("prefork --wsgi sync", "prefork-cli", _prefork(_WSGI)),
          ("prefork --wsgi thread", "prefork-cli", _prefork(_WSGI, "--mode", "thread", "--threads", str(THREADS))),
          ("gunicorn sync", "gunicorn", (*_GUNICORN, "sync")),

@@ -1,13 +1,16 @@
 """asyncio-mode apps that integration tests run in real masters. Each line a client sends is a command.
 
 ``AsyncStreamHandler`` is a coroutine function (reader, writer); ``handlers`` offers the class
-form; ``AsyncDatagramHandler`` is a coroutine function of (data, address, transport).
+form; ``AsyncDatagramHandler`` is a coroutine function of (data, address, transport);
+``tls_info`` says what a TLS connection's handler sees.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import ssl
 import time
 import types
 from typing import Any
@@ -27,10 +30,22 @@ async def answer_async(command: bytes) -> bytes:
         return b"blocked"
     if verb == b"loop":
         return type(asyncio.get_running_loop()).__module__.partition(".")[0].encode()
+    if verb == b"loop-error":  # an error of the loop's own, unrelated to TLS: logged with its traceback
+        asyncio.get_running_loop().call_soon(_fail_in_a_callback)
+        return b"scheduled"
+    if verb == b"ssl-error":  # as asyncio or uvloop report an SSL transport's error: one quiet line
+        asyncio.get_running_loop().call_exception_handler({
+            "message": "Fatal error on SSL transport",
+            "exception": ssl.SSLError(1, "[SSL: DECRYPTION_FAILED_OR_BAD_RECORD_MAC] decryption failed")})
+        return b"reported"
     if verb == b"task":
         task = asyncio.current_task()
         return task.get_name().encode() if task is not None else b"-"
     return answer(command)
+
+
+def _fail_in_a_callback() -> None:
+    raise RuntimeError("an unrelated loop error on purpose")
 
 
 async def AsyncStreamHandler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -98,3 +113,22 @@ class BlockLater(asyncio.DatagramProtocol):
 
 
 block_later = types.SimpleNamespace(AsyncDatagramHandler=BlockLater)
+
+
+class TLSInfo(AsyncStreamRequestHandler):
+    """Says, as one JSON line, what the handler of a TLS connection is given, then answers lines."""
+
+    async def handle(self) -> None:
+        ssl_object = self.writer.get_extra_info("ssl_object")
+        cert = self.writer.get_extra_info("peercert") or {}
+        cipher = self.writer.get_extra_info("cipher")
+        seen = {"version": ssl_object.version() if ssl_object else None, "cipher": cipher[0] if cipher else None,
+                "peer": [value for kind, value in cert.get("subjectAltName", ())],
+                "client": list(self.client_address) if isinstance(self.client_address, tuple) else self.client_address}
+        self.writer.write(json.dumps(seen).encode() + b"\n")
+        while line := await self.reader.readline():
+            self.writer.write(await answer_async(line.rstrip(b"\n")) + b"\n")
+            await self.writer.drain()
+
+
+tls_info = types.SimpleNamespace(AsyncStreamHandler=TLSInfo)
