@@ -30,14 +30,21 @@ Rules:
    SIGKILL), then their handlers are cancelled. QUIT and INT leave at once; USR1 reopens logs.
 5. A handler's exception is logged with its traceback and its connection closed; the worker
    goes on. A connection silent both ways for ``idle_timeout`` seconds is closed.
+6. Running out of descriptors is never silent and never a flood: at most one line per
+   RESOURCE_REPORT_INTERVAL, with a count of the rest (``_OutOfFiles``). asyncio's loop reports
+   each accept() that fails to the loop's exception handler (a traceback per retry); uvloop
+   closes the connections it cannot take without a word, so the tick counts the worker's open
+   descriptors when its connections come near its limit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -85,6 +92,15 @@ STREAM_LIMIT = 64 * 1024
 STACK_FRAMES = 12
 # The largest datagram read while draining a datagram listener (the largest UDP payload fits).
 MAX_DATAGRAM = 65536
+# Rule 6: at most one line about running out of descriptors per this many seconds.
+RESOURCE_REPORT_INTERVAL = 5.0
+# Rule 6: the tick counts the open descriptors only while the connections are at least this
+# share of the limit (a comparison per tick; a directory read only near the limit), and reports
+# when fewer than FD_HEADROOM are left (libuv keeps one in reserve to refuse connections with).
+FD_COUNT_FROM = 0.5
+FD_HEADROOM = 8
+# accept() errors that mean the worker (or the system) is out of a resource, as in sync mode.
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +157,7 @@ class EventLoopWorker:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stop_requested: asyncio.Future[None] | None = None
         self.main_thread = threading.get_ident()
+        self.out_of_files = _OutOfFiles(self.pid)
 
     def run(self) -> int:
         """Serve until TERM; 0 after a requested stop."""
@@ -155,6 +172,7 @@ class EventLoopWorker:
     async def _main(self, loop: asyncio.AbstractEventLoop) -> int:
         self.loop = loop
         self.stop_requested = loop.create_future()
+        loop.set_exception_handler(self.out_of_files.exception_handler(loop.get_exception_handler()))
         for signum, action in ((signal.SIGTERM, self.stop), (signal.SIGQUIT, _leave_now), (signal.SIGINT, _leave_now),
                                (signal.SIGUSR1, self._reopen_logs)):
             loop.add_signal_handler(signum, action, *((self,) if action is _leave_now else ()))
@@ -214,6 +232,7 @@ class EventLoopWorker:
             self._close_idle(now - self.options.idle_timeout)
         if self.access is not None:
             self.access.flush()  # at most a write per tick: lines never wait for an idle moment
+        self.out_of_files.check(len(self.connections) + self.unmade)
         if os.getppid() != self.spec.master_pid:
             log.warning("worker %d: master %d is gone, leaving", self.pid, self.spec.master_pid)
             self.stop()
@@ -286,6 +305,54 @@ class EventLoopWorker:
             self.slot.describe(client.encode(errors="replace"), listener.encode(errors="replace"))
         log.error("worker %d: the event loop has not turned for %.1fs: %s, client %s on %s; main thread:\n%s",
                   self.pid, late, what, client, listener, stack.rstrip("\n"))
+
+
+_ExceptionHandler = Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object]
+
+
+class _OutOfFiles:
+    """Rule 6: a worker out of descriptors says so, once per RESOURCE_REPORT_INTERVAL."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.limit = 0 if soft == resource.RLIM_INFINITY else soft
+        self.next_line = 0.0
+        self.suppressed = 0
+
+    def report(self, what: str) -> None:
+        now = time.monotonic()
+        if now < self.next_line:
+            self.suppressed += 1
+            return
+        self.next_line = now + RESOURCE_REPORT_INTERVAL
+        suppressed, self.suppressed = self.suppressed, 0
+        log.error("worker %d: %s (%d similar reports suppressed); raise the open files limit (LimitNOFILE=, "
+                  "ulimit -n) or run more workers", self.pid, what, suppressed)
+
+    def check(self, connections: int) -> None:
+        """On each tick: near the limit, count the descriptors open (uvloop refuses in silence)."""
+        if not self.limit or connections < self.limit * FD_COUNT_FROM:
+            return
+        try:
+            used = len(os.listdir("/proc/self/fd"))
+        except OSError:  # no /proc, or no descriptor left to read it with
+            used = self.limit
+        if used >= self.limit - FD_HEADROOM:
+            self.report(f"{used} of its {self.limit} open files in use (RLIMIT_NOFILE): new connections are refused")
+
+    def exception_handler(self, previous: _ExceptionHandler | None) -> _ExceptionHandler:
+        """The loop's exception handler: a failed accept() for want of resources is a report;
+        anything else goes to *previous* (or the loop's default: logged with its traceback)."""
+        def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+            exc = context.get("exception")
+            if isinstance(exc, OSError) and exc.errno in _OUT_OF_RESOURCES:
+                self.report(f"cannot take new connections: {exc.strerror}")
+            elif previous is not None:
+                previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+        return handle
 
 
 def _name_of(handler: Any) -> str:

@@ -390,3 +390,41 @@ def _allow_descriptors(count: int) -> None:
         if hard != resource.RLIM_INFINITY and hard < count:
             pytest.skip(f"the open files limit ({hard}) is below {count}")
         resource.setrlimit(resource.RLIMIT_NOFILE, (count, hard))
+
+
+WORKER_FILES = 128  # the open files limit, soft and hard, of the master (and so its workers) below
+OUT_OF_FILES = re.compile(r"worker \d+: (cannot take new connections: Too many open files|\d+ of its 128 open files "
+                          r"in use \(RLIMIT_NOFILE\): new connections are refused) \(\d+ similar reports suppressed\)")
+
+
+def _lower_both_limits() -> None:
+    """preexec_fn of the master's Popen: WORKER_FILES open files at most, so nothing can raise it."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (WORKER_FILES, WORKER_FILES))
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_worker_out_of_descriptors_says_so_in_one_line_and_serves_again_once_some_close(start_master, loop):
+    """asyncio's loop logs a traceback per failed accept(), uvloop closes what it cannot take in
+    silence: either way, the log gets one line, and the worker goes on."""
+    clients = 2 * WORKER_FILES
+    _allow_descriptors(clients + 100)
+    master = start_master(app="workers.echo", mode="asyncio", loop=loop, workers=1, preexec_fn=_lower_both_limits)
+    (pid,) = master.wait_workers(1)
+    assert soft_open_files(pid) == WORKER_FILES
+    idle = []
+    try:
+        for _ in range(clients):
+            idle.append(connect(master.address()))  # the kernel completes them; the worker takes what it can
+        wait_until(lambda: OUT_OF_FILES.search(master.log()), 15, message=master.log())
+        wait_until(lambda: master.workers()[0].active > WORKER_FILES // 2, 15, message=str(master.workers()))
+        assert master.workers()[0].active < WORKER_FILES
+    finally:
+        for sock in idle:
+            sock.close()
+    wait_until(lambda: master.workers()[0].active == 0, 15, message=str(master.workers()))
+    with connect(master.address()) as active:
+        assert ask(active, b"served again") == b"served again"
+    log = master.log()
+    assert master.worker_pids() == {pid}
+    assert len(OUT_OF_FILES.findall(log)) <= 3, log  # one per RESOURCE_REPORT_INTERVAL (5 s)
+    assert "Traceback" not in log and "out of system resource" not in log, log
