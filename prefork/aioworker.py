@@ -59,6 +59,7 @@ from prefork.aiostages import Acceptor, Stages, quiet_tls_errors
 from prefork.allowlist import guard
 from prefork.errors import AppLoadError
 from prefork.listeners import Listener
+from prefork.parking import ACCEPT_BATCH
 from prefork.scoreboard import STOP_SHUTDOWN
 from prefork.worker import (DRAIN_LIMIT, DRAIN_PATIENCE, WorkerIdentity, WorkerSpec, flush_std_streams,
                             queued_requests)
@@ -99,6 +100,7 @@ RESOURCE_REPORT_INTERVAL = 5.0
 # when fewer than FD_HEADROOM are left (libuv keeps one in reserve to refuse connections with).
 FD_COUNT_FROM = 0.5
 FD_HEADROOM = 8
+_monotonic = time.monotonic  # the clock of the per-request paths, one lookup less each time
 # accept() errors that mean the worker (or the system) is out of a resource, as in sync mode.
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
@@ -208,14 +210,13 @@ class EventLoopWorker:
             self.busy = True
             self.slot.turned(True)
 
-    def finished(self, task: asyncio.Task[None] | None, connection: _Connection | _ProtocolConnection | None,
-                 counter: int) -> None:
+    def finished(self, task: asyncio.Task[None] | None, connection: _Connection | _ProtocolConnection | None) -> None:
+        """A handler or connection is done (its request is counted by the endpoint's record())."""
         if task is not None:
             self.tasks.pop(task, None)
         if connection is not None:
             self.connections.discard(connection)
             self.slot.add_active(-1)
-        self.slot.served(counter)
 
     def stop(self) -> None:
         """TERM: stop accepting and finish (see rule 4)."""
@@ -431,10 +432,11 @@ class _Endpoint:
 
     def record(self, peer: Any, started: float, bytes_in: int, bytes_out: int, outcome: str,
                tls: str | None = None) -> None:
-        """A connection closed or a datagram handled: its time (one clock read, for both) in the
-        listener's latency histogram and, with an access log, its line (*tls*: its version and cipher)."""
-        seconds = time.monotonic() - started
-        self.worker.slot.observe(self.counter, seconds)
+        """A connection closed or a datagram handled: counted, its time (one clock read, for both)
+        in the listener's latency histogram, and with an access log its line (*tls*: its version
+        and cipher)."""
+        seconds = _monotonic() - started
+        self.worker.slot.served(self.counter, seconds)
         access = self.worker.access
         if access is not None:
             access.record(client_text(peer), self.name, self.worker.pid, seconds, bytes_in, bytes_out, outcome, tls)
@@ -478,7 +480,16 @@ class _StreamEndpoint(_Endpoint):
         # A copy: the server closes it when it stops, and the drain accepts from the original.
         backlog = self.worker.options.backlog or 65535  # capped by the kernel at somaxconn
         if self.stages is None:
-            self.server = await loop.create_server(self.connection, sock=self.sock.dup(), backlog=backlog)
+            if not isinstance(loop, asyncio.BaseEventLoop):  # uvloop: backlog is the listen() queue only
+                self.server = await loop.create_server(self.connection, sock=self.sock.dup(), backlog=backlog)
+                return
+            # asyncio's own loop also takes backlog as the most connections it accepts per wake-up,
+            # and on EMFILE it tries that many accept()s, each reported, each scheduling a retry:
+            # with 65535 the loop is lost for seconds. So ACCEPT_BATCH, then the listen() queue
+            # put back as the master made it (the socket is shared by every worker).
+            copy = self.sock.dup()
+            self.server = await loop.create_server(self.connection, sock=copy, backlog=ACCEPT_BATCH)
+            copy.listen(backlog)
             return
         if self.stages.context is not None:
             quiet_tls_errors(loop)
@@ -552,7 +563,7 @@ class _StreamEndpoint(_Endpoint):
                           self.name, client_text(connection.peer))
         finally:
             connection.close()
-            self.worker.finished(asyncio.current_task(), connection, self.counter)
+            self.worker.finished(asyncio.current_task(), connection)
             self.record(connection.peer, started, connection.bytes_in, connection.writer.bytes_out, outcome,
                         connection.tls)
 
@@ -611,25 +622,34 @@ class _DatagramEndpoint(_Endpoint):
             self.app.connection_made(self.replies)  # type: ignore[arg-type]
 
     def received(self, data: bytes, peer: Any) -> None:
-        if not self.admits(peer):
+        """A datagram (the loop calls this directly: see _Datagrams). The path of every datagram,
+        so its steps are written out here rather than called: admits(), mark_busy(), record()."""
+        if self.gate is not None and not self.admits(peer):
             return
-        if self.app is None:
-            assert self.worker.loop is not None
-            task = self.worker.loop.create_task(self.serve(data, peer))
-            self.worker.started(task, None)
+        app, worker = self.app, self.worker
+        if app is None:
+            assert worker.loop is not None
+            task = worker.loop.create_task(self.serve(data, peer))
+            worker.started(task, None)
             return
-        self.worker.mark_busy()
-        assert self.replies is not None
-        started, sent, outcome = time.monotonic(), self.replies.sent, "error"
+        if not worker.busy:
+            worker.mark_busy()
+        replies = self.replies
+        assert replies is not None
+        sent = replies.sent
+        started = _monotonic()
         try:
-            self.app.datagram_received(data, peer)
+            app.datagram_received(data, peer)
             outcome = "ok"
         except Exception:
-            log.exception("worker %d: datagram handler failed on %s from %s", self.worker.pid, self.name,
+            outcome = "error"
+            log.exception("worker %d: datagram handler failed on %s from %s", worker.pid, self.name,
                           client_text(peer))
-        finally:
-            self.worker.finished(None, None, self.counter)
-            self.record(peer, started, len(data), self.replies.sent - sent, outcome)
+        seconds = _monotonic() - started  # record(), written out
+        worker.slot.served(self.counter, seconds)
+        if worker.access is not None:
+            worker.access.record(client_text(peer), self.name, worker.pid, seconds, len(data), replies.sent - sent,
+                                 outcome)
 
     async def serve(self, data: bytes, peer: Any) -> None:
         assert self.replies is not None
@@ -643,7 +663,7 @@ class _DatagramEndpoint(_Endpoint):
             log.exception("worker %d: datagram handler failed on %s from %s", self.worker.pid, self.name,
                           client_text(peer))
         finally:
-            self.worker.finished(asyncio.current_task(), None, self.counter)
+            self.worker.finished(asyncio.current_task(), None)
             self.record(peer, started, len(data), self.replies.sent - sent, outcome)
 
     async def drain(self, deadline: float) -> None:
@@ -664,17 +684,18 @@ class _DatagramEndpoint(_Endpoint):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+        if self.replies is not None:
+            self.replies.closed = True
 
 
 class _Datagrams(asyncio.DatagramProtocol):
     def __init__(self, endpoint: _DatagramEndpoint) -> None:
         self.endpoint = endpoint
+        # The loop calls the endpoint's received() itself: one frame less per datagram.
+        self.datagram_received = endpoint.received  # type: ignore[method-assign,assignment]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.endpoint.made(cast(asyncio.DatagramTransport, transport))  # uvloop's is not a subclass
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.endpoint.received(data, addr)
 
     def error_received(self, exc: Exception) -> None:
         app = self.endpoint.app
@@ -697,17 +718,19 @@ class _CountingTransport:
     through the listener's own socket.
     """
 
-    __slots__ = ("_transport", "_sock", "sent")
+    __slots__ = ("_transport", "_send", "_sock", "sent", "closed")
 
     def __init__(self, transport: asyncio.DatagramTransport, sock: socket.socket) -> None:
         self._transport = transport
+        self._send = transport.sendto
         self._sock = sock
         self.sent = 0
+        self.closed = False  # set by the endpoint when it closes the transport
 
     def sendto(self, data: Any, addr: Any = None) -> None:
         self.sent += len(data)
-        if not self._transport.is_closing():
-            self._transport.sendto(data, addr)
+        if not self.closed:
+            self._send(data, addr)
             return
         try:
             self._sock.sendto(data, socket.MSG_DONTWAIT, addr)
@@ -756,8 +779,11 @@ class _ProtocolConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
-        self.last_active = time.monotonic()
-        self._call(self.app.data_received, data)
+        self.last_active = _monotonic()
+        try:  # _call(), written out: the path of every chunk received
+            self.app.data_received(data)
+        except Exception:
+            self._failed()
 
     def eof_received(self) -> bool | None:
         try:
@@ -777,7 +803,7 @@ class _ProtocolConnection(asyncio.Protocol):
             return  # refused by the allow-list
         self._call(self.app.connection_lost, exc)
         endpoint = self.endpoint
-        endpoint.worker.finished(None, self, endpoint.counter)
+        endpoint.worker.finished(None, self)
         sent = self.replies.sent if self.replies is not None else 0
         endpoint.record(self.peer, self.started, self.bytes_in, sent, self.outcome, self.tls)
 
@@ -810,7 +836,7 @@ class _CountingStreamTransport:
 
     def write(self, data: Any) -> None:
         self.sent += len(data)
-        self._connection.last_active = time.monotonic()
+        self._connection.last_active = _monotonic()
         self._transport.write(data)
 
     def writelines(self, lines: Any) -> None:
@@ -847,7 +873,7 @@ class _Connection(asyncio.StreamReaderProtocol):
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
-        self.last_active = time.monotonic()
+        self.last_active = _monotonic()
         super().data_received(data)
 
     def close(self) -> None:
@@ -866,5 +892,5 @@ class _CountingWriter(asyncio.StreamWriter):
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self.bytes_out += len(data)
-        self.connection.last_active = time.monotonic()
+        self.connection.last_active = _monotonic()
         super().write(data)

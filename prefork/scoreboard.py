@@ -377,10 +377,15 @@ class Scoreboard:
             _unlink_if_same(self.path, self._inode)
 
 
+# The word indexes of a slot's request counters, for SlotWriter.served().
+_REQUESTS_WORD = _Slot.requests.offset // 8
+_BY_LISTENER_WORD = _Slot.by_listener.offset // 8
+
+
 class SlotWriter:
     """The worker's handle on its own slot. Every method is a few memory stores."""
 
-    __slots__ = ("_slot", "_by_listener", "_listener", "_counts", "_sums")
+    __slots__ = ("_slot", "_by_listener", "_listener", "_counts", "_sums", "_words")
 
     def __init__(self, slot: _Slot) -> None:
         self._slot = slot
@@ -389,6 +394,8 @@ class SlotWriter:
         # Views over the latency fields: a memoryview's item store is cheaper than a ctypes array's.
         self._counts = memoryview(slot.latency).cast("B").cast("q")
         self._sums = memoryview(slot.latency_sum).cast("B").cast("d")
+        # The whole slot as 64-bit words, for served(): requests and by_listener are int64 fields.
+        self._words = memoryview(slot).cast("B").cast("q")
         # The listener last written: most workers serve one, so it is written once.
         self._listener = b""
 
@@ -450,10 +457,16 @@ class SlotWriter:
         slot.last_tick = slot.request_started = time.monotonic()
         slot.state = BUSY if busy else IDLE
 
-    def served(self, listener_index: int = 0) -> None:
-        """One more connection or datagram served; the state is left as it is."""
-        self._slot.requests += 1
-        self._by_listener[min(listener_index, MAX_LISTENERS - 1)] += 1
+    def served(self, listener_index: int, seconds: float) -> None:
+        """One more connection or datagram served, in *seconds*: counted, and timed into the
+        listener's latency histogram; the state is left as it is. Four item stores into views
+        of the map (a ctypes field's store costs more than the four together)."""
+        index = listener_index if listener_index < MAX_LISTENERS else MAX_LISTENERS - 1
+        words = self._words
+        words[_REQUESTS_WORD] += 1
+        words[_BY_LISTENER_WORD + index] += 1
+        self._counts[index * BUCKETS + bisect_left(LATENCY_BOUNDS, seconds)] += 1
+        self._sums[index] += seconds
 
     def describe(self, client: bytes, listener: bytes) -> None:
         """Name the client and listener the loop is on (the watchdog: the task that blocks it)."""

@@ -9,7 +9,7 @@ import pytest
 
 from prefork import scoreboard
 from prefork.latency import BUCKETS, LATENCY_BOUNDS, Histogram
-from prefork.scoreboard import Scoreboard
+from prefork.scoreboard import MAX_LISTENERS, Scoreboard
 
 
 def test_the_file_has_its_header_before_it_has_its_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -99,8 +99,27 @@ def test_percentiles_interpolate_within_the_bucket() -> None:
     assert [le for le, _ in Histogram(tuple(counts)).cumulative()][-2:] == ["10.0", "+Inf"]
 
 
-def test_observe_allocates_nothing_that_outlives_the_call() -> None:
-    """A request's latency is two stores into the map: no memory grows with the requests.
+def test_served_counts_the_request_per_listener_and_its_latency() -> None:
+    """An event loop's one call per request: requests, the listener's count, its histogram."""
+    board = Scoreboard.create(1)
+    try:
+        board.claim(0, 1, 1)
+        writer = board.writer(0)
+        writer.served(1, 0.003)
+        writer.served(1, 0.0001)
+        writer.served(MAX_LISTENERS + 3, 2.0)  # past the last counter: counted under it
+        view = board.read(0)
+        assert view.requests == 3 and view.by_listener[1] == 2 and view.by_listener[-1] == 1
+        histograms = board.slot_latency(0)
+        assert (histograms[1].count, histograms[-1].count) == (2, 1)
+        assert histograms[1].total == pytest.approx(0.0031)
+        del writer
+    finally:
+        board.close()
+
+
+def test_observe_and_served_allocate_nothing_that_outlives_the_call() -> None:
+    """A request's record is a few stores into the map: no memory grows with the requests.
 
     (Its cost in time is measured by the master benchmark, `python -m loadtests.bench master`.)
     """
@@ -116,6 +135,7 @@ def test_observe_allocates_nothing_that_outlives_the_call() -> None:
             before = tracemalloc.get_traced_memory()[0]
             for i in range(10_000):
                 writer.observe(i % 3, 0.0001 * (i % 50))
+                writer.served(i % 3, 0.0001 * (i % 50))
             grown = tracemalloc.get_traced_memory()[0] - before
         finally:
             tracemalloc.stop()

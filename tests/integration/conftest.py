@@ -58,6 +58,11 @@ class Master:
                 raise AssertionError(f"master exited with {self.proc.returncode}:\n{self.log()}")
             return self.ready_file.exists()
         wait_until(ready, timeout, message=f"master not ready:\n{self.log()}")
+        return self.read_ready()
+
+    def read_ready(self) -> Master:
+        """What the ready file says now: after an upgrade (USR2), the new master's pid and
+        listeners, while the process this object started may have exited already."""
         self.info = json.loads(self.ready_file.read_text())
         return self
 

@@ -7,6 +7,7 @@ import re
 import resource
 import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from prefork.errors import EXIT_APP_LOAD, EXIT_OK, EXIT_USAGE
 from prefork.master import DESCRIPTOR_CEILING
 from prefork.scoreboard import Health, MasterView, Scoreboard, SlotView
 from tests.integration.conftest import _read_line, wait_pid_gone
-from tests.support import SOCKET_TIMEOUT, datagram_request, heavy, stream_request, wait_until
+from tests.support import SOCKET_TIMEOUT, datagram_request, heavy, require_tool, stream_request, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -428,3 +429,16 @@ def test_a_worker_out_of_descriptors_says_so_in_one_line_and_serves_again_once_s
     assert master.worker_pids() == {pid}
     assert len(OUT_OF_FILES.findall(log)) <= 3, log  # one per RESOURCE_REPORT_INTERVAL (5 s)
     assert "Traceback" not in log and "out of system resource" not in log, log
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_the_listen_queue_stays_as_the_master_made_it(start_master, loop):
+    """asyncio's loop is given a small accept batch as its backlog (see _StreamEndpoint.start):
+    the listening socket's queue, shared by every worker, is still the backlog setting."""
+    ss = require_tool("ss")
+    master = start_master(app="workers.echo", mode="asyncio", loop=loop, workers=2, backlog=1000)
+    master.wait_workers(2)
+    assert master.request(b"hello") == b"hello"
+    shown = subprocess.run([ss, "-Hltn", f"sport = :{master.address()[1]}"], capture_output=True, text=True,
+                           timeout=SOCKET_TIMEOUT, check=True).stdout.split()
+    assert shown[0] == "LISTEN" and shown[2] == "1000", shown  # Send-Q: the backlog of a listening socket

@@ -300,8 +300,7 @@ def test_usr2_upgrades_in_place_under_load(start_master, load, app):
     master.ready_file.unlink()
     master.signal(signal.SIGUSR2)
     wait_until(master.ready_file.exists, 30, message=master.log())
-    master.wait_ready()
-    new_pid = master.pid
+    new_pid = master.read_ready().pid  # the old master, this object's process, may be gone already
     assert new_pid != old_pid
     wait_pid_gone(old_pid, timeout=30)
     wait_until(lambda: master.pidfile.exists() and int(master.pidfile.read_text()) == new_pid, 10)
