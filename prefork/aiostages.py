@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import logging
 import socket
 import ssl
@@ -47,7 +48,7 @@ from prefork.parking import ACCEPT_BATCH, Report, StageFailed
 from prefork.proxy import ProxyError, ProxyStage, client_address, parse
 from prefork.tls import HandshakeStage, handshake_failure
 
-__all__ = ["Acceptor", "Stages", "quiet_tls_errors"]
+__all__ = ["Acceptor", "Stages", "quiet_tls_errors", "OUT_OF_RESOURCES"]
 
 log = logging.getLogger("prefork.parking")
 
@@ -60,6 +61,8 @@ _PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 # The context messages under which asyncio and uvloop report the errors of an SSL transport.
 _TLS_MESSAGES = ("SSL", "ssl")
 _TLS_CONNECTION = "TLS connection"
+# accept() errors that mean the worker (or the system) is out of a resource, as in sync mode.
+OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 @dataclasses.dataclass
@@ -171,10 +174,14 @@ class Acceptor:
     """Rule 1: accepts a staged listener's connections in the loop and hands each to *admit*."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
-                 admit: Callable[[socket.socket, Any], None]) -> None:
+                 admit: Callable[[socket.socket, Any], None],
+                 out_of_resources: Callable[[OSError], None] | None = None) -> None:
         self.loop = loop
         self.sock = sock
         self.admit = admit
+        # Told of an accept() that failed for want of descriptors or memory (the worker's
+        # rate-limited report); other errors are logged here.
+        self.out_of_resources = out_of_resources
         self.retry: asyncio.TimerHandle | None = None
         self.watching = False
 
@@ -209,7 +216,10 @@ class Acceptor:
     def _pause(self, exc: OSError) -> None:
         """Out of descriptors or memory (or an odd error): the level-triggered reader would spin on
         the connection it cannot take, so the listener leaves it for ACCEPT_RETRY seconds."""
-        log.warning("accept on %s failed: %s; accepting again in %gs", self.sock.getsockname(), exc, ACCEPT_RETRY)
+        if self.out_of_resources is not None and exc.errno in OUT_OF_RESOURCES:
+            self.out_of_resources(exc)
+        else:
+            log.warning("accept on %s failed: %s; accepting again in %gs", self.sock.getsockname(), exc, ACCEPT_RETRY)
         self.loop.remove_reader(self.sock.fileno())
         self.watching = False
         self.retry = self.loop.call_later(ACCEPT_RETRY, self.start)

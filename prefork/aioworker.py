@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import errno
 import logging
 import os
 import resource
@@ -55,7 +54,7 @@ from typing import Any, Callable, Sequence, cast
 
 from prefork.accounting import client_text, tls_text
 from prefork.aio import DATAGRAM, AsyncStreamRequestHandler, Endpoint, async_kind
-from prefork.aiostages import Acceptor, Stages, quiet_tls_errors
+from prefork.aiostages import OUT_OF_RESOURCES, Acceptor, Stages, quiet_tls_errors
 from prefork.allowlist import guard
 from prefork.errors import AppLoadError
 from prefork.listeners import Listener
@@ -101,8 +100,6 @@ RESOURCE_REPORT_INTERVAL = 5.0
 FD_COUNT_FROM = 0.5
 FD_HEADROOM = 8
 _monotonic = time.monotonic  # the clock of the per-request paths, one lookup less each time
-# accept() errors that mean the worker (or the system) is out of a resource, as in sync mode.
-_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,6 +328,9 @@ class _OutOfFiles:
         log.error("worker %d: %s (%d similar reports suppressed); raise the open files limit (LimitNOFILE=, "
                   "ulimit -n) or run more workers", self.pid, what, suppressed)
 
+    def accept_failed(self, exc: OSError) -> None:
+        self.report(f"cannot take new connections: {exc.strerror or exc}")
+
     def check(self, connections: int) -> None:
         """On each tick: near the limit, count the descriptors open (uvloop refuses in silence)."""
         if not self.limit or connections < self.limit * FD_COUNT_FROM:
@@ -347,8 +347,8 @@ class _OutOfFiles:
         anything else goes to *previous* (or the loop's default: logged with its traceback)."""
         def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
             exc = context.get("exception")
-            if isinstance(exc, OSError) and exc.errno in _OUT_OF_RESOURCES:
-                self.report(f"cannot take new connections: {exc.strerror}")
+            if isinstance(exc, OSError) and exc.errno in OUT_OF_RESOURCES:
+                self.accept_failed(exc)
             elif previous is not None:
                 previous(loop, context)
             else:
@@ -495,7 +495,7 @@ class _StreamEndpoint(_Endpoint):
             quiet_tls_errors(loop)
         listening = self.sock.dup()
         listening.listen(backlog)
-        self.acceptor = Acceptor(loop, listening, self.admit)
+        self.acceptor = Acceptor(loop, listening, self.admit, self.worker.out_of_files.accept_failed)
         self.acceptor.start()
 
     def connection(self) -> _Connection | _ProtocolConnection:
