@@ -10,7 +10,9 @@ small counts, no file). Rules (beside the harness's, ``loadtests/harness.py``):
 1. Every row is measured as the ``compare`` suite measures its raw rows (``compare.measure``: a
    fresh server, a warm-up, then the same ``loadtests.load.EchoLoad`` for the same time, the same
    requests in flight): keep-alive echo (persistent TCP connections), UDP echo, short TCP
-   (connect, one line, close). Server CPU is the whole server tree's user + system time.
+   (connect, one line, close). Server CPU is the whole server tree's user + system time. Each
+   row runs ``--rounds`` times in alternating order (``compare.run_pass``), pooled, with the
+   load generator and the server pinned to CPUs of their own where the machine has two.
 2. The rows, as data below: prefork ``--mode asyncio`` serving ``workers.echo`` (a
    StreamReader/StreamWriter handler class, and a DatagramProtocol) with 2 workers; serving the
    bare server's own code (``loadtests/uvloop_echo.py``): its Protocols with 2 workers and with
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import resource
 import tempfile
 from pathlib import Path
@@ -125,8 +128,12 @@ def _raise_open_files(needed: int) -> None:
 
 
 def render(results: list[compare.Result], idle: IdleResult, argv: list[str], args: argparse.Namespace) -> str:
+    placement = (f"pinned: the load generator on CPU {compare.LOAD_CPU}, every server process on CPU "
+                 f"{compare.SERVER_CPU} (so that the server's CPU per request does not depend on how it shares "
+                 f"the two cores with the load)" if args.pinned else "unpinned: server and load on any CPU")
     lines = [*report_head("asyncio mode: prefork's event-loop workers against a bare uvloop server", argv),
-             (f"Every row: a fresh server, {args.warmup:g} s of warm-up, {args.seconds:g} s measured. "
+             (f"Every row: a fresh server, {args.warmup:g} s of warm-up, {args.seconds:g} s measured, "
+              f"{args.rounds} rounds in alternating order, pooled; {placement}. "
               f"Server CPU per request is the whole server tree's; the target of issue 15 is at most "
               f"{CPU_BOUND:g}× the bare uvloop server's for keep-alive and UDP. Each row is set beside the bare "
               f"server in 1 process and beside its bare counterpart: the bare server with as many processes as "
@@ -135,6 +142,8 @@ def render(results: list[compare.Result], idle: IdleResult, argv: list[str], arg
               f"and asyncio's streams cost on this machine (the bare rows show those parts alone)."), ""]
     for group, title in GROUP_TITLES.items():
         rows = [r for r in results if r.row.group == group]
+        if not rows:
+            continue  # left out with --only
         reference = next((r for r in rows if r.row.name == REFERENCE), None)
         lines += [f"## {title}", "", f"{compare.ECHO_MODES[group][1]} requests in flight.", "",
                   "| server | req/s | p50 ms | p99 ms | errors | **CPU µs/req** | × bare uvloop, 1 process "
@@ -168,16 +177,15 @@ def add_arguments(parser: argparse.ArgumentParser, quick: bool) -> None:
     add("--idle", type=positive, default=500 if quick else 10_000, help="idle connections held by the workers")
     add("--requests", type=positive, default=100 if quick else 1000, help="the active client's requests")
     add("--load-processes", type=positive, default=1, help="processes of the echo load generator")
+    add("--rounds", type=positive, default=1 if quick else 3, help="times each row runs, pooled")
+    add("--unpinned", action="store_true", help="server and load generator on any CPU (default: pinned apart)")
+    add("--only", nargs="*", default=[], help="rows whose group or name contains one of these words")
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> None:
-    results: list[compare.Result] = []
+    args.pinned = not args.unpinned and {compare.LOAD_CPU, compare.SERVER_CPU} <= os.sched_getaffinity(0)
     with tempfile.TemporaryDirectory(prefix="bench-asyncio-") as tmp:
-        for index, row in enumerate(ROWS):
-            progress(f"{row.group}: {row.name}")
-            result = compare.measure(row, Path(tmp) / str(index), args, pinned=False)
-            progress(f"  {result.rps:,.0f} req/s, {result.cpu_us:.1f} µs CPU/req, {result.load.errors} errors")
-            results.append(result)
+        results = compare.run_pass(args, Path(tmp), args.pinned, ROWS)
         progress(f"idle: {args.idle} connections")
         idle = measure_idle(Path(tmp) / "idle", args.idle, args.requests)
     write_report(render(results, idle, argv, args), args.output)

@@ -177,9 +177,11 @@ def measure(row: Row, directory: Path, settings: argparse.Namespace, pinned: boo
         return Result(row, pinned, load, server.cpu_seconds() - before)
 
 
-def run_pass(settings: argparse.Namespace, base: Path, pinned: bool) -> list[Result]:
-    """Every selected row *rounds* times, in alternating order (A..Z, Z..A, ...); rounds pooled."""
-    selected = [row for row in ROWS if not settings.only or any(w in f"{row.group} {row.name}" for w in settings.only)]
+def run_pass(settings: argparse.Namespace, base: Path, pinned: bool, rows: list[Row] | None = None) -> list[Result]:
+    """Every selected row (of *rows*, this suite's by default) *rounds* times, in alternating
+    order (A..Z, Z..A, ...); rounds pooled."""
+    selected = [row for row in (ROWS if rows is None else rows)
+                if not settings.only or any(w in f"{row.group} {row.name}" for w in settings.only)]
     by_row: dict[Row, list[Result]] = {row: [] for row in selected}
     for turn in range(settings.rounds):
         order = selected if turn % 2 == 0 else selected[::-1]
