@@ -15,7 +15,9 @@ Rules:
    handlers, with the turn as the "current request". Each connection (stream) or datagram
    served counts one request (``max_requests`` counts those) and is timed into the listener's
    latency histogram: a connection's whole life, from its handler's start to its close, or a
-   datagram's handling; open connections are the slot's ``active``.
+   datagram's handling. Both are counted in the worker's own memory (a ``Tally``) and added to
+   the slot on each tick, at the stop and at a QUIT, not per request; open connections are the
+   slot's ``active``.
 3. The slot says an event loop serves (``event_loop``) from boot until the loop ends, so the
    master judges the worker by its tick, busy or idle: whatever blocks the loop (a handler's
    time.sleep, CPU-bound code in a callback or a background task, with or without a
@@ -50,6 +52,7 @@ import sys
 import threading
 import time
 import traceback
+from bisect import bisect_left
 from typing import Any, Callable, Sequence, cast
 
 from prefork.accounting import client_text, tls_text
@@ -59,7 +62,8 @@ from prefork.allowlist import guard
 from prefork.errors import AppLoadError
 from prefork.listeners import Listener
 from prefork.parking import ACCEPT_BATCH
-from prefork.scoreboard import STOP_SHUTDOWN
+from prefork.latency import BUCKETS, LATENCY_BOUNDS
+from prefork.scoreboard import MAX_LISTENERS, STOP_SHUTDOWN, Tally
 from prefork.worker import (DRAIN_LIMIT, DRAIN_PATIENCE, WorkerIdentity, WorkerSpec, flush_std_streams,
                             queued_requests)
 
@@ -157,6 +161,7 @@ class EventLoopWorker:
         self.stop_requested: asyncio.Future[None] | None = None
         self.main_thread = threading.get_ident()
         self.out_of_files = _OutOfFiles(self.pid)
+        self.tally = Tally()  # requests and their latency, added to the slot on each tick
 
     def run(self) -> int:
         """Serve until TERM; 0 after a requested stop."""
@@ -226,6 +231,7 @@ class EventLoopWorker:
         now = self.turned_at = time.monotonic()
         self.busy = bool(self.tasks or self.connections)
         self.slot.turned(self.busy)
+        self.slot.add_tally(self.tally)
         if self.options.idle_timeout:
             self._close_idle(now - self.options.idle_timeout)
         if self.access is not None:
@@ -270,6 +276,7 @@ class EventLoopWorker:
             connection.close()  # a Protocol's: connection_lost(); a task's: closed by the cancelled task too
         if self.tasks:
             await asyncio.wait(list(self.tasks), timeout=CANCEL_GRACE)
+        self.slot.add_tally(self.tally)
         if self.access is not None:
             self.access.flush()
 
@@ -362,6 +369,7 @@ def _name_of(handler: Any) -> str:
 
 def _leave_now(worker: EventLoopWorker) -> None:
     """QUIT, INT: leave at once (no drain), as the synchronous worker does."""
+    worker.slot.add_tally(worker.tally)
     if worker.access is not None:
         worker.access.flush()
     flush_std_streams()
@@ -415,6 +423,8 @@ class _Endpoint:
         self.sock = listener.sock
         self.name = listener.name
         self.counter = spec.counter_indexes[index] if spec.counter_indexes else index
+        self.tally_index = min(self.counter, MAX_LISTENERS - 1)  # its place in the worker's Tally
+        self.bucket_base = self.tally_index * BUCKETS
         self.handler = handler
         self.info = Endpoint(listener.name, listener.sock)
         self.gate: _Gate | None = None
@@ -432,12 +442,16 @@ class _Endpoint:
 
     def record(self, peer: Any, started: float, bytes_in: int, bytes_out: int, outcome: str,
                tls: str | None = None) -> None:
-        """A connection closed or a datagram handled: counted, its time (one clock read, for both)
-        in the listener's latency histogram, and with an access log its line (*tls*: its version
-        and cipher)."""
+        """A connection closed or a datagram handled: counted with its time (one clock read, for
+        both) in the worker's Tally, which the tick adds to the slot, and with an access log its
+        line (*tls*: its version and cipher)."""
         seconds = _monotonic() - started
-        self.worker.slot.served(self.counter, seconds)
-        access = self.worker.access
+        worker = self.worker
+        tally, index = worker.tally, self.tally_index
+        tally.served[index] += 1
+        tally.counts[self.bucket_base + bisect_left(LATENCY_BOUNDS, seconds)] += 1
+        tally.sums[index] += seconds
+        access = worker.access
         if access is not None:
             access.record(client_text(peer), self.name, self.worker.pid, seconds, bytes_in, bytes_out, outcome, tls)
 
@@ -619,11 +633,15 @@ class _DatagramEndpoint(_Endpoint):
         self.replies = _CountingTransport(transport, self.sock)
         if isinstance(self.handler, type):
             self.app = self.handler()
-            self.app.connection_made(self.replies)  # type: ignore[arg-type]
+            # The counting transport only counts reply bytes for the access log, and a wrapper's
+            # call on every reply costs a datagram more than all the rest prefork does for it.
+            # (Its other part, replying after the stop, is for handlers that run as tasks.)
+            counting = self.worker.access is not None
+            self.app.connection_made(self.replies if counting else transport)  # type: ignore[arg-type]
 
     def received(self, data: bytes, peer: Any) -> None:
         """A datagram (the loop calls this directly: see _Datagrams). The path of every datagram,
-        so its steps are written out here rather than called: admits(), mark_busy(), record()."""
+        so its steps are written out here rather than called: admits(), mark_busy()."""
         if self.gate is not None and not self.admits(peer):
             return
         app, worker = self.app, self.worker
@@ -645,11 +663,7 @@ class _DatagramEndpoint(_Endpoint):
             outcome = "error"
             log.exception("worker %d: datagram handler failed on %s from %s", worker.pid, self.name,
                           client_text(peer))
-        seconds = _monotonic() - started  # record(), written out
-        worker.slot.served(self.counter, seconds)
-        if worker.access is not None:
-            worker.access.record(client_text(peer), self.name, worker.pid, seconds, len(data), replies.sent - sent,
-                                 outcome)
+        self.record(peer, started, len(data), replies.sent - sent, outcome)
 
     async def serve(self, data: bytes, peer: Any) -> None:
         assert self.replies is not None

@@ -35,7 +35,7 @@ from typing import Any, Callable
 from prefork.latency import BUCKETS, LATENCY_BOUNDS, Histogram, from_counts
 
 __all__ = ["Scoreboard", "SlotView", "MasterView", "Health", "RESTART_CAUSES", "MAX_LISTENERS", "BOOTING", "IDLE", "BUSY",
-           "EXITING", "FREE", "STATE_NAMES", "NO_DEPTH", "LOOP_STALLED"]
+           "EXITING", "FREE", "STATE_NAMES", "NO_DEPTH", "LOOP_STALLED", "Tally"]
 
 # Slot states.
 FREE, BOOTING, IDLE, BUSY, EXITING = 0, 1, 2, 3, 4
@@ -377,7 +377,29 @@ class Scoreboard:
             _unlink_if_same(self.path, self._inode)
 
 
-# The word indexes of a slot's request counters, for SlotWriter.served().
+class Tally:
+    """Requests and their latency counted in the worker's own memory and added to its slot now
+    and then (``SlotWriter.add_tally``): an event loop counts a request with three list stores
+    and writes its slot on each tick of its loop, a quarter second apart.
+
+    Indexes: ``served`` and ``sums`` by the listener's counter (below MAX_LISTENERS), ``counts``
+    by ``counter * BUCKETS + bucket(seconds)``, as the slot's own histogram.
+    """
+
+    __slots__ = ("served", "counts", "sums")
+
+    def __init__(self) -> None:
+        self.served = [0] * MAX_LISTENERS
+        self.counts = [0] * (MAX_LISTENERS * BUCKETS)
+        self.sums = [0.0] * MAX_LISTENERS
+
+    def clear(self) -> None:
+        self.served[:] = [0] * MAX_LISTENERS
+        self.counts[:] = [0] * (MAX_LISTENERS * BUCKETS)
+        self.sums[:] = [0.0] * MAX_LISTENERS
+
+
+# The word indexes of a slot's request counters, for SlotWriter.add_tally().
 _REQUESTS_WORD = _Slot.requests.offset // 8
 _BY_LISTENER_WORD = _Slot.by_listener.offset // 8
 
@@ -394,7 +416,7 @@ class SlotWriter:
         # Views over the latency fields: a memoryview's item store is cheaper than a ctypes array's.
         self._counts = memoryview(slot.latency).cast("B").cast("q")
         self._sums = memoryview(slot.latency_sum).cast("B").cast("d")
-        # The whole slot as 64-bit words, for served(): requests and by_listener are int64 fields.
+        # The whole slot as 64-bit words, for add_tally(): requests and by_listener are int64 fields.
         self._words = memoryview(slot).cast("B").cast("q")
         # The listener last written: most workers serve one, so it is written once.
         self._listener = b""
@@ -457,16 +479,19 @@ class SlotWriter:
         slot.last_tick = slot.request_started = time.monotonic()
         slot.state = BUSY if busy else IDLE
 
-    def served(self, listener_index: int, seconds: float) -> None:
-        """One more connection or datagram served, in *seconds*: counted, and timed into the
-        listener's latency histogram; the state is left as it is. Four item stores into views
-        of the map (a ctypes field's store costs more than the four together)."""
-        index = listener_index if listener_index < MAX_LISTENERS else MAX_LISTENERS - 1
-        words = self._words
-        words[_REQUESTS_WORD] += 1
-        words[_BY_LISTENER_WORD + index] += 1
-        self._counts[index * BUCKETS + bisect_left(LATENCY_BOUNDS, seconds)] += 1
-        self._sums[index] += seconds
+    def add_tally(self, tally: Tally) -> None:
+        """Add what *tally* counted since the last call to the slot, and empty it."""
+        words, counts, sums = self._words, self._counts, self._sums
+        for index, served in enumerate(tally.served):
+            if not served:
+                continue
+            words[_REQUESTS_WORD] += served
+            words[_BY_LISTENER_WORD + index] += served
+            sums[index] += tally.sums[index]
+            for bucket in range(index * BUCKETS, (index + 1) * BUCKETS):
+                if tally.counts[bucket]:
+                    counts[bucket] += tally.counts[bucket]
+        tally.clear()
 
     def describe(self, client: bytes, listener: bytes) -> None:
         """Name the client and listener the loop is on (the watchdog: the task that blocks it)."""

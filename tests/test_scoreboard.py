@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import os
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 
 from prefork import scoreboard
 from prefork.latency import BUCKETS, LATENCY_BOUNDS, Histogram
-from prefork.scoreboard import MAX_LISTENERS, Scoreboard
+from prefork.scoreboard import MAX_LISTENERS, Scoreboard, Tally
 
 
 def test_the_file_has_its_header_before_it_has_its_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -99,26 +100,31 @@ def test_percentiles_interpolate_within_the_bucket() -> None:
     assert [le for le, _ in Histogram(tuple(counts)).cumulative()][-2:] == ["10.0", "+Inf"]
 
 
-def test_served_counts_the_request_per_listener_and_its_latency() -> None:
-    """An event loop's one call per request: requests, the listener's count, its histogram."""
+def test_a_tally_adds_requests_per_listener_and_their_latency_to_the_slot() -> None:
+    """An event loop counts requests in a Tally and adds it on its tick: the slot's counts and
+    histograms as if written one by one, and the tally empty for the next tick."""
     board = Scoreboard.create(1)
     try:
         board.claim(0, 1, 1)
-        writer = board.writer(0)
-        writer.served(1, 0.003)
-        writer.served(1, 0.0001)
-        writer.served(MAX_LISTENERS + 3, 2.0)  # past the last counter: counted under it
+        writer, tally = board.writer(0), Tally()
+        for index, seconds in ((1, 0.003), (1, 0.0001), (MAX_LISTENERS - 1, 2.0)):
+            tally.served[index] += 1
+            tally.counts[index * BUCKETS + bisect.bisect_left(LATENCY_BOUNDS, seconds)] += 1
+            tally.sums[index] += seconds
+        writer.add_tally(tally)
+        writer.add_tally(tally)  # emptied by the first: adds nothing
         view = board.read(0)
         assert view.requests == 3 and view.by_listener[1] == 2 and view.by_listener[-1] == 1
         histograms = board.slot_latency(0)
         assert (histograms[1].count, histograms[-1].count) == (2, 1)
         assert histograms[1].total == pytest.approx(0.0031)
+        assert tally.served == [0] * MAX_LISTENERS and not any(tally.counts) and not any(tally.sums)
         del writer
     finally:
         board.close()
 
 
-def test_observe_and_served_allocate_nothing_that_outlives_the_call() -> None:
+def test_observe_allocates_nothing_that_outlives_the_call() -> None:
     """A request's record is a few stores into the map: no memory grows with the requests.
 
     (Its cost in time is measured by the master benchmark, `python -m loadtests.bench master`.)
@@ -135,7 +141,6 @@ def test_observe_and_served_allocate_nothing_that_outlives_the_call() -> None:
             before = tracemalloc.get_traced_memory()[0]
             for i in range(10_000):
                 writer.observe(i % 3, 0.0001 * (i % 50))
-                writer.served(i % 3, 0.0001 * (i % 50))
             grown = tracemalloc.get_traced_memory()[0] - before
         finally:
             tracemalloc.stop()
