@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import errno
 import logging
 import socket
 import ssl
@@ -46,9 +45,10 @@ from prefork.bindspec import Network
 from prefork.listeners import Listener
 from prefork.parking import ACCEPT_BATCH, Report, StageFailed
 from prefork.proxy import ProxyError, ProxyStage, client_address, parse
+from prefork.servers import RESOURCE_ERRNOS
 from prefork.tls import HandshakeStage, handshake_failure
 
-__all__ = ["Acceptor", "Stages", "quiet_tls_errors", "OUT_OF_RESOURCES"]
+__all__ = ["Acceptor", "Stages", "quiet_tls_errors"]
 
 log = logging.getLogger("prefork.parking")
 
@@ -61,8 +61,6 @@ _PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 # The context messages under which asyncio and uvloop report the errors of an SSL transport.
 _TLS_MESSAGES = ("SSL", "ssl")
 _TLS_CONNECTION = "TLS connection"
-# accept() errors that mean the worker (or the system) is out of a resource, as in sync mode.
-OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 @dataclasses.dataclass
@@ -216,7 +214,7 @@ class Acceptor:
     def _pause(self, exc: OSError) -> None:
         """Out of descriptors or memory (or an odd error): the level-triggered reader would spin on
         the connection it cannot take, so the listener leaves it for ACCEPT_RETRY seconds."""
-        if self.out_of_resources is not None and exc.errno in OUT_OF_RESOURCES:
+        if self.out_of_resources is not None and exc.errno in RESOURCE_ERRNOS:
             self.out_of_resources(exc)
         else:
             log.warning("accept on %s failed: %s; accepting again in %gs", self.sock.getsockname(), exc, ACCEPT_RETRY)

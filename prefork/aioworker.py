@@ -57,13 +57,14 @@ from typing import Any, Callable, Sequence, cast
 
 from prefork.accounting import client_text, tls_text
 from prefork.aio import DATAGRAM, AsyncStreamRequestHandler, Endpoint, async_kind
-from prefork.aiostages import OUT_OF_RESOURCES, Acceptor, Stages, quiet_tls_errors
+from prefork.aiostages import Acceptor, Stages, quiet_tls_errors
 from prefork.allowlist import guard
 from prefork.errors import AppLoadError
+from prefork.latency import BUCKETS, LATENCY_BOUNDS
 from prefork.listeners import Listener
 from prefork.parking import ACCEPT_BATCH
-from prefork.latency import BUCKETS, LATENCY_BOUNDS
 from prefork.scoreboard import MAX_LISTENERS, STOP_SHUTDOWN, Tally
+from prefork.servers import RESOURCE_ERRNOS
 from prefork.worker import (DRAIN_LIMIT, DRAIN_PATIENCE, WorkerIdentity, WorkerSpec, flush_std_streams,
                             queued_requests)
 
@@ -354,7 +355,7 @@ class _OutOfFiles:
         anything else goes to *previous* (or the loop's default: logged with its traceback)."""
         def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
             exc = context.get("exception")
-            if isinstance(exc, OSError) and exc.errno in OUT_OF_RESOURCES:
+            if isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS:
                 self.accept_failed(exc)
             elif previous is not None:
                 previous(loop, context)
@@ -453,7 +454,7 @@ class _Endpoint:
         tally.sums[index] += seconds
         access = worker.access
         if access is not None:
-            access.record(client_text(peer), self.name, self.worker.pid, seconds, bytes_in, bytes_out, outcome, tls)
+            access.record(client_text(peer), self.name, worker.pid, seconds, bytes_in, bytes_out, outcome, tls)
 
     async def start(self, loop: asyncio.AbstractEventLoop) -> None:
         raise NotImplementedError

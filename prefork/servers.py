@@ -39,8 +39,8 @@ import traceback
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 __all__ = ["BaseServer", "TCPServer", "UDPServer"]
-# Poller, LoopServer and is_listening (the core's extension interface) are public but not in
-# __all__, so that the drop-in facade keeps exactly the standard library's names.
+# Poller, LoopServer, is_listening and RESOURCE_ERRNOS (the core's extension interface) are
+# public but not in __all__, so that the drop-in facade keeps exactly the standard library's names.
 
 log = logging.getLogger("prefork.server")
 
@@ -49,7 +49,7 @@ _AddressType = Any  # (host, port) tuples, (host, port, flowinfo, scope_id) or a
 
 # Failures that mean the process (or the machine) is out of a resource. Retrying at once would
 # spin at 100% CPU because the listener stays readable, so we log and back off briefly.
-_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 # How long to stop accepting after a resource failure: long enough that a busy loop cannot
 # form, short enough that service resumes promptly once descriptors are released.
@@ -143,7 +143,7 @@ def _new_epoll() -> Any:
     try:
         return select.epoll()
     except OSError as exc:
-        if exc.errno not in _RESOURCE_ERRNOS:
+        if exc.errno not in RESOURCE_ERRNOS:
             raise
         return None
 
@@ -400,7 +400,7 @@ class BaseServer:
 
     def _request_failed(self, exc: OSError) -> None:
         """get_request() failed: silent after a lost race, logged and backed off when out of resources."""
-        if exc.errno in _RESOURCE_ERRNOS:
+        if exc.errno in RESOURCE_ERRNOS:
             _resource_limiter.report(exc, self)
             self._pause(_RESOURCE_BACKOFF)
         # Everything else (a lost race, a client that reset before accept) is not an error of
