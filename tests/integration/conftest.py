@@ -13,7 +13,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import psutil
 import pytest
@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # How long a master gets to start every worker, or to stop.
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
+
+T = TypeVar("T")
 
 
 class Master:
@@ -96,9 +98,13 @@ class Master:
         return parse_bind(self.info["listeners"][index]).address
 
     def workers(self) -> list[SlotView]:
+        return self.from_scoreboard(lambda board: [view for view in board.used() if view.pid])
+
+    def from_scoreboard(self, read: Callable[[Scoreboard], T]) -> T:
+        """What *read* finds in the master's scoreboard, opened for it and closed after."""
         board = Scoreboard.open(f"{self.pidfile}.scoreboard")
         try:
-            return [view for view in board.used() if view.pid]
+            return read(board)
         finally:
             board.close()
 

@@ -138,11 +138,7 @@ def target_of(master) -> int:
 
 def master_view(master) -> MasterView:
     """What the master publishes in its scoreboard."""
-    board = Scoreboard.open(f"{master.pidfile}.scoreboard")
-    try:
-        return board.master()
-    finally:
-        board.close()
+    return master.from_scoreboard(Scoreboard.master)
 
 
 def accept_queue(port: int) -> int:
@@ -212,11 +208,7 @@ def test_allow_lists_and_the_access_log(start_master, tmp_path: Path) -> None:
 
 def latency_of(master) -> list:
     """The latency histograms per listener counter, from the master's scoreboard."""
-    board = Scoreboard.open(f"{master.pidfile}.scoreboard")
-    try:
-        return board.latency()
-    finally:
-        board.close()
+    return master.from_scoreboard(Scoreboard.latency)
 
 
 # -- the blocked-loop watchdog and the idle timeout -------------------------------------------------
