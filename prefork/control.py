@@ -25,7 +25,7 @@ from prefork.pidfile import is_running, read_pid
 from prefork.procstats import CpuSampler, ProcStats, stats
 from prefork.reloads import CANCELLED, REFUSED, RELOADED, ReloadReport, read_report, report_path
 from prefork.latency import Histogram
-from prefork.scoreboard import BUSY, IDLE, NO_DEPTH, MasterView, Scoreboard, SlotView
+from prefork.scoreboard import AGED_STATES, BUSY, IDLE, NO_DEPTH, MasterView, Scoreboard, SlotView
 
 __all__ = ["Master", "cmd_status", "cmd_reload", "cmd_stop", "cmd_upgrade", "cmd_scale", "cmd_reopen_logs",
            "DEFAULT_WAIT", "columns", "listener_rows",
@@ -427,7 +427,7 @@ def _format_status(report: dict[str, Any]) -> str:
             f"  restarts: {restarts}\n" + "".join(f"  {_listener_line(row)}\n" for row in report["listeners"]))
     rows = [("PID", "#", "GEN", "STATE", "REQUESTS", "REQ AGE", "RSS", "USS", "CPU", "UP")]
     for w in report["workers"]:
-        age = duration_text(w["request_age"]) if w["state"] in ("busy", "stalled") else "-"
+        age = duration_text(w["request_age"]) if w["state"] in AGED_STATES else "-"
         rows.append((str(w["pid"]), str(w["number"]), str(w["generation"]), w["state"], str(w["requests"]),
                      age, size_text(w["rss"]), size_text(w["uss"]), percent_text(w["cpu_percent"]), duration_text(w["uptime"])))
     return head + "\n" + columns(rows)

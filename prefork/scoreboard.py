@@ -35,7 +35,7 @@ from typing import Any, Callable
 from prefork.latency import BUCKETS, LATENCY_BOUNDS, Histogram, from_counts
 
 __all__ = ["Scoreboard", "SlotView", "MasterView", "Health", "RESTART_CAUSES", "MAX_LISTENERS", "BOOTING", "IDLE", "BUSY",
-           "EXITING", "FREE", "STATE_NAMES", "NO_DEPTH", "LOOP_STALLED", "Tally"]
+           "EXITING", "FREE", "STATE_NAMES", "NO_DEPTH", "LOOP_STALLED", "AGED_STATES", "Tally"]
 
 # Slot states.
 FREE, BOOTING, IDLE, BUSY, EXITING = 0, 1, 2, 3, 4
@@ -44,6 +44,8 @@ STATE_NAMES = {FREE: "free", BOOTING: "booting", IDLE: "idle", BUSY: "busy", EXI
 # An event loop writes its slot every quarter second (prefork.aioworker's TICK); one that has
 # not turned for this long serves nothing meanwhile: readers show it as "stalled", not idle or busy.
 LOOP_STALLED = 2.0
+# The shown states (SlotView.shown_state) whose age status and top show: a request's, a stall's.
+AGED_STATES = frozenset({"busy", "stalled"})
 
 # How the master wants a worker to stop (written before it sends SIGTERM).
 STOP_NONE, STOP_RETIRE, STOP_SHUTDOWN = 0, 1, 2

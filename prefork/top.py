@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from prefork.control import Master, columns, duration_text, millis_text, percent_text, size_text
 from prefork.procstats import CpuSampler, stats
-from prefork.scoreboard import BUSY, IDLE, NO_DEPTH, SlotView
+from prefork.scoreboard import AGED_STATES, BUSY, IDLE, NO_DEPTH, SlotView
 
 __all__ = ["cmd_top", "Watch", "Row", "SORT_KEYS", "render"]
 
@@ -60,7 +60,7 @@ class Row:
     cpu: float | None
 
     def cells(self) -> tuple[str, ...]:
-        busy = self.state in ("busy", "stalled")
+        busy = self.state in AGED_STATES
         return (str(self.number), str(self.pid), str(self.generation), self.state,
                 "-" if self.rate is None else f"{self.rate:.1f}", str(self.requests),
                 duration_text(self.age) if busy else "-", self.client if busy else "", size_text(self.rss),
