@@ -23,8 +23,10 @@ Rules:
    with the context the master built (prefork.tls rule 1): the handshake's exception reaches
    the worker here. The protocol sees the client the PROXY header named.
 5. A stage that fails closes the connection with one log line per stage and kind of failure per
-   ``prefork.parking.REPORT_INTERVAL`` and listener, in the synchronous mode's words
-   (``prefork.parking.Report``), never a traceback; a client that resets is forgotten silently.
+   ``prefork.parking.REPORT_INTERVAL`` and worker, in the synchronous mode's words: one
+   ``prefork.parking.Report`` of the worker's serves all its listeners and the exception handler
+   of rule 6, as one parking lot's does in that mode. Never a traceback; a client that resets is
+   forgotten silently.
 6. The loop's exception handler (``quiet_tls_errors``) turns the SSL errors that asyncio or
    uvloop hand it into such a line; every other context goes to the handler that was there
    (the loop's default logs it with its traceback). In debug mode the loops also log SSL
@@ -38,7 +40,6 @@ import dataclasses
 import logging
 import socket
 import ssl
-import time
 from typing import Any, Callable, Sequence
 
 from prefork.bindspec import Network
@@ -75,21 +76,23 @@ class _Accepted:
 class Stages:
     """The stages of one listener's connections (rules 2 to 5)."""
 
-    def __init__(self, proxy: ProxyStage | None, context: ssl.SSLContext | None, timeout: float) -> None:
+    def __init__(self, proxy: ProxyStage | None, context: ssl.SSLContext | None, timeout: float,
+                 report: Report) -> None:
         self.proxy = proxy
         self.context = context
         self.timeout = timeout or NO_LIMIT
-        self.report = Report(time.monotonic)
+        self.report = report  # the worker's (rule 5)
 
     @classmethod
     def of(cls, listener: Listener, context: ssl.SSLContext | None, proxy_allow: Sequence[Network],
-           timeout: float) -> Stages | None:
+           timeout: float, report: Report) -> Stages | None:
         """The stages *listener*'s spec asks for; None for a listener without ?proxy or ?tls."""
         spec = listener.spec
         if not spec.proxy and not spec.tls:
             return None
         assert context is not None or not spec.tls, "the master builds the context for every ?tls listener"
-        return cls(ProxyStage(spec.proxy, proxy_allow) if spec.proxy else None, context if spec.tls else None, timeout)
+        return cls(ProxyStage(spec.proxy, proxy_allow) if spec.proxy else None, context if spec.tls else None, timeout,
+                   report)
 
     async def connect(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, peer: Any,
                       factory: Callable[[Any], asyncio.BaseProtocol]) -> bool:
@@ -223,11 +226,12 @@ class Acceptor:
         self.retry = self.loop.call_later(ACCEPT_RETRY, self.start)
 
 
-def quiet_tls_errors(loop: asyncio.AbstractEventLoop) -> None:
-    """Rule 6: install the worker's exception handler on *loop* (once) and the asyncio logger's filter."""
+def quiet_tls_errors(loop: asyncio.AbstractEventLoop, report: Report) -> None:
+    """Rule 6: install the worker's exception handler on *loop* (once), reporting to *report*
+    (the worker's: rule 5), and the asyncio logger's filter."""
     if isinstance(loop.get_exception_handler(), _QuietTLS):
         return
-    loop.set_exception_handler(_QuietTLS(loop.get_exception_handler(), Report(time.monotonic)))
+    loop.set_exception_handler(_QuietTLS(loop.get_exception_handler(), report))
     asyncio_log = logging.getLogger("asyncio")
     if not any(isinstance(f, _DropTLSTracebacks) for f in asyncio_log.filters):
         asyncio_log.addFilter(_DropTLSTracebacks())

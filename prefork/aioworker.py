@@ -31,12 +31,18 @@ Rules:
    connections may finish until CANCEL_MARGIN before the stop's deadline (the master's
    SIGKILL), then their handlers are cancelled. QUIT and INT leave at once; USR1 reopens logs.
 5. A handler's exception is logged with its traceback and its connection closed; the worker
-   goes on. A connection silent both ways for ``idle_timeout`` seconds is closed.
+   goes on. A connection silent both ways for ``idle_timeout`` seconds is closed (aborted if
+   what it has to send waits for a peer that does not read). Silence is seen by the tick, not
+   timed per message: a connection whose byte counts have not moved since a tick at least
+   ``idle_timeout`` ago is idle.
 6. Running out of descriptors is never silent and never a flood: at most one line per
    RESOURCE_REPORT_INTERVAL, with a count of the rest (``_OutOfFiles``). asyncio's loop reports
    each accept() that fails to the loop's exception handler (a traceback per retry); uvloop
    closes the connections it cannot take without a word, so the tick counts the worker's open
    descriptors when its connections come near its limit.
+7. Per message, prefork adds to an app's own Protocol only a frame that catches its exception;
+   it counts the bytes in and out (a wrapper around the transport the app writes to) only
+   where something reads the counts: the access log, or ``idle_timeout``.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import os
 import resource
 import signal
@@ -62,7 +69,7 @@ from prefork.allowlist import guard
 from prefork.errors import AppLoadError
 from prefork.latency import BUCKETS, LATENCY_BOUNDS
 from prefork.listeners import Listener
-from prefork.parking import ACCEPT_BATCH
+from prefork.parking import ACCEPT_BATCH, Report
 from prefork.scoreboard import MAX_LISTENERS, STOP_SHUTDOWN, Tally
 from prefork.servers import RESOURCE_ERRNOS
 from prefork.worker import (DRAIN_LIMIT, DRAIN_PATIENCE, WorkerIdentity, WorkerSpec, flush_std_streams,
@@ -105,6 +112,8 @@ RESOURCE_REPORT_INTERVAL = 5.0
 FD_COUNT_FROM = 0.5
 FD_HEADROOM = 8
 _monotonic = time.monotonic  # the clock of the per-request paths, one lookup less each time
+# Most requests of an event loop fall in the first latency bucket: no bisect for those.
+FIRST_BOUND = LATENCY_BOUNDS[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +159,10 @@ class EventLoopWorker:
         self.slot = identity.slot
         self.options = options
         self.access = spec.access_log
+        # What the stages of ?proxy and ?tls listeners refuse: one rate-limited report per worker.
+        self.stage_report = Report(time.monotonic)
+        # Rule 7: whether stream connections count their bytes (someone reads the counts).
+        self.counting = self.access is not None or options.idle_timeout > 0
         self.pid = os.getpid()
         self.endpoints = [_endpoint(self, listener, index, handler, spec)
                           for index, (listener, handler) in enumerate(zip(listeners, handlers))]
@@ -234,7 +247,7 @@ class EventLoopWorker:
         self.slot.turned(self.busy)
         self.slot.add_tally(self.tally)
         if self.options.idle_timeout:
-            self._close_idle(now - self.options.idle_timeout)
+            self._close_idle(now)
         if self.access is not None:
             self.access.flush()  # at most a write per tick: lines never wait for an idle moment
         self.out_of_files.check(len(self.connections) + self.unmade)
@@ -244,10 +257,18 @@ class EventLoopWorker:
         assert self.loop is not None
         self.loop.call_later(TICK, self._tick)
 
-    def _close_idle(self, silent_since: float) -> None:
-        for connection in [c for c in self.connections if c.last_active < silent_since]:
-            log.info("closing %s: idle for %gs (idle_timeout)", client_text(connection.peer), self.options.idle_timeout)
-            connection.close()
+    def _close_idle(self, now: float) -> None:
+        """Rule 5: a connection's bytes that moved since the last tick make it active as of this
+        tick; one that has been still since a tick idle_timeout ago is closed."""
+        limit = self.options.idle_timeout
+        for connection in list(self.connections):
+            moved = connection.bytes_in + connection.bytes_out
+            if moved != connection.moved:
+                connection.moved, connection.quiet_since = moved, now
+            elif now - connection.quiet_since >= limit:
+                log.info("closing %s: idle for %gs (idle_timeout)", client_text(connection.peer), limit)
+                connection.quiet_since = math.inf  # once: a closing connection stays in the set until lost
+                connection.end()
 
     def _reopen_logs(self) -> None:
         if self.spec.on_reopen_logs is not None:
@@ -450,7 +471,7 @@ class _Endpoint:
         worker = self.worker
         tally, index = worker.tally, self.tally_index
         tally.served[index] += 1
-        tally.counts[self.bucket_base + bisect_left(LATENCY_BOUNDS, seconds)] += 1
+        tally.counts[self.bucket_base + (0 if seconds < FIRST_BOUND else bisect_left(LATENCY_BOUNDS, seconds))] += 1
         tally.sums[index] += seconds
         access = worker.access
         if access is not None:
@@ -488,7 +509,8 @@ class _StreamEndpoint(_Endpoint):
     def __init__(self, worker: EventLoopWorker, listener: Listener, index: int, handler: Any,
                  spec: WorkerSpec) -> None:
         super().__init__(worker, listener, index, handler, spec)
-        self.stages = Stages.of(listener, spec.tls_context, spec.proxy_allow, spec.handshake_timeout)
+        self.stages = Stages.of(listener, spec.tls_context, spec.proxy_allow, spec.handshake_timeout,
+                                worker.stage_report)
         self.staging: set[asyncio.Task[None]] = set()  # connections in their stages
 
     async def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -507,7 +529,7 @@ class _StreamEndpoint(_Endpoint):
             copy.listen(backlog)
             return
         if self.stages.context is not None:
-            quiet_tls_errors(loop)
+            quiet_tls_errors(loop, self.worker.stage_report)
         listening = self.sock.dup()
         listening.listen(backlog)
         self.acceptor = Acceptor(loop, listening, self.admit, self.worker.out_of_files.accept_failed)
@@ -521,7 +543,7 @@ class _StreamEndpoint(_Endpoint):
     def protocol(self, client: Any) -> _Connection | _ProtocolConnection:
         """A connection's protocol; *client*: its address, None for the socket's peer."""
         if isinstance(self.handler, type) and issubclass(self.handler, asyncio.Protocol):
-            return _ProtocolConnection(self, client)
+            return (_CountedProtocolConnection if self.worker.counting else _ProtocolConnection)(self, client)
         assert self.worker.loop is not None
         return _Connection(self, self.worker.loop, client)
 
@@ -579,7 +601,7 @@ class _StreamEndpoint(_Endpoint):
         finally:
             connection.close()
             self.worker.finished(asyncio.current_task(), connection)
-            self.record(connection.peer, started, connection.bytes_in, connection.writer.bytes_out, outcome,
+            self.record(connection.peer, started, connection.bytes_in, connection.bytes_out, outcome,
                         connection.tls)
 
     def stop_accepting(self) -> None:
@@ -642,7 +664,8 @@ class _DatagramEndpoint(_Endpoint):
 
     def received(self, data: bytes, peer: Any) -> None:
         """A datagram (the loop calls this directly: see _Datagrams). The path of every datagram,
-        so its steps are written out here rather than called: admits(), mark_busy()."""
+        so its steps are written out here rather than called: admits(), mark_busy(), and without
+        an access log record()'s count."""
         if self.gate is not None and not self.admits(peer):
             return
         app, worker = self.app, self.worker
@@ -653,18 +676,35 @@ class _DatagramEndpoint(_Endpoint):
             return
         if not worker.busy:
             worker.mark_busy()
-        replies = self.replies
-        assert replies is not None
-        sent = replies.sent
+        if worker.access is not None:
+            self.logged(app, data, peer)
+            return
         started = _monotonic()
         try:
             app.datagram_received(data, peer)
-            outcome = "ok"
+        except Exception:
+            self.failed(peer)
+        seconds = _monotonic() - started
+        tally, index = worker.tally, self.tally_index
+        tally.served[index] += 1
+        tally.counts[self.bucket_base + (0 if seconds < FIRST_BOUND else bisect_left(LATENCY_BOUNDS, seconds))] += 1
+        tally.sums[index] += seconds
+
+    def logged(self, app: asyncio.DatagramProtocol, data: bytes, peer: Any) -> None:
+        """A datagram served with an access log: its reply bytes counted, its outcome logged."""
+        replies = self.replies
+        assert replies is not None
+        sent, started, outcome = replies.sent, _monotonic(), "ok"
+        try:
+            app.datagram_received(data, peer)
         except Exception:
             outcome = "error"
-            log.exception("worker %d: datagram handler failed on %s from %s", worker.pid, self.name,
-                          client_text(peer))
+            self.failed(peer)
         self.record(peer, started, len(data), replies.sent - sent, outcome)
+
+    def failed(self, peer: Any) -> None:
+        log.exception("worker %d: datagram handler failed on %s from %s", self.worker.pid, self.name,
+                      client_text(peer))
 
     async def serve(self, data: bytes, peer: Any) -> None:
         assert self.replies is not None
@@ -675,8 +715,7 @@ class _DatagramEndpoint(_Endpoint):
         except asyncio.CancelledError:
             pass  # the stop's deadline: the datagram is not answered
         except Exception:
-            log.exception("worker %d: datagram handler failed on %s from %s", self.worker.pid, self.name,
-                          client_text(peer))
+            self.failed(peer)
         finally:
             self.worker.finished(asyncio.current_task(), None)
             self.record(peer, started, len(data), self.replies.sent - sent, outcome)
@@ -762,8 +801,8 @@ class _CountingTransport:
 class _ProtocolConnection(asyncio.Protocol):
     """A connection served by the app's asyncio.Protocol: no task, the app's callbacks in the loop.
 
-    Counts bytes, notes activity, reports to the worker, logs an exception of the app's
-    callbacks with its traceback and closes the connection.
+    Reports to the worker, logs an exception of the app's callbacks with its traceback and
+    closes the connection. Counts no bytes (rule 7: _CountedProtocolConnection does).
     """
 
     def __init__(self, endpoint: _StreamEndpoint, client: Any = None) -> None:
@@ -772,10 +811,9 @@ class _ProtocolConnection(asyncio.Protocol):
         self.transport: asyncio.BaseTransport | None = None
         self.peer: Any = client  # the PROXY header's client; else the socket's peer, once made
         self.tls: str | None = None
-        self.started = self.last_active = time.monotonic()
-        self.bytes_in = 0
+        self.started = self.quiet_since = time.monotonic()
+        self.bytes_in = self.bytes_out = self.moved = 0
         self.outcome = "ok"
-        self.replies: _CountingStreamTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -789,12 +827,13 @@ class _ProtocolConnection(asyncio.Protocol):
             transport.close()
             return
         endpoint.worker.started(None, self)
-        self.replies = _CountingStreamTransport(transport, self)
-        self._call(self.app.connection_made, self.replies)
+        self._call(self.app.connection_made, self.app_transport(transport))
+
+    def app_transport(self, transport: asyncio.BaseTransport) -> Any:
+        """The transport the app writes to: the loop's own."""
+        return transport
 
     def data_received(self, data: bytes) -> None:
-        self.bytes_in += len(data)
-        self.last_active = _monotonic()
         try:  # _call(), written out: the path of every chunk received
             self.app.data_received(data)
         except Exception:
@@ -819,12 +858,15 @@ class _ProtocolConnection(asyncio.Protocol):
         self._call(self.app.connection_lost, exc)
         endpoint = self.endpoint
         endpoint.worker.finished(None, self)
-        sent = self.replies.sent if self.replies is not None else 0
-        endpoint.record(self.peer, self.started, self.bytes_in, sent, self.outcome, self.tls)
+        endpoint.record(self.peer, self.started, self.bytes_in, self.bytes_out, self.outcome, self.tls)
 
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+    def end(self) -> None:
+        """Idle: closed, or aborted where what it has to send waits for a peer that does not read."""
+        _end(self.transport)
 
     def _call(self, callback: Callable[[Any], object], argument: Any) -> None:
         try:
@@ -839,19 +881,37 @@ class _ProtocolConnection(asyncio.Protocol):
         self.close()
 
 
-class _CountingStreamTransport:
-    """The transport an app's Protocol gets: counts what it writes and notes it as activity."""
+class _CountedProtocolConnection(_ProtocolConnection):
+    """Rule 7: a Protocol connection that counts its bytes, for the access log or idle_timeout."""
 
-    __slots__ = ("_transport", "_connection", "sent")
+    def app_transport(self, transport: asyncio.BaseTransport) -> Any:
+        return _CountingStreamTransport(transport, self)
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        super().data_received(data)
+
+
+def _end(transport: asyncio.BaseTransport | None) -> None:
+    if transport is None:
+        return
+    if cast(asyncio.WriteTransport, transport).get_write_buffer_size():
+        cast(asyncio.WriteTransport, transport).abort()
+    else:
+        transport.close()
+
+
+class _CountingStreamTransport:
+    """The transport an app's Protocol gets where bytes are counted: counts what it writes."""
+
+    __slots__ = ("_transport", "_connection")
 
     def __init__(self, transport: asyncio.BaseTransport, connection: _ProtocolConnection) -> None:
         self._transport: Any = transport
         self._connection = connection
-        self.sent = 0
 
     def write(self, data: Any) -> None:
-        self.sent += len(data)
-        self._connection.last_active = _monotonic()
+        self._connection.bytes_out += len(data)
         self._transport.write(data)
 
     def writelines(self, lines: Any) -> None:
@@ -863,15 +923,15 @@ class _CountingStreamTransport:
 
 
 class _Connection(asyncio.StreamReaderProtocol):
-    """One stream connection: asyncio's reader protocol, counting bytes and noting activity."""
+    """One stream connection: asyncio's reader protocol, counting bytes."""
 
     def __init__(self, endpoint: _StreamEndpoint, loop: asyncio.AbstractEventLoop, client: Any = None) -> None:
         self.reader = asyncio.StreamReader(limit=STREAM_LIMIT, loop=loop)
         super().__init__(self.reader, loop=loop)
         self.endpoint = endpoint
         self.loop = loop
-        self.bytes_in = 0
-        self.last_active = time.monotonic()
+        self.bytes_in = self.bytes_out = self.moved = 0
+        self.quiet_since = time.monotonic()
         self.peer: Any = client  # the PROXY header's client; else the socket's peer, once made
         self.tls: str | None = None
         self.transport: asyncio.BaseTransport | None = None
@@ -888,24 +948,25 @@ class _Connection(asyncio.StreamReaderProtocol):
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
-        self.last_active = _monotonic()
         super().data_received(data)
 
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
 
+    def end(self) -> None:
+        """Idle: closed, or aborted where what it has to send waits for a peer that does not read."""
+        _end(self.transport)
+
 
 class _CountingWriter(asyncio.StreamWriter):
-    """asyncio's StreamWriter, counting what the handler writes and noting it as activity."""
+    """asyncio's StreamWriter, counting what the handler writes (in its connection's bytes_out)."""
 
     def __init__(self, transport: asyncio.BaseTransport, connection: _Connection, reader: asyncio.StreamReader,
                  loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(transport, connection, reader, loop)  # type: ignore[arg-type]
         self.connection = connection
-        self.bytes_out = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.bytes_out += len(data)
-        self.connection.last_active = _monotonic()
+        self.connection.bytes_out += len(data)
         super().write(data)

@@ -14,6 +14,7 @@ import pytest
 
 from prefork.aiostages import Stages, quiet_tls_errors
 from prefork.aioworker import new_event_loop
+from prefork.parking import Report
 from prefork.proxy import ProxyStage
 from tests.support import SOCKET_TIMEOUT
 
@@ -64,7 +65,7 @@ def drained(sock: socket.socket) -> bool:
 
 
 def proxy_stages() -> Stages:
-    return Stages(ProxyStage((1, 2), ()), None, SOCKET_TIMEOUT)
+    return Stages(ProxyStage((1, 2), ()), None, SOCKET_TIMEOUT, Report(time.monotonic))
 
 
 def test_a_header_in_pieces_is_taken_exactly_and_what_follows_reaches_the_protocol(loop: asyncio.AbstractEventLoop) -> None:
@@ -112,8 +113,8 @@ def test_a_truncated_header_is_one_line_and_the_socket_is_closed(loop: asyncio.A
 
 def test_ssl_errors_handed_to_the_loop_are_one_line_and_others_keep_their_traceback(
         loop: asyncio.AbstractEventLoop, caplog: pytest.LogCaptureFixture) -> None:
-    quiet_tls_errors(loop)
-    quiet_tls_errors(loop)  # once is enough: a second call changes nothing
+    quiet_tls_errors(loop, Report(time.monotonic))
+    quiet_tls_errors(loop, Report(time.monotonic))  # once is enough: a second call changes nothing
     for _ in range(3):
         loop.call_exception_handler({"message": "Fatal error on SSL transport",
                                      "exception": ssl.SSLError(1, "[SSL: BAD_RECORD_MAC] bad record mac")})
@@ -133,7 +134,7 @@ def test_the_loops_debug_records_of_ssl_errors_are_dropped(loop: asyncio.Abstrac
     caplog.set_level(logging.DEBUG, logger="asyncio")
     before = list(logger.filters)
     try:
-        quiet_tls_errors(loop)
+        quiet_tls_errors(loop, Report(time.monotonic))
         try:
             raise ssl.SSLError(1, "[SSL: HTTP_REQUEST] http request")
         except ssl.SSLError:

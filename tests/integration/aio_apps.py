@@ -2,6 +2,7 @@
 
 ``AsyncStreamHandler`` is a coroutine function (reader, writer); ``handlers`` offers the class
 form; ``AsyncDatagramHandler`` is a coroutine function of (data, address, transport);
+``protocols`` offers an asyncio.Protocol and a DatagramProtocol, echoing (no commands);
 ``tls_info`` says what a TLS connection's handler sees.
 """
 
@@ -85,7 +86,17 @@ class EchoProtocol(asyncio.Protocol):
         self.transport.write(data)
 
 
-protocols = types.SimpleNamespace(AsyncStreamHandler=EchoProtocol)
+class EchoDatagrams(asyncio.DatagramProtocol):
+    """The DatagramProtocol form: echoes each datagram."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: Any = transport
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.transport.sendto(data, addr)
+
+
+protocols = types.SimpleNamespace(AsyncStreamHandler=EchoProtocol, AsyncDatagramHandler=EchoDatagrams)
 
 
 # How long the loop stays free after a "block N" datagram before BlockLater blocks it: several of

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import re
 import resource
 import signal
@@ -189,9 +190,15 @@ def test_the_scoreboard_shows_connections_requests_and_busy_state(start_master) 
                == (0, "idle", 3), 5, message=str(master.workers()))
 
 
-def test_allow_lists_and_the_access_log(start_master, tmp_path: Path) -> None:
+# The coroutine handlers, and the Protocols: these count bytes only where something reads them
+# (here the access log), through a transport of prefork's in place of the loop's.
+HANDLER_KINDS = pytest.mark.parametrize("app", [AIO_APPS, f"{AIO_APPS}:protocols"], ids=["coroutines", "protocols"])
+
+
+@HANDLER_KINDS
+def test_allow_lists_and_the_access_log(start_master, tmp_path: Path, app: str) -> None:
     access = tmp_path / "access.log"
-    master = start_master(app=AIO_APPS, mode="asyncio", workers=1, access_log=str(access),
+    master = start_master(app=app, mode="asyncio", workers=1, access_log=str(access),
                           bind=["tcp://127.0.0.1:0", "tcp://127.0.0.1:0?allow=10.0.0.0/8", "udp://127.0.0.1:0"])
     assert master.request(b"one") == b"one"
     with connect(master.address(1)) as refused:
@@ -277,16 +284,37 @@ def test_an_idle_loop_keeps_turning_and_outlives_timeout(start_master) -> None:
     assert master.request(b"still here") == b"still here"
 
 
-def test_idle_connections_are_closed_after_idle_timeout(start_master) -> None:
-    master = start_master(app=AIO_APPS, mode="asyncio", workers=1, idle_timeout=0.5)
+@HANDLER_KINDS
+def test_idle_connections_are_closed_after_idle_timeout(start_master, app: str) -> None:
+    master = start_master(app=app, mode="asyncio", workers=1, idle_timeout=0.5)
     with connect(master.address()) as quiet, connect(master.address()) as talking:
         started = time.monotonic()
         ask(quiet, b"hello")
         while time.monotonic() - started < 1.5:
-            ask(talking, b"wait 0.1")  # busy both ways: kept
+            ask(talking, b"wait 0.1")  # busy both ways: kept (the Protocol echoes it at once)
         assert quiet.recv(100) == b""
         assert ask(talking, b"still") == b"still"
     assert "idle for 0.5s (idle_timeout)" in master.log()
+
+
+@HANDLER_KINDS
+def test_an_idle_connection_whose_peer_does_not_read_is_aborted_not_held(start_master, app: str) -> None:
+    """What the worker has to send waits for the peer, and nothing moves: a close() would wait
+    for that flush forever, so the idle timeout aborts the connection."""
+    master = start_master(app=app, mode="asyncio", workers=1, idle_timeout=0.5)
+    with connect(master.address()) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        line = b"x" * 1023 + b"\n"
+        sent = 0
+        sock.settimeout(0.1)
+        # Until both sides' buffers are full (or the abort's reset comes while sendall() waits).
+        with contextlib.suppress(TimeoutError, ConnectionResetError):
+            while sent < 64 * 1024 * 1024:
+                sock.sendall(line * 64)
+                sent += len(line) * 64
+        wait_until(lambda: master.workers()[0].active == 0, 10, message=str(master.workers()))
+    assert "idle for 0.5s (idle_timeout)" in master.log()
+    assert master.request(b"again") == b"again"
 
 
 # -- many idle connections -------------------------------------------------------------------------

@@ -141,6 +141,20 @@ def test_bad_clients_cost_one_line_per_kind_and_the_same_worker_serves_on(echo_e
     assert "Traceback" not in echo_edge.log()
 
 
+@pytest.mark.parametrize("loop", LOOPS)
+def test_the_failure_lines_are_limited_per_worker_not_per_listener(start_master: Any, loop: str) -> None:
+    """As one parking lot per worker in sync mode: bad headers on two listeners of one worker are one line."""
+    master: Master = start_master(app="workers.echo", mode="asyncio", loop=loop, workers=1,
+                                  bind=["tcp://127.0.0.1:0?proxy", "tcp://127.0.0.1:0?proxy"])
+    for _ in range(3):  # a few, well within REPORT_INTERVAL
+        for index in (0, 1):
+            send_and_wait_closed(master, index, b"GET / HTTP/1.1\r\n\r\n")
+    with connect(master, 1) as sock:
+        sock.sendall(proxy_v1("203.0.113.9"))
+        assert echo(sock, b"still served") == b"still served"
+    assert len(lines_with(master, "PROXY header failed", "no header")) == 1, master.log()
+
+
 def test_the_next_line_of_a_kind_counts_the_connections_it_did_not_log(echo_edge: Master) -> None:
     for _ in range(BAD_CLIENTS):
         send_and_wait_closed(echo_edge, 0, b"plaintext\n")
