@@ -87,12 +87,14 @@ class EchoProtocol(asyncio.Protocol):
 
 
 class EchoDatagrams(asyncio.DatagramProtocol):
-    """The DatagramProtocol form: echoes each datagram."""
+    """The DatagramProtocol form: echoes each datagram; a datagram "raise" raises."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport: Any = transport
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
+        if data.startswith(b"raise"):
+            raise RuntimeError("the datagram protocol failed on purpose")
         self.transport.sendto(data, addr)
 
 

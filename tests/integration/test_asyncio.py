@@ -196,6 +196,20 @@ HANDLER_KINDS = pytest.mark.parametrize("app", [AIO_APPS, f"{AIO_APPS}:protocols
 
 
 @HANDLER_KINDS
+def test_a_failing_datagram_handler_is_logged_with_its_traceback_and_the_worker_goes_on(start_master,
+                                                                                       app: str) -> None:
+    master = start_master(app=app, mode="asyncio", workers=1, bind=["udp://127.0.0.1:0"])
+    (pid,) = master.wait_workers(1)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.sendto(b"raise", master.address())  # unanswered
+    wait_until(lambda: "datagram handler failed on udp://127.0.0.1:" in master.log(), 10, message=master.log())
+    assert "Traceback" in master.log() and "failed on purpose" in master.log(), master.log()
+    assert datagram_request(master.address(), b"after") == b"after"
+    assert master.worker_pids() == {pid}
+    wait_until(lambda: master.workers()[0].requests == 2, 5, message=str(master.workers()))  # both counted
+
+
+@HANDLER_KINDS
 def test_allow_lists_and_the_access_log(start_master, tmp_path: Path, app: str) -> None:
     access = tmp_path / "access.log"
     master = start_master(app=app, mode="asyncio", workers=1, access_log=str(access),
