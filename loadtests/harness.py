@@ -190,17 +190,22 @@ class Server:
 
     def cpu_seconds(self) -> float:
         """User + system time of the whole tree, reaped children included (rule 3)."""
+        return sum(self.cpu_times())
+
+    def cpu_times(self) -> tuple[float, float]:
+        """User and system time of the whole tree apart, reaped children included (rule 3)."""
         try:
             root = psutil.Process(self.pid)
             tree = [root, *root.children(recursive=True)]
         except psutil.NoSuchProcess:
-            return 0.0
-        total = 0.0
+            return 0.0, 0.0
+        user = system = 0.0
         for proc in tree:
             with contextlib.suppress(psutil.NoSuchProcess):  # a per-request child, counted once reaped
                 t = proc.cpu_times()
-                total += t.user + t.system + t.children_user + t.children_system
-        return total
+                user += t.user + t.children_user
+                system += t.system + t.children_system
+        return user, system
 
     def stop(self) -> None:
         stop_process_group(self.pid)

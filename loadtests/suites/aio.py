@@ -21,6 +21,12 @@ small counts, no file). Rules (beside the harness's, ``loadtests/harness.py``):
    echo, as in the ``compare`` suite). Each row is set beside the 1-process bare server (the
    issue's reference) and beside its bare counterpart: as many processes, the same handler
    code (``SAME_PROCESSES``).
+4. Server CPU is also split into user and system time. A prefork row and its bare counterpart
+   make the same system calls per request (strace -c: recvmsg and sendmsg per datagram; read,
+   write and epoll_pwait per keep-alive message), so the kernel's part is the same work, and
+   the difference of their user time per request is what prefork adds. Set against the
+   counterpart's whole CPU per request, it is prefork's cost without the system time's noise,
+   which on a shared VM moves a row's CPU by a tenth from run to run.
 3. Idle connections: a fresh asyncio master with 2 workers holds IDLE idle connections (the
    bench raises its own open-files limit to the hard limit; the master raises the workers');
    memory per idle connection is the workers' USS growth divided by IDLE; then an active
@@ -139,21 +145,25 @@ def render(results: list[compare.Result], idle: IdleResult, argv: list[str], arg
               f"server in 1 process and beside its bare counterpart: the bare server with as many processes as "
               f"the row has workers and the same handler code (`workers.echo`'s own handler class has "
               f"none). The second ratio is what prefork costs; the first adds what a second process "
-              f"and asyncio's streams cost on this machine (the bare rows show those parts alone)."), ""]
+              f"and asyncio's streams cost on this machine (the bare rows show those parts alone). "
+              f"The last column is that cost without the system time's noise (rule 4 of the suite): a row "
+              f"and its counterpart make the same system calls per request, so the user time it adds is "
+              f"what prefork adds, here as a share of the counterpart's CPU per request."), ""]
     for group, title in GROUP_TITLES.items():
         rows = [r for r in results if r.row.group == group]
         if not rows:
             continue  # left out with --only
         reference = next((r for r in rows if r.row.name == REFERENCE), None)
         lines += [f"## {title}", "", f"{compare.ECHO_MODES[group][1]} requests in flight.", "",
-                  "| server | req/s | p50 ms | p99 ms | errors | **CPU µs/req** | × bare uvloop, 1 process "
-                  "| × its bare counterpart |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| server | req/s | p50 ms | p99 ms | errors | **CPU µs/req** | user µs/req | × bare uvloop, "
+                  "1 process | × its bare counterpart | user µs/req added, ÷ the counterpart's CPU |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         by_name = {r.row.name: r for r in rows}
         for r in rows:
             same = by_name.get(SAME_PROCESSES.get(r.row.name, ""))
             lines.append(f"| {r.row.name} | {r.rps:,.0f} | {r.load.p50 * 1000:.2f} | {r.load.p99 * 1000:.2f} | "
-                         f"{r.load.errors} | **{r.cpu_us:.1f}** | {_ratio(r, reference)} | {_ratio(r, same)} |")
+                         f"{r.load.errors} | **{r.cpu_us:.1f}** | {r.user_us:.2f} | {_ratio(r, reference)} | "
+                         f"{_ratio(r, same)} | {_added(r, same)} |")
         lines.append("")
     lines += ["## Idle connections", "",
               f"A fresh `workers.echo` master, `--mode asyncio`, {WORKERS} workers, holding {idle.connections:,} idle "
@@ -164,6 +174,14 @@ def render(results: list[compare.Result], idle: IdleResult, argv: list[str], arg
               f"| {idle.connections:,} | {idle.bytes_each / 1024:.1f} | {sorted(idle.latencies)[len(idle.latencies) // 2] * 1000:.2f} "
               f"| **{p99(idle.latencies) * 1000:.2f}** |", ""]
     return "\n".join(lines)
+
+
+def _added(result: compare.Result, counterpart: compare.Result | None) -> str:
+    """Rule 4: the user time per request a row adds to its bare counterpart, as a share of the
+    counterpart's whole CPU per request."""
+    if counterpart is None or not counterpart.cpu_us:
+        return "-"
+    return f"{(result.user_us - counterpart.user_us) / counterpart.cpu_us:+.1%}"
 
 
 def _ratio(result: compare.Result, reference: compare.Result | None) -> str:

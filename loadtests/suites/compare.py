@@ -141,6 +141,7 @@ class Result:
     pinned: bool
     load: LoadResult
     server_cpu: float
+    server_user: float = 0.0  # the user-space part of server_cpu
 
     @property
     def rps(self) -> float:
@@ -149,6 +150,10 @@ class Result:
     @property
     def cpu_us(self) -> float:
         return self.server_cpu / self.load.requests * 1e6 if self.load.requests else float("inf")
+
+    @property
+    def user_us(self) -> float:
+        return self.server_user / self.load.requests * 1e6 if self.load.requests else float("inf")
 
     @property
     def server_busy(self) -> float:
@@ -172,9 +177,10 @@ def measure(row: Row, directory: Path, settings: argparse.Namespace, pinned: boo
     with serving(row.role, row.args, directory, row.workers, SERVER_CPU if pinned else None) as server:
         port = server.udp_port if row.group == "udp" else server.tcp_port
         drive(row, port, settings.warmup, pinned, settings.load_processes)
-        before = server.cpu_seconds()
+        user, system = server.cpu_times()
         load = drive(row, port, settings.seconds, pinned, settings.load_processes)
-        return Result(row, pinned, load, server.cpu_seconds() - before)
+        user_after, system_after = server.cpu_times()
+        return Result(row, pinned, load, user_after + system_after - user - system, user_after - user)
 
 
 def run_pass(settings: argparse.Namespace, base: Path, pinned: bool, rows: list[Row] | None = None) -> list[Result]:
@@ -200,7 +206,8 @@ def pooled(results: list[Result]) -> Result:
     load = LoadResult(sum(r.load.requests for r in results), sum(r.load.errors for r in results),
                       sum(r.load.wall for r in results), percentile([r.load.p50 for r in results], 0.5),
                       percentile([r.load.p99 for r in results], 0.5), sum(r.load.load_cpu for r in results))
-    return Result(results[0].row, results[0].pinned, load, sum(r.server_cpu for r in results))
+    return Result(results[0].row, results[0].pinned, load, sum(r.server_cpu for r in results),
+                  sum(r.server_user for r in results))
 
 
 # -- the report ------------------------------------------------------------------------------------
