@@ -70,6 +70,7 @@ from prefork.errors import AppLoadError
 from prefork.latency import BUCKETS, LATENCY_BOUNDS
 from prefork.listeners import Listener
 from prefork.parking import ACCEPT_BATCH, Report
+from prefork.ratelimit import RateLimit
 from prefork.scoreboard import MAX_LISTENERS, STOP_SHUTDOWN, Tally
 from prefork.servers import RESOURCE_ERRNOS
 from prefork.worker import (DRAIN_LIMIT, DRAIN_PATIENCE, WorkerIdentity, WorkerSpec, flush_std_streams,
@@ -344,16 +345,12 @@ class _OutOfFiles:
         self.pid = pid
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         self.limit = 0 if soft == resource.RLIM_INFINITY else soft
-        self.next_line = 0.0
-        self.suppressed = 0
+        self.lines = RateLimit(RESOURCE_REPORT_INTERVAL)
 
     def report(self, what: str) -> None:
-        now = time.monotonic()
-        if now < self.next_line:
-            self.suppressed += 1
+        suppressed = self.lines.allow()
+        if suppressed is None:
             return
-        self.next_line = now + RESOURCE_REPORT_INTERVAL
-        suppressed, self.suppressed = self.suppressed, 0
         log.error("worker %d: %s (%d similar reports suppressed); raise the open files limit (LimitNOFILE=, "
                   "ulimit -n) or run more workers", self.pid, what, suppressed)
 

@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 
 from prefork.accounting import client_text
 from prefork.bindspec import Network
+from prefork.ratelimit import RateLimit
 
 __all__ = ["AllowList", "guard"]
 
@@ -100,17 +101,13 @@ class _RefusalReport:
 
     def __init__(self, listener: str, clock: Callable[[], float]) -> None:
         self.listener = listener
-        self.clock = clock
-        self.unreported = 0
-        self.last = -REPORT_INTERVAL
+        self.limit = RateLimit(REPORT_INTERVAL, clock)
 
     def refused(self, client_address: Any) -> None:
-        now = self.clock()
-        if now - self.last < REPORT_INTERVAL:
-            self.unreported += 1
+        unreported = self.limit.allow()
+        if unreported is None:
             return
-        more = f" ({self.unreported} more refused since the last report)" if self.unreported else ""
+        more = f" ({unreported} more refused since the last report)" if unreported else ""
         log.warning("refused %s on %s: not in the listener's allow list%s",
                     client_text(client_address), self.listener, more)
-        self.last, self.unreported = now, 0
 

@@ -48,6 +48,7 @@ import weakref
 from typing import Any, Callable, Protocol
 
 from prefork.accounting import client_text
+from prefork.ratelimit import RateLimit
 
 __all__ = ["StreamServer", "FirstMessage", "ParkingLot", "parking_limit", "defer_accept", "FIRST_MESSAGE_MAX",
            "Stage", "StageFailed", "Waiting", "Connection", "Report"]
@@ -383,18 +384,18 @@ class Report:
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self.clock = clock
-        self.counts: collections.Counter[str] = collections.Counter()
-        self.next_line: dict[str, float] = {}
+        self.limits: dict[str, RateLimit] = {}  # one per reason
 
     def count(self, reason: str, *details: Any) -> None:
-        self.counts[reason] += 1
-        now = self.clock()
-        if now < self.next_line.get(reason, -math.inf):
+        limit = self.limits.get(reason)
+        if limit is None:
+            limit = self.limits[reason] = RateLimit(REPORT_INTERVAL, self.clock)
+        held = limit.allow()
+        if held is None:
             return
-        self.next_line[reason] = now + REPORT_INTERVAL
         kind = reason.partition(":")[0]
         level = logging.WARNING if kind in ("full", "failed") else logging.INFO
-        log.log(level, "worker %d: " + self._TEXT[kind], os.getpid(), self.counts.pop(reason), *details)
+        log.log(level, "worker %d: " + self._TEXT[kind], os.getpid(), held + 1, *details)  # this one and the held
 
     def stalled(self, stage: str, timeout: float | None) -> None:
         """A connection did not pass *stage* within *timeout* (rule 6)."""

@@ -38,6 +38,8 @@ import time
 import traceback
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
+from prefork.ratelimit import RateLimit
+
 __all__ = ["BaseServer", "TCPServer", "UDPServer"]
 # Poller, LoopServer, is_listening and RESOURCE_ERRNOS (the core's extension interface) are
 # public but not in __all__, so that the drop-in facade keeps exactly the standard library's names.
@@ -746,19 +748,14 @@ class _RateLimitedReporter:
     """Logs resource failures at most once per interval, with a count of those suppressed."""
 
     def __init__(self, interval: float) -> None:
-        self._interval = interval
-        self._next = 0.0
-        self._suppressed = 0
-        self._lock = threading.Lock()
+        self._limit = RateLimit(interval)
+        self._lock = threading.Lock()  # servers of several threads share it
 
     def report(self, exc: OSError, server: BaseServer) -> None:
-        now = time.monotonic()
         with self._lock:
-            if now < self._next:
-                self._suppressed += 1
-                return
-            suppressed, self._suppressed = self._suppressed, 0
-            self._next = now + self._interval
+            suppressed = self._limit.allow()
+        if suppressed is None:
+            return
         log.error(
             "cannot take new requests on %s: %s (%d similar errors suppressed); backing off %.0f ms",
             getattr(server, "server_address", "?"),

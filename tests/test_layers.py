@@ -6,8 +6,9 @@ under ``if TYPE_CHECKING``):
 1. A module imports only from its own layer or the layers below it. From the bottom up:
 
    - **core**: the compatible ``socketserver`` (servers, mixins, handlers, the socketserver
-     facade), and aio, the asyncio handlers' counterpart of handlers. It imports nothing else
-     of prefork. What other layers need of it is its public
+     facade), aio, the asyncio handlers' counterpart of handlers, and ratelimit, the one shape
+     of a rate-limited log line, which the servers use as every layer above does. It imports
+     nothing else of prefork. What other layers need of it is its public
      extension interface in ``prefork.servers``: ``Poller``, ``LoopServer`` and the additions
      to ``TCPServer`` (``adopt_socket``, ``from_socket``, ``prepare_listener``,
      ``serve_ready``, ``take_request``, ``dispatch_request``).
@@ -53,7 +54,7 @@ CORE, SUPPORT, BIND, MASTER, FACE, SERVICES = "core", "support", "bind", "master
 ORDER = (CORE, SUPPORT, BIND, MASTER, FACE, SERVICES)
 
 LAYERS = {
-    CORE: ("servers", "mixins", "handlers", "aio", "socketserver"),
+    CORE: ("servers", "mixins", "handlers", "aio", "socketserver", "ratelimit"),
     SUPPORT: ("errors", "privileges", "log", "loader"),
     BIND: ("bindspec", "listeners", "handover"),
     MASTER: ("arbiter", "pool", "worker", "signals", "scoreboard", "pidfile", "procstats", "notify",
