@@ -262,7 +262,10 @@ class Arbiter:
         self.scoreboard.release(worker.slot)
         self._call_hook("worker_exit", self, worker, plan=self.plans.get(worker.generation))
         cause = f"{how}: {said}" if said else how
-        self._execute(self.pool.exited(pid, code, time.monotonic(), served, cause))
+        # The others' slots as of now: one may have begun to accept since the last tick, which
+        # changes the verdict on this death (Pool.exited).
+        others = {w.slot: self.scoreboard.read(w.slot) for w in self.pool.workers.values() if w.pid != pid}
+        self._execute(self.pool.exited(pid, code, time.monotonic(), served, cause, others))
         self._forget_finished_plans()
 
     def _log_exit(self, worker: policy.WorkerRecord, code: int, how: str, said: str) -> None:

@@ -234,15 +234,24 @@ class Pool:
         self.workers.pop(worker.slot, None)
         self._died_young(now)
 
-    def exited(self, pid: int, exit_code: int, now: float, served: int = 0, cause: str = "") -> list[Action]:
+    def exited(self, pid: int, exit_code: int, now: float, served: int = 0, cause: str = "",
+               slots: Mapping[int, SlotView] | None = None) -> list[Action]:
         """The worker *pid* exited with *exit_code* after serving *served* requests.
 
-        *cause* says how it ended ("exit status 1: ..."), for the halt of a crash loop.
+        *cause* says how it ended ("exit status 1: ..."), for the halt of a crash loop. *slots*:
+        the other workers' slots as of now (by slot index). The verdict on a death depends on
+        whether any other worker accepts, and one may have begun to since the last tick: a
+        reload's new worker that fails at once must cancel the reload, not halt a master whose
+        old worker already serves.
         """
         worker = self.by_pid(pid)
         if worker is None:
             return []
         del self.workers[worker.slot]
+        for other in self.workers.values():
+            view = (slots or {}).get(other.slot)
+            if view is not None and _says_accepting(other, view):
+                _mark_accepted(other)
         if self.stopping or worker.stopping:
             self._count_exit(worker, exit_code, now, served)
             return self._after_change(now)
@@ -394,7 +403,7 @@ class Pool:
         return [w for w in self.workers.values() if not w.stopping]
 
     def _watch(self, worker: WorkerRecord, view: SlotView, now: float, rss: int | None) -> list[Action]:
-        if not worker.accepted and view.state not in (BOOTING, 0):
+        if _says_accepting(worker, view):
             _mark_accepted(worker)
         if self._young_deaths and (view.requests or worker.accepted and now - worker.spawned_at >= YOUNG_AGE):
             self._young_deaths = 0  # a worker serves, or has lived long enough: the streak is over
@@ -531,6 +540,11 @@ class Pool:
         self._young_deaths += 1
         delay = min(BACKOFF_BASE * 2 ** (self._young_deaths - 1), BACKOFF_MAX)
         self._next_spawn_at = now + delay
+
+
+def _says_accepting(worker: WorkerRecord, view: SlotView) -> bool:
+    """*view*, *worker*'s slot, says it accepts for the first time (past BOOTING)."""
+    return not worker.accepted and view.pid == worker.pid and view.state not in (BOOTING, 0)
 
 
 def _mark_accepted(worker: WorkerRecord) -> None:

@@ -272,7 +272,7 @@ def test_reload_reports_new_code_that_cannot_load(cli_master, capsys, tmp_path):
     master = cli_master("svc", "--bind", "tcp://127.0.0.1:0", "--workers", "1", workers=1)
     app.write_text("from tests.integration.apps import StreamHandler\nthis is not python\n")
     code, _, err = prefork(capsys, "reload", "-p", str(master.pidfile))
-    assert code == EXIT_APP_LOAD and f"master {master.proc.pid} cancelled the reload" in err
+    assert code == EXIT_APP_LOAD and f"master {master.proc.pid} cancelled the reload" in err, (code, err, master.log())
     assert [(w.generation, w.state_name) for w in master.workers()] == [(1, "idle")]
     assert tcp_line(master.listening()["tcp"][0], b"still here") == b"still here"
 
