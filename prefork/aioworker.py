@@ -269,7 +269,7 @@ class EventLoopWorker:
             elif now - connection.quiet_since >= limit:
                 log.info("closing %s: idle for %gs (idle_timeout)", client_text(connection.peer), limit)
                 connection.quiet_since = math.inf  # once: a closing connection stays in the set until lost
-                connection.end()
+                _end(connection.transport)
 
     def _reopen_logs(self) -> None:
         if self.spec.on_reopen_logs is not None:
@@ -882,10 +882,6 @@ class _ProtocolConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def end(self) -> None:
-        """Idle: closed, or aborted where what it has to send waits for a peer that does not read."""
-        _end(self.transport)
-
     def _call(self, callback: Callable[[Any], object], argument: Any) -> None:
         try:
             callback(argument)
@@ -911,6 +907,8 @@ class _CountedProtocolConnection(_ProtocolConnection):
 
 
 def _end(transport: asyncio.BaseTransport | None) -> None:
+    """An idle connection's transport: closed, or aborted where what it has to send waits for a
+    peer that does not read (a close would wait for that flush forever)."""
     if transport is None:
         return
     if cast(asyncio.WriteTransport, transport).get_write_buffer_size():
@@ -971,10 +969,6 @@ class _Connection(asyncio.StreamReaderProtocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
-
-    def end(self) -> None:
-        """Idle: closed, or aborted where what it has to send waits for a peer that does not read."""
-        _end(self.transport)
 
 
 class _CountingWriter(asyncio.StreamWriter):

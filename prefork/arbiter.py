@@ -39,7 +39,7 @@ from prefork.pidfile import Pidfile
 from prefork.procstats import rss
 from prefork.proctitle import set_title
 from prefork.reloads import CANCELLED, RELOADED, REFUSED, STARTED, ReloadReport, report_path, write_report
-from prefork.scoreboard import NO_DEPTH, Scoreboard
+from prefork.scoreboard import NO_DEPTH, Scoreboard, SlotView
 from prefork.signals import MASTER_SIGNALS, SignalQueue, reset_to_defaults, signal_name
 from prefork.servers import Poller
 from prefork.worker import WorkerIdentity, WorkerSpec, flush_std_streams, run_worker
@@ -213,12 +213,16 @@ class Arbiter:
     def _tick(self) -> None:
         assert self.scoreboard is not None
         now = time.monotonic()
-        # Only our workers' slots: scanning the whole map each tick would cost for nothing.
-        slots = {w.slot: self.scoreboard.read(w.slot) for w in self.pool.workers.values()}
-        self._execute(self.pool.tick(now, slots, self._memory(now)))
+        self._execute(self.pool.tick(now, self._slots(), self._memory(now)))
         self._publish()
         if self._metrics_due and now >= self._metrics_due and not self.pool.stopping:
             self._start_metrics(wait=False)
+
+    def _slots(self) -> dict[int, SlotView]:
+        """The pool's workers' slots as of now, by slot index. Only those: scanning the whole map
+        would cost for nothing."""
+        assert self.scoreboard is not None
+        return {w.slot: self.scoreboard.read(w.slot) for w in self.pool.workers.values()}
 
     def _publish(self) -> None:
         assert self.scoreboard is not None
@@ -262,10 +266,9 @@ class Arbiter:
         self.scoreboard.release(worker.slot)
         self._call_hook("worker_exit", self, worker, plan=self.plans.get(worker.generation))
         cause = f"{how}: {said}" if said else how
-        # The others' slots as of now: one may have begun to accept since the last tick, which
+        # The slots as of now: another worker may have begun to accept since the last tick, which
         # changes the verdict on this death (Pool.exited).
-        others = {w.slot: self.scoreboard.read(w.slot) for w in self.pool.workers.values() if w.pid != pid}
-        self._execute(self.pool.exited(pid, code, time.monotonic(), served, cause, others))
+        self._execute(self.pool.exited(pid, code, time.monotonic(), served, cause, self._slots()))
         self._forget_finished_plans()
 
     def _log_exit(self, worker: policy.WorkerRecord, code: int, how: str, said: str) -> None:

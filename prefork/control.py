@@ -328,9 +328,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK if report["health"]["healthy"] else EXIT_UNHEALTHY
 
 
-def _problems(view: MasterView, slots: list[SlotView], now: float, grace: float) -> list[str]:
+def _problems(view: MasterView, slots: list[SlotView], now: float, grace: float, serving: int) -> list[str]:
     """Why the pool is not healthy; empty when it is. Measured, not assumed: workers count as
-    serving only when their slots say they accept."""
+    serving (*serving*, from ``_serving``) only when their slots say they accept."""
     health = view.health
     assert health is not None
     problems = []
@@ -338,7 +338,6 @@ def _problems(view: MasterView, slots: list[SlotView], now: float, grace: float)
         problems.append("the master is stopping")
     if now - health.tick > STALE_MASTER:
         problems.append(f"the master has not turned its loop for {now - health.tick:.0f} s")
-    serving = _serving(slots, now)
     if view.target < 1:
         problems.append("no worker is meant to run (the pool was scaled to 0, e.g. by SIGWINCH)")
     elif serving < view.target and health.short_since and now - health.short_since > grace:
@@ -362,10 +361,10 @@ def _status_report(master: Master, grace: float = DEFAULT_GRACE) -> dict[str, An
     view, slots, latency = master.published()
     readings = _sample([master.pid, *(slot.pid for slot in slots if slot.pid)])
     now = time.monotonic()
-    problems = _problems(view, slots, now, grace)
+    serving = _serving(slots, now)
+    problems = _problems(view, slots, now, grace, serving)
     return {
-        "health": {"healthy": not problems, "problems": problems,
-                   "serving": _serving(slots, now)},
+        "health": {"healthy": not problems, "problems": problems, "serving": serving},
         "pidfile": master.pidfile,
         "master": {"pid": master.pid, "title": _title(master.pid), "generation": view.generation,
                    "target": view.target, "workers": len(slots), "uptime": round(now - view.started, 3),

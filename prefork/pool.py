@@ -239,7 +239,7 @@ class Pool:
         """The worker *pid* exited with *exit_code* after serving *served* requests.
 
         *cause* says how it ended ("exit status 1: ..."), for the halt of a crash loop. *slots*:
-        the other workers' slots as of now (by slot index). The verdict on a death depends on
+        the workers' slots as of now (by slot index; the dead one's is not read). The verdict on a death depends on
         whether any other worker accepts, and one may have begun to since the last tick: a
         reload's new worker that fails at once must cancel the reload, not halt a master whose
         old worker already serves.
@@ -248,10 +248,11 @@ class Pool:
         if worker is None:
             return []
         del self.workers[worker.slot]
-        for other in self.workers.values():
-            view = (slots or {}).get(other.slot)
-            if view is not None and _says_accepting(other, view):
-                _mark_accepted(other)
+        if slots:
+            for other in self.workers.values():
+                view = slots.get(other.slot)
+                if view is not None and _says_accepting(other, view):
+                    _mark_accepted(other)
         if self.stopping or worker.stopping:
             self._count_exit(worker, exit_code, now, served)
             return self._after_change(now)
