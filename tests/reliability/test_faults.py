@@ -222,6 +222,7 @@ def test_a_storm_of_worker_kills_loses_only_the_requests_in_flight(start_master)
         while time.monotonic() < end:
             victim = rng.choice(sorted(master.ready_pids()))
             os.kill(victim, signal.SIGSTOP)
+            wait_stopped(victim)
             held = client_ports(victim)
             os.kill(victim, signal.SIGKILL)
             killed_at = time.monotonic()
@@ -244,6 +245,15 @@ def test_a_storm_of_worker_kills_loses_only_the_requests_in_flight(start_master)
     assert set(load.lost_ports) <= set(in_flight), f"{report}: lost requests no victim held: {load.lost[:10]}"
     assert len(load.lost) <= kills, f"{report}: {load.lost[:10]}"
     assert "died unexpectedly (killed by SIGKILL)" in master.log()
+
+
+def wait_stopped(pid: int) -> None:
+    """Until the kernel has stopped *pid*. kill(SIGSTOP) returns before that: a process running
+    on the other CPU goes on for a moment (a busy loop was still running right after kill()
+    returned 300 times in 300), and a worker may accept a connection meanwhile, which the
+    listing would miss and the SIGKILL then reset."""
+    wait_until(lambda: psutil.Process(pid).status() == psutil.STATUS_STOPPED, SOCKET_TIMEOUT, interval=0.001,
+               message=f"worker {pid} not stopped by SIGSTOP")
 
 
 def client_ports(pid: int) -> list[int]:
